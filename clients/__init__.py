@@ -1,0 +1,1 @@
+"""improv.clients"""
