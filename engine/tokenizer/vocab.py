@@ -47,7 +47,9 @@ class TokenType(IntEnum):
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    tick_ms: int = 10  # time resolution; onsets are quantized on absolute time, so error never accumulates
+    tick_ms: int = (
+        10  # time resolution; onsets are quantized on absolute time, so error never accumulates
+    )
     max_shift_ticks: int = 100  # SHIFT_1..SHIFT_N: gaps up to 1 s in one token
     max_long_seconds: int = 32  # LONG_1..LONG_N whole seconds: a 30 s gap is 2 tokens
     velocity_bins: int = 32  # dynamics: 32 bins of 4 velocity steps
@@ -63,7 +65,9 @@ class TokenizerConfig:
         if self.max_shift_ticks < 1 or self.max_long_seconds < 1:
             raise ValueError("max_shift_ticks and max_long_seconds must be >= 1")
         if "lead" not in self.parts or "drums" not in self.parts or len(self.parts) < 3:
-            raise ValueError(f"parts must include 'lead', 'drums' and an accompaniment part: {self.parts}")
+            raise ValueError(
+                f"parts must include 'lead', 'drums' and an accompaniment part: {self.parts}"
+            )
         if len(set(self.parts)) != len(self.parts):
             raise ValueError(f"parts must be unique: {self.parts}")
 

@@ -1,0 +1,132 @@
+"""Notes -> event tokens (the file path). Semantics match `stream.StreamEncoder` exactly.
+
+Vectorized preparation (numpy), then one tight loop that writes tokens in event order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .notes import Notes
+from .vocab import Vocab
+
+# Event classes, in the order events at one instant are written (see docs/tokens.md):
+# plain key releases, then pedal releases, then note-ons (a re-struck key's note-off right
+# before its note-on).
+_OFF, _PEDAL_OFF, _ON_GROUP = 0, 1, 2
+
+
+def quantize(seconds: np.ndarray | float, ticks_per_second: int) -> np.ndarray:
+    """Seconds -> ticks, rounding half up (the stream encoder uses the same expression)."""
+    return np.floor(np.asarray(seconds, dtype=np.float64) * ticks_per_second + 0.5).astype(np.int64)
+
+
+def normalize(notes: Notes, vocab: Vocab) -> tuple[Notes, np.ndarray]:
+    """Apply the one-key-one-sound rule; returns the notes and a per-note `retrigger` flag.
+
+    A note of a part still sounding when the same key is struck again ends at the new onset
+    (flagged: its note-off is written right before the new note-on). Two notes with the same
+    part, pitch and onset tick are merged into one (the longer, louder one).
+    """
+    tps = vocab.ticks_per_second
+    n = len(notes)
+    if n == 0:
+        return notes, np.zeros(0, dtype=bool)
+    order = np.lexsort((notes.start, notes.pitch, notes.part))
+    notes = notes.select(order)
+    same_key = (notes.part[1:] == notes.part[:-1]) & (notes.pitch[1:] == notes.pitch[:-1])
+    not_drum = notes.part != vocab.drums
+    start_tick = quantize(notes.start, tps)
+    dup = same_key & (start_tick[1:] == start_tick[:-1]) & not_drum[1:]
+    if dup.any():
+        keep = np.ones(n, dtype=bool)
+        for i in np.flatnonzero(dup):  # rare: fold note i into note i+1
+            keep[i] = False
+            notes.end[i + 1] = max(notes.end[i], notes.end[i + 1])
+            notes.velocity[i + 1] = max(notes.velocity[i], notes.velocity[i + 1])
+            notes.sustained[i + 1] = notes.sustained[i + 1] or notes.sustained[i]
+        notes = notes.select(keep)
+        same_key = (notes.part[1:] == notes.part[:-1]) & (notes.pitch[1:] == notes.pitch[:-1])
+        not_drum = notes.part != vocab.drums
+    retrigger = np.zeros(len(notes), dtype=bool)
+    overlap = same_key & (notes.end[:-1] > notes.start[1:]) & not_drum[:-1]
+    idx = np.flatnonzero(overlap)
+    notes.end[idx] = notes.start[idx + 1]
+    retrigger[idx] = True
+    notes.end = np.maximum(notes.end, notes.start)
+    return notes, retrigger
+
+
+def encode_events(notes: Notes, vocab: Vocab, start_tick: int = 0) -> list[int]:
+    """Event tokens for `notes` (no BOS/task/EOS), time counted from `start_tick`."""
+    notes, retrigger = normalize(notes, vocab)
+    n = len(notes)
+    if n == 0:
+        return []
+    tps = vocab.ticks_per_second
+    is_drum = notes.part == vocab.drums
+    has_off = ~is_drum
+
+    # one row per event: note-ons, then note-offs of pitched notes
+    off_idx = np.flatnonzero(has_off)
+    ev_note = np.concatenate([np.arange(n), off_idx])
+    ev_on = np.concatenate([np.ones(n, dtype=bool), np.zeros(len(off_idx), dtype=bool)])
+    ev_time = np.concatenate([notes.start, notes.end[off_idx]])
+    off_cls = np.where(
+        retrigger[off_idx], _ON_GROUP, np.where(notes.sustained[off_idx], _PEDAL_OFF, _OFF)
+    )
+    ev_cls = np.concatenate([np.full(n, _ON_GROUP), off_cls])
+    ev_sub = ev_on.astype(np.int8)  # within the on-group, a retrigger note-off precedes the on
+    ev_part = notes.part[ev_note]
+    ev_pitch = notes.pitch[ev_note]
+    order = np.lexsort((ev_sub, ev_pitch, ev_part, ev_cls, ev_time))
+    ev_note, ev_on, ev_part, ev_pitch = (
+        ev_note[order],
+        ev_on[order],
+        ev_part[order],
+        ev_pitch[order],
+    )
+    ev_tick = quantize(ev_time[order], tps)
+
+    # a PART/PROGRAM pair precedes a note-on whenever its part's program changes
+    on_pos = np.flatnonzero(ev_on)
+    on_part = ev_part[on_pos]
+    on_prog = notes.program[ev_note[on_pos]]
+    by_part = np.argsort(on_part, kind="stable")
+    prog_sorted = on_prog[by_part]
+    part_sorted = on_part[by_part]
+    changed_sorted = np.ones(len(on_pos), dtype=bool)
+    changed_sorted[1:] = (part_sorted[1:] != part_sorted[:-1]) | (
+        prog_sorted[1:] != prog_sorted[:-1]
+    )
+    changed = np.zeros(len(ev_on), dtype=bool)
+    changed[on_pos[by_part]] = changed_sorted
+
+    vel_bin = (
+        (np.clip(notes.velocity, 1, 127).astype(np.int64) - 1) * vocab.config.velocity_bins
+    ) // 127
+    prog_tok = (vocab.program_base + notes.program[ev_note]).tolist()
+    part_tok = (vocab.part_base + ev_part).tolist()
+    vel_tok = (vocab.vel_base + vel_bin[ev_note]).tolist()
+    key = ev_part.astype(np.int64) * 128 + ev_pitch
+    on_tok = (vocab.on_base + key).tolist()
+    off_tok = (vocab.off_base + key).tolist()
+
+    out: list[int] = []
+    append, extend, time_tokens = out.append, out.extend, vocab.time_tokens
+    cur = start_tick
+    for i, (tick, is_on, ch) in enumerate(
+        zip(ev_tick.tolist(), ev_on.tolist(), changed.tolist(), strict=True)
+    ):
+        if tick > cur:
+            extend(time_tokens(tick - cur))
+            cur = tick
+        if is_on:
+            if ch:
+                append(part_tok[i])
+                append(prog_tok[i])
+            append(vel_tok[i])
+            append(on_tok[i])
+        else:
+            append(off_tok[i])
+    return out

@@ -1,0 +1,366 @@
+"""Notes as columns of numpy arrays, and reading them from MIDI files (symusic) with part assignment.
+
+Reading applies the tokenizer's musical normalisation, shared with the stream encoder:
+sustain pedal folded into note-offs, drum notes mapped to GM, times in float64 seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import mido
+import numpy as np
+
+from .vocab import TokenizerConfig
+
+MidiLike = str | Path | bytes | bytearray | mido.MidiFile
+
+
+class MidiReadError(ValueError):
+    """A MIDI file could not be read; the message says why. The one exception `encode` raises
+    for bad input (a 4xx for the server)."""
+
+
+class Note(NamedTuple):
+    start: float  # seconds
+    end: float  # seconds
+    pitch: int  # 0..127 (GM drum key for the drums part)
+    velocity: int  # 1..127
+    part: int  # index into TokenizerConfig.parts
+    program: int  # GM program 0..127
+
+
+@dataclass
+class Notes:
+    """A set of notes as parallel arrays (column layout keeps encoding vectorized)."""
+
+    start: np.ndarray  # (N,) float64 seconds
+    end: np.ndarray  # (N,) float64 seconds
+    pitch: np.ndarray  # (N,) int16
+    velocity: np.ndarray  # (N,) int16
+    part: np.ndarray  # (N,) int16
+    program: np.ndarray  # (N,) int16
+    # (N,) bool: the end is a sustain-pedal release. Only orders note-offs that fall at one instant
+    # (pedal releases come after plain key releases, as they do in a live stream).
+    sustained: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.sustained is None:
+            self.sustained = np.zeros(len(self.start), dtype=bool)
+
+    @classmethod
+    def empty(cls) -> Notes:
+        return cls.from_list([])
+
+    @classmethod
+    def from_list(cls, notes: Iterable[Note | Sequence]) -> Notes:
+        rows = [tuple(n) for n in notes]
+        cols = list(zip(*rows, strict=True)) if rows else [()] * 6
+        return cls(
+            start=np.asarray(cols[0], dtype=np.float64),
+            end=np.asarray(cols[1], dtype=np.float64),
+            pitch=np.asarray(cols[2], dtype=np.int16),
+            velocity=np.asarray(cols[3], dtype=np.int16),
+            part=np.asarray(cols[4], dtype=np.int16),
+            program=np.asarray(cols[5], dtype=np.int16),
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Notes]) -> Notes:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def select(self, mask: np.ndarray) -> Notes:
+        return Notes(*(getattr(self, f.name)[mask] for f in fields(self)))
+
+    def sorted(self) -> Notes:
+        """Sorted by onset, then part, then pitch."""
+        order = np.lexsort((self.pitch, self.part, self.start))
+        return self.select(order)
+
+    def shifted(self, seconds: float) -> Notes:
+        n = self.select(slice(None))
+        n.start = n.start + seconds
+        n.end = n.end + seconds
+        return n
+
+    def to_list(self) -> list[Note]:
+        return [
+            Note(float(s), float(e), int(p), int(v), int(pt), int(pr))
+            for s, e, p, v, pt, pr in zip(
+                self.start.tolist(),
+                self.end.tolist(),
+                self.pitch.tolist(),
+                self.velocity.tolist(),
+                self.part.tolist(),
+                self.program.tolist(),
+                strict=True,
+            )
+        ]
+
+    @property
+    def duration(self) -> float:
+        return float(self.end.max()) if len(self) else 0.0
+
+
+# --- part assignment ---------------------------------------------------------------------------
+
+# (track-name pattern, part) tried in order; the first match wins. Then programs decide.
+DEFAULT_PART_RULES: tuple[tuple[str, str], ...] = (
+    (r"drum|perc|kit", "drums"),
+    (r"melod|lead|vocal|voice|vox|sing|solo", "lead"),
+    (r"bridge|counter|second", "counter"),
+    (r"bass", "bass"),
+    (r"piano|chord|harm|acc|pad|key|guitar|string|organ|comp", "harmony"),
+)
+BASS_PROGRAMS = range(32, 40)
+
+
+@dataclass(frozen=True)
+class TrackInfo:
+    index: int
+    name: str
+    program: int
+    is_drum: bool
+    n_notes: int
+
+
+def assign_parts(
+    tracks: Sequence[TrackInfo],
+    config: TokenizerConfig,
+    parts: str | Mapping[str | int, str] | None = None,
+    rules: Sequence[tuple[str, str]] = (),
+) -> list[str]:
+    """The part of each track.
+
+    `parts` overrides: one part name for every pitched track (e.g. "lead" for a melody file), or
+    a mapping from track index or exact track name to part. Otherwise: drum tracks -> drums; the
+    first matching name rule (`rules` first, then the defaults); bass programs -> bass; the rest ->
+    harmony; and if no track is the lead and exactly one pitched, non-bass track exists, it is the
+    lead (a solo performance is the player's part).
+    """
+    valid = set(config.parts)
+    out: list[str | None] = [None] * len(tracks)
+    for i, t in enumerate(tracks):
+        if t.is_drum:
+            out[i] = "drums"
+        elif isinstance(parts, str):
+            out[i] = parts
+        elif parts is not None:
+            out[i] = parts.get(t.index, parts.get(t.name))
+    if isinstance(parts, str) or parts is not None and all(o is not None for o in out):
+        assigned = out
+    else:
+        unnamed: list[int] = []
+        for i, t in enumerate(tracks):
+            if out[i] is not None:
+                continue
+            for pattern, part in (*rules, *DEFAULT_PART_RULES):
+                if re.search(pattern, t.name, re.IGNORECASE):
+                    out[i] = part
+                    break
+            else:
+                if t.program in BASS_PROGRAMS:
+                    out[i] = "bass"
+                else:
+                    out[i] = "harmony"
+                    unnamed.append(i)
+        pitched = [i for i, p in enumerate(out) if p not in ("drums", "bass")]
+        if "lead" not in out and len(pitched) == 1 and pitched[0] in unnamed:
+            out[pitched[0]] = "lead"
+        assigned = out
+    for p in assigned:
+        if p not in valid:
+            raise ValueError(f"unknown part {p!r}; parts are {sorted(valid)}")
+    return [str(p) for p in assigned]
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _load_bytes(midi: MidiLike) -> bytes:
+    if isinstance(midi, bytes | bytearray):
+        return bytes(midi)
+    if isinstance(midi, mido.MidiFile):
+        buf = io.BytesIO()
+        try:
+            midi.save(file=buf)
+        except (ValueError, TypeError, OSError) as e:
+            raise MidiReadError(f"cannot serialise the mido.MidiFile: {e}") from e
+        return buf.getvalue()
+    path = Path(midi)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise MidiReadError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def ticks_to_seconds(
+    ticks: np.ndarray, tempo_ticks: np.ndarray, tempo_mspq: np.ndarray, tpq: int
+) -> np.ndarray:
+    """Absolute ticks -> float64 seconds through a tempo map (piecewise linear)."""
+    if len(tempo_ticks) == 0 or tempo_ticks[0] > 0:
+        tempo_ticks = np.concatenate([[0], tempo_ticks])
+        tempo_mspq = np.concatenate([[500_000], tempo_mspq])
+    sec_per_tick = tempo_mspq.astype(np.float64) * 1e-6 / tpq
+    seg_start = np.concatenate([[0.0], np.cumsum(np.diff(tempo_ticks) * sec_per_tick[:-1])])
+    idx = np.searchsorted(tempo_ticks, ticks, side="right") - 1
+    return seg_start[idx] + (ticks - tempo_ticks[idx]) * sec_per_tick[idx]
+
+
+def read_notes(
+    midi: MidiLike,
+    config: TokenizerConfig,
+    parts: str | Mapping[str | int, str] | None = None,
+    rules: Sequence[tuple[str, str]] = (),
+) -> tuple[Notes, list[TrackInfo], list[str]]:
+    """Parse a MIDI file into normalised notes. Raises MidiReadError for unreadable input.
+
+    Normalisation (the same rules as the stream encoder): sustain pedal extends notes released
+    while it is down to the pedal release; drum keys go through `config.drum_map`.
+    """
+    from symusic import Score  # C++ parser: ~100x faster than mido on real files
+
+    data = _load_bytes(midi)
+    if len(data) == 0:
+        raise MidiReadError("empty file")
+    try:
+        score = Score.from_midi(data, sanitize_data=True)
+    except Exception as e:  # symusic raises RuntimeError subclasses with a reason
+        msg = str(e).replace("MiniMidi: ", "").replace(": iostream error", "")
+        raise MidiReadError(f"not a readable MIDI file: {msg}") from e
+    tpq = int(score.ticks_per_quarter)
+    if tpq <= 0:
+        raise MidiReadError(f"unsupported time division (ticks per quarter {tpq})")
+    tempos = score.tempos.numpy()
+    t_ticks = tempos["time"].astype(np.int64)
+    t_mspq = tempos["mspq"].astype(np.int64)
+    order = np.argsort(t_ticks, kind="stable")
+    t_ticks, t_mspq = t_ticks[order], t_mspq[order]
+    t_mspq = np.where(t_mspq > 0, t_mspq, 500_000)
+
+    infos = [
+        TrackInfo(i, str(t.name), int(t.program), bool(t.is_drum), len(t.notes))
+        for i, t in enumerate(score.tracks)
+    ]
+    names = assign_parts(infos, config, parts, rules)
+    part_index = {p: i for i, p in enumerate(config.parts)}
+    drum_lut = np.arange(128, dtype=np.int16)
+    for k, v in config.drum_map.items():
+        drum_lut[k] = v
+
+    chunks: list[Notes] = []
+    for track, info, part in zip(score.tracks, infos, names, strict=True):
+        if info.n_notes == 0:
+            continue
+        arr = track.notes.numpy()
+        start_t = arr["time"].astype(np.int64)
+        end_t = start_t + np.maximum(arr["duration"].astype(np.int64), 0)
+        start = ticks_to_seconds(start_t, t_ticks, t_mspq, tpq)
+        end = ticks_to_seconds(end_t, t_ticks, t_mspq, tpq)
+        pitch = arr["pitch"].astype(np.int16)
+        sustained = None
+        if part == "drums":
+            pitch = drum_lut[pitch]
+        elif len(track.pedals):
+            ped = track.pedals.numpy()
+            p0_t = ped["time"].astype(np.int64)
+            p0 = ticks_to_seconds(p0_t, t_ticks, t_mspq, tpq)
+            p1 = ticks_to_seconds(p0_t + ped["duration"].astype(np.int64), t_ticks, t_mspq, tpq)
+            end, sustained = fold_sustain(end, p0, p1)
+        n = len(start)
+        chunks.append(
+            Notes(
+                start=start,
+                end=end,
+                pitch=pitch,
+                velocity=np.clip(arr["velocity"].astype(np.int16), 1, 127),
+                part=np.full(n, part_index[part], dtype=np.int16),
+                program=np.full(n, info.program, dtype=np.int16),
+                sustained=sustained,
+            )
+        )
+    return Notes.concat(chunks), infos, names
+
+
+def fold_sustain(
+    end: np.ndarray, pedal_on: np.ndarray, pedal_off: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Notes released while the pedal is down (on < end <= off) ring until the pedal lifts.
+
+    The bounds match the stream encoder fed in canonical order (note-offs before pedal changes at
+    one instant): a key released at the instant the pedal goes down is not held; one released at
+    the instant it lifts is held and released with it.
+    """
+    order = np.argsort(pedal_on, kind="stable")
+    pedal_on, pedal_off = pedal_on[order], pedal_off[order]
+    idx = np.searchsorted(pedal_on, end, side="left") - 1  # last pedal with on < end
+    ok = idx >= 0
+    held = np.zeros(len(end), dtype=bool)
+    held[ok] = end[ok] <= pedal_off[idx[ok]]
+    out = end.copy()
+    out[held] = pedal_off[idx[held]]
+    return out, held
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+TICKS_PER_BEAT = 480
+TEMPO = 500_000  # 120 bpm: 960 ticks per second, finer than the token grid
+
+
+def notes_to_midi(
+    notes: Notes, config: TokenizerConfig, min_duration: float = 0.01
+) -> mido.MidiFile:
+    """Notes -> a type-1 MIDI file: a tempo track, then one track per part named for the part
+    (so reading it back assigns the same parts), drums on channel 10."""
+    from .stream import part_channel
+
+    drums = config.parts.index("drums")
+    ticks_per_second = TICKS_PER_BEAT * 1_000_000 / TEMPO
+    mf = mido.MidiFile(type=1, ticks_per_beat=TICKS_PER_BEAT)
+    meta = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=TEMPO, time=0)])
+    mf.tracks.append(meta)
+    for part_idx, part_name in enumerate(config.parts):
+        sel = notes.select(notes.part == part_idx)
+        if len(sel) == 0:
+            continue
+        ch = part_channel(part_idx, drums)
+        start = np.round(sel.start * ticks_per_second).astype(np.int64)
+        end = np.round(np.maximum(sel.end, sel.start + min_duration) * ticks_per_second).astype(
+            np.int64
+        )
+        # (tick, order, message): at one tick, program changes, then note-offs, then note-ons
+        events: list[tuple[int, int, mido.Message]] = []
+        if part_idx != drums:
+            order = np.argsort(sel.start, kind="stable")
+            last = None
+            for i in order.tolist():
+                prog = int(sel.program[i])
+                if prog != last:
+                    events.append(
+                        (int(start[i]), 0, mido.Message("program_change", channel=ch, program=prog))
+                    )
+                    last = prog
+        for s, e, p, v in zip(
+            start.tolist(), end.tolist(), sel.pitch.tolist(), sel.velocity.tolist(), strict=True
+        ):
+            events.append((s, 2, mido.Message("note_on", channel=ch, note=p, velocity=v)))
+            events.append((e, 1, mido.Message("note_off", channel=ch, note=p, velocity=0)))
+        events.sort(key=lambda x: (x[0], x[1]))
+        track = mido.MidiTrack([mido.MetaMessage("track_name", name=part_name, time=0)])
+        last_tick = 0
+        for tick, _, msg in events:
+            track.append(msg.copy(time=tick - last_tick))
+            last_tick = tick
+        mf.tracks.append(track)
+    return mf
