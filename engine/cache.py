@@ -1,0 +1,128 @@
+"""Preallocated key/value cache with per-slot lengths.
+
+Layout: per layer, k and v buffers of shape (max_batch, n_kv_head, max_seq, head_dim), allocated
+once. A *slot* is one row of those buffers: one sequence (a generate() row, a live session). Every
+slot has its own length, so one batched forward can advance rows at different positions: each row
+writes its new keys at its own positions and attends to its own prefix through a position mask
+(see `Transformer.forward`).
+
+No step allocates cache memory or copies the cache: writes are in-place `index_put_`, reads are
+views of the first `kv_len` positions. When the rows of a forward are a contiguous run of slots
+(`slots=[3, 4, 5]`), the read is a view; any other order gathers those rows (a copy), so a
+scheduler should keep its active slots packed (`move()` relocates one slot).
+
+Rollback is `crop(slot, n)`: positions >= n become invalid (masked out until overwritten).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+Rows = slice | Tensor  # resolved slots of one forward: a slice of the buffers, or a (B,) index
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layer: int,
+        max_batch: int,
+        max_seq: int,
+        n_kv_head: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (max_batch, n_kv_head, max_seq, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.lengths = [0] * max_batch  # valid positions per slot (host-side: no device sync)
+        self.positions = torch.arange(max_seq, device=device)  # key positions, for masks
+        self._row_ids = torch.arange(max_batch, device=device)
+
+    @classmethod
+    def for_model(
+        cls,
+        config: ModelConfig,
+        max_batch: int,
+        max_seq: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        """A cache shaped for a `ModelConfig` (max_seq defaults to its context length)."""
+        return cls(
+            config.n_layer,
+            max_batch,
+            max_seq or config.max_seq_len,
+            config.n_kv_head,
+            config.head_dim,
+            dtype,
+            device,
+        )
+
+    # --- per-slot bookkeeping -----------------------------------------------------------------
+    def get_seq_length(self, slot: int = 0) -> int:
+        return self.lengths[slot]
+
+    def set_length(self, slot: int, n: int) -> None:
+        if not 0 <= n <= self.max_seq:
+            raise ValueError(f"length must be in 0..{self.max_seq}, got {n}")
+        self.lengths[slot] = n
+
+    def crop(self, slot: int, n: int) -> None:
+        """Roll slot back to its first n positions (n <= current length)."""
+        if not 0 <= n <= self.lengths[slot]:
+            raise ValueError(f"crop length must be in 0..{self.lengths[slot]}, got {n}")
+        self.lengths[slot] = n
+
+    def reset(self, slot: int | None = None) -> None:
+        """Empty one slot (or all). Buffers are not cleared: stale entries are masked out."""
+        if slot is None:
+            self.lengths = [0] * self.max_batch
+        else:
+            self.lengths[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Relocate slot src's valid prefix to slot dst (to keep active slots contiguous)."""
+        n = self.lengths[src]
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def nbytes_per_slot(self, seq: int | None = None) -> int:
+        """Bytes of k+v one slot holds at `seq` positions (default: the full context)."""
+        per_pos = sum(b[0, :, 0].numel() * b.element_size() for b in (*self.k, *self.v))
+        return per_pos * (self.max_seq if seq is None else seq)
+
+    # --- used by the model's forward ----------------------------------------------------------
+    def rows(self, slots: Sequence[int] | None, batch: int) -> Rows:
+        """Resolve a forward's slots: a slice when they are a contiguous ascending run."""
+        if slots is None:
+            return slice(0, batch)
+        slots = list(slots)
+        if len(slots) != batch:
+            raise ValueError(f"got {len(slots)} slots for a batch of {batch}")
+        start = slots[0]
+        if slots == list(range(start, start + batch)):
+            return slice(start, start + batch)
+        return torch.tensor(slots, device=self.positions.device)
+
+    def update(
+        self, layer: int, rows: Rows, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int
+    ) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the rows' (B, Hkv, kv_len, D)."""
+        row_ids = self._row_ids[rows] if isinstance(rows, slice) else rows  # (B,)
+        idx = (row_ids[:, None], slice(None), input_pos)  # -> selects (B, T, Hkv, D)
+        kb, vb = self.k[layer], self.v[layer]
+        kb[idx] = k.transpose(1, 2).to(kb.dtype)  # (B, T, Hkv, D), in place
+        vb[idx] = v.transpose(1, 2).to(vb.dtype)
+        # A slice gives views (no copy); an index tensor gathers (copies) these rows.
+        return kb[rows, :, :kv_len], vb[rows, :, :kv_len]

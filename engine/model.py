@@ -1,0 +1,294 @@
+"""Decoder-only transformer over the event vocabulary.
+
+Choices, and why:
+- Decoder-only, next-token loss: continuation, accompaniment (forced lead tokens) and infill
+  (fill-in-the-middle layout) are all one left-to-right stream, so one model serves every task.
+- Pre-norm with RMSNorm: pre-norm trains stably without warm-up tricks at these depths; RMSNorm is
+  LayerNorm without the mean, one fewer reduction per step on the CPU decode path.
+- Rotary positions (RoPE): a key's position is baked into the cached key itself, so the cache can be
+  cropped (rollback) and rows of one batch can sit at different positions; there is no learned
+  table to fall off at the context end (the engine re-encodes a window when it slides).
+- SwiGLU MLP: better loss per parameter than GELU at equal width (8/3 * d_model keeps the count).
+- Grouped-query attention (n_kv_head < n_head): the KV cache, the memory a live session holds and
+  the bytes each decode step reads, shrinks by n_head / n_kv_head at a negligible quality cost.
+- Tied embeddings: the vocabulary is small but the embedding is still ~6% of the `small` model;
+  tying halves it and the input/output token geometry is shared.
+- No biases: fewer ops per decode step, no measurable loss.
+
+Three attention paths share the weights:
+- no cache: plain causal attention over the sequence (training, full recompute);
+- `cache=`: writes keys/values into a preallocated `KVCache` in place and attends over its prefix
+  with a position mask, so rows of one batch may have different lengths;
+- `forward_past`: the same maths with the past cache as an input and the new keys/values as
+  outputs, no in-place writes; this is the graph exported to ONNX.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import KVCache
+from .config import ModelConfig
+
+# attend(q (B,H,T,D), k (B,Hkv,T,D), v (B,Hkv,T,D)) -> y (B,H,T,D), for one layer
+AttendFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Written out (not F.rms_norm) so the ONNX exporter sees plain ops.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_tables(
+    max_seq: int, head_dim: int, base: float, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos, sin tables, each (max_seq, head_dim // 2), float32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    t = torch.arange(max_seq, device=device).float()
+    freqs = torch.outer(t, inv_freq)  # (S, D/2)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE. x (B, H, T, D); cos, sin (B, 1, T, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def group_queries(q: Tensor, n_kv_head: int) -> Tensor:
+    """(B, H, T, D) -> (B, Hkv, R*T, D) with R = H / Hkv queries per key head.
+
+    Lets grouped-query attention run against the cache as stored (B, Hkv, S, D): no
+    repeat_interleave of the cache, i.e. no copy of it per step. Head h = kv * R + r.
+    """
+    B, H, T, D = q.shape
+    return q.reshape(B, n_kv_head, (H // n_kv_head) * T, D)  # (B, Hkv, R*T, D)
+
+
+def group_mask(mask: Tensor, n_rep: int) -> Tensor:
+    """(B, 1, T, S) -> (B, 1, R*T, S), the mask repeated for each query of a group."""
+    B, _, T, S = mask.shape
+    return mask[:, :, None].expand(B, 1, n_rep, T, S).reshape(B, 1, n_rep * T, S)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # One fused q|k|v projection: one matmul per decode step instead of three.
+        self.wqkv = nn.Linear(
+            cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=False
+        )
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.wqkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attend(q, k, v)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.resid_drop(self.wo(y))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.d_ff = cfg.d_ff
+        self.w13 = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)  # gate | up, one matmul
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split(self.d_ff, dim=-1)  # (B, T, d_ff) each
+        return self.drop(self.w2(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, attend)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections so the residual stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding) and module.weight.device.type != "meta":
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE tables; needed after a meta-device init."""
+        if device is None:
+            device = self.tok_emb.weight.device
+        device = torch.device(device)
+        if device.type == "meta":
+            device = torch.device("cpu")
+        cfg = self.config
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, device)
+        self.rope_cos, self.rope_sin = cos, sin  # (S, D/2) each
+
+    def _rope(self, input_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cos = self.rope_cos[input_pos].unsqueeze(1).to(dtype)  # (B, 1, T, D/2)
+        sin = self.rope_sin[input_pos].unsqueeze(1).to(dtype)  # (B, 1, T, D/2)
+        return cos, sin
+
+    def forward(
+        self,
+        tokens: Tensor,
+        input_pos: Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: Sequence[int] | None = None,
+        kv_len: int | None = None,
+    ) -> Tensor:
+        """tokens (B, T) -> logits (B, T, V).
+
+        input_pos (B, T): each token's position (default 0..T-1 for every row).
+        Without `cache`: causal attention within `tokens` (training, full recompute).
+        With `cache`: row b is cache slot `slots[b]` (default b); its keys/values are written at
+        `input_pos[b]` and it attends to every cached position <= its own, so rows may sit at
+        different positions. `kv_len` bounds the cache prefix read (> every input_pos; default
+        the whole cache: fixed shapes, for compile/graphs). Bookkeeping of slot lengths is the
+        caller's (see `improv.engine.decoder.TorchDecoder`).
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.drop(self.tok_emb(tokens))  # (B, T, C)
+        cos, sin = self._rope(input_pos, x.dtype)
+        if cache is None:
+            attend_fns = [self._attend_causal] * len(self.blocks)
+        else:
+            attend_fns = self._cache_attend_fns(cache, slots, B, input_pos, kv_len)
+        for block, attend in zip(self.blocks, attend_fns, strict=True):
+            x = block(x, cos, sin, attend)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _attend_causal(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        n_rep = self.config.n_head // self.config.n_kv_head
+        if n_rep > 1:  # fresh activations, not a cache: repeating them is cheap
+            k = k.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
+            v = v.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
+        p = self.config.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+    def _cache_attend_fns(
+        self,
+        cache: KVCache,
+        slots: Sequence[int] | None,
+        batch: int,
+        input_pos: Tensor,
+        kv_len: int | None,
+    ) -> list[AttendFn]:
+        cfg = self.config
+        n_rep = cfg.n_head // cfg.n_kv_head
+        kv_len = cache.max_seq if kv_len is None else kv_len
+        rows = cache.rows(slots, batch)
+        key_pos = cache.positions[:kv_len]  # (S,)
+        mask = (key_pos[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+        mask = group_mask(mask, n_rep)  # (B, 1, R*T, S)
+
+        def make(layer: int) -> AttendFn:
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                k_all, v_all = cache.update(layer, rows, input_pos, k, v, kv_len)  # (B, Hkv, S, D)
+                qg = group_queries(q, cfg.n_kv_head)  # (B, Hkv, R*T, D)
+                y = F.scaled_dot_product_attention(qg, k_all, v_all, attn_mask=mask)
+                return y.view(q.shape)  # (B, H, T, D)
+
+            return attend
+
+        return [make(i) for i in range(len(self.blocks))]
+
+    def forward_past(
+        self, tokens: Tensor, input_pos: Tensor, past_k: Sequence[Tensor], past_v: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Functional cached step (the ONNX graph): nothing is written in place.
+
+        tokens, input_pos (B, T); past_k[i], past_v[i] (B, Hkv, P, D): layer i's cache, of which
+        row b's first `input_pos[b, 0]` positions are valid (the rest is masked out).
+        Returns logits (B, T, V), new_k and new_v (L, B, Hkv, T, D): the caller stores them.
+        """
+        cfg = self.config
+        n_rep = cfg.n_head // cfg.n_kv_head
+        P = past_k[0].shape[2]
+        x = self.tok_emb(tokens)  # (B, T, C)
+        cos, sin = self._rope(input_pos, x.dtype)
+        past_pos = torch.arange(P, device=tokens.device)
+        past_mask = past_pos[None, None, :] < input_pos[:, :1, None]  # (B, 1, P)
+        past_mask = group_mask(past_mask.expand(-1, tokens.shape[1], -1).unsqueeze(1), n_rep)
+        new_mask = (input_pos[:, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, T)
+        new_mask = group_mask(new_mask, n_rep)  # (B, 1, R*T, T)
+        scale = 1.0 / math.sqrt(cfg.head_dim)
+        new_ks: list[Tensor] = []
+        new_vs: list[Tensor] = []
+
+        def make(layer: int) -> AttendFn:
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                new_ks.append(k)
+                new_vs.append(v)
+                qg = group_queries(q, cfg.n_kv_head) * scale  # (B, Hkv, R*T, D)
+                s_past = qg @ past_k[layer].transpose(-1, -2)  # (B, Hkv, R*T, P)
+                s_new = qg @ k.transpose(-1, -2)  # (B, Hkv, R*T, T)
+                neg = torch.finfo(s_past.dtype).min
+                s_past = s_past.masked_fill(~past_mask, neg)
+                s_new = s_new.masked_fill(~new_mask, neg)
+                probs = torch.softmax(torch.cat((s_past, s_new), dim=-1), dim=-1)  # (B,Hkv,R*T,P+T)
+                y = probs[..., :P] @ past_v[layer] + probs[..., P:] @ v  # (B, Hkv, R*T, D)
+                return y.reshape(q.shape)  # (B, H, T, D)
+
+            return attend
+
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, make(i))
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        return logits, torch.stack(new_ks), torch.stack(new_vs)  # (L, B, Hkv, T, D) each
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameter count; shared (tied) tensors are counted once."""
+    n = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings and isinstance(model, Transformer):
+        n -= model.tok_emb.weight.numel()
+    return n
