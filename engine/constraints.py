@@ -445,7 +445,10 @@ class ConstraintSet:
         tf = (ph == Phase.TARGETS_FIRST) | targets
         mask[tf, v.part_base : v.program_base] = True
         tp = np.nonzero(targets & (s.n_targets >= 2))[0]
-        mask[tp, v.program_base : v.vel_base] = cand.program_ok[tp, s.last_part[tp]]
+        lp = s.last_part[tp]
+        mask[tp, v.program_base : v.vel_base] = (
+            cand.program_ok[tp, lp] & cand.part_ok[tp, lp][:, None]
+        )
 
         ap = np.nonzero(ph == Phase.AFTER_PART)[0]
         mask[ap, v.program_base : v.vel_base] = cand.program_ok[ap, s.last_part[ap]]
