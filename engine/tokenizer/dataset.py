@@ -240,7 +240,10 @@ class TokenDataset:
         self.files: list[dict] = meta["files"]
         self.summary: dict = meta["summary"]
         self.tokenizer = Tokenizer.load(self.path / "tokenizer.json")
-        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.uint16, mode="r")
+        if (self.path / "tokens.bin").stat().st_size == 0:
+            self.tokens = np.zeros(0, dtype=np.uint16)  # mmap cannot map an empty file
+        else:
+            self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.uint16, mode="r")
         self._notes = np.load(self.path / "notes.npy", mmap_mode="r")
 
     def __len__(self) -> int:

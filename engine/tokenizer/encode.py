@@ -24,7 +24,7 @@ def quantize(seconds: np.ndarray | float, ticks_per_second: int) -> np.ndarray:
 def normalize(notes: Notes, vocab: Vocab) -> tuple[Notes, np.ndarray]:
     """Apply the one-key-one-sound rule; returns the notes and a per-note `retrigger` flag.
 
-    A note of a part still sounding when the same key is struck again ends at the new onset
+    Drum keys go through the config's drum map. A note of a part still sounding when the same key is struck again ends at the new onset
     (flagged: its note-off is written right before the new note-on). Two notes with the same
     part, pitch and onset tick are merged into one (the longer, louder one).
     """
@@ -34,6 +34,14 @@ def normalize(notes: Notes, vocab: Vocab) -> tuple[Notes, np.ndarray]:
         return notes, np.zeros(0, dtype=bool)
     order = np.lexsort((notes.start, notes.pitch, notes.part))
     notes = notes.select(order)
+    drum_map = vocab.config.drum_map
+    if drum_map:  # non-GM kit notes -> their GM class, as the stream encoder does
+        lut = np.arange(128, dtype=np.int16)
+        lut[list(drum_map)] = list(drum_map.values())
+        is_drum = notes.part == vocab.drums
+        notes.pitch[is_drum] = lut[notes.pitch[is_drum]]
+        order = np.lexsort((notes.start, notes.pitch, notes.part))
+        notes = notes.select(order)
     same_key = (notes.part[1:] == notes.part[:-1]) & (notes.pitch[1:] == notes.pitch[:-1])
     not_drum = notes.part != vocab.drums
     start_tick = quantize(notes.start, tps)
@@ -72,11 +80,16 @@ def encode_events(notes: Notes, vocab: Vocab, start_tick: int = 0) -> list[int]:
     ev_note = np.concatenate([np.arange(n), off_idx])
     ev_on = np.concatenate([np.ones(n, dtype=bool), np.zeros(len(off_idx), dtype=bool)])
     ev_time = np.concatenate([notes.start, notes.end[off_idx]])
+    # a zero-length note's note-off follows its own note-on (sub 2); a re-struck key's note-off
+    # precedes the new note-on (sub 0)
+    zero = notes.end[off_idx] <= notes.start[off_idx]
     off_cls = np.where(
-        retrigger[off_idx], _ON_GROUP, np.where(notes.sustained[off_idx], _PEDAL_OFF, _OFF)
+        retrigger[off_idx] | zero,
+        _ON_GROUP,
+        np.where(notes.sustained[off_idx], _PEDAL_OFF, _OFF),
     )
     ev_cls = np.concatenate([np.full(n, _ON_GROUP), off_cls])
-    ev_sub = ev_on.astype(np.int8)  # within the on-group, a retrigger note-off precedes the on
+    ev_sub = np.concatenate([np.ones(n, dtype=np.int8), np.where(zero, 2, 0).astype(np.int8)])
     ev_part = notes.part[ev_note]
     ev_pitch = notes.pitch[ev_note]
     order = np.lexsort((ev_sub, ev_pitch, ev_part, ev_cls, ev_time))

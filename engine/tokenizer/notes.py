@@ -271,12 +271,13 @@ def read_notes(
         sustained = None
         if part == "drums":
             pitch = drum_lut[pitch]
-        elif len(track.pedals):
-            ped = track.pedals.numpy()
-            p0_t = ped["time"].astype(np.int64)
-            p0 = ticks_to_seconds(p0_t, t_ticks, t_mspq, tpq)
-            p1 = ticks_to_seconds(p0_t + ped["duration"].astype(np.int64), t_ticks, t_mspq, tpq)
-            end, sustained = fold_sustain(end, p0, p1)
+        elif len(track.controls):
+            pedal = pedal_intervals(track.controls.numpy())
+            if pedal is not None:
+                p0 = ticks_to_seconds(pedal[0], t_ticks, t_mspq, tpq)
+                p1 = ticks_to_seconds(pedal[1], t_ticks, t_mspq, tpq)
+                p1[pedal[1] == PEDAL_NEVER_UP] = end.max()
+                end, sustained = fold_sustain(end, p0, p1)
         n = len(start)
         chunks.append(
             Notes(
@@ -290,6 +291,28 @@ def read_notes(
             )
         )
     return Notes.concat(chunks), infos, names
+
+
+PEDAL_NEVER_UP = np.iinfo(np.int64).max // 4
+
+
+def pedal_intervals(controls: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(down ticks, up ticks) of the sustain pedal from a track's control changes.
+
+    Built from CC64 itself: symusic 0.6's `track.pedals` reports wrong start times. A pedal never
+    released ends at PEDAL_NEVER_UP; the reader ends it with the track's last note.
+    """
+    sel = controls["number"] == 64
+    if not sel.any():
+        return None
+    ticks = controls["time"][sel].astype(np.int64)
+    down = controls["value"][sel] >= 64
+    prev = np.concatenate([[False], down[:-1]])
+    starts = ticks[down & ~prev]
+    ends = ticks[~down & prev]
+    if len(ends) < len(starts):  # never released
+        ends = np.concatenate([ends, [PEDAL_NEVER_UP]])
+    return starts, ends
 
 
 def fold_sustain(
@@ -314,8 +337,8 @@ def fold_sustain(
 
 # --- writing ------------------------------------------------------------------------------------
 
-TICKS_PER_BEAT = 480
-TEMPO = 500_000  # 120 bpm: 960 ticks per second, finer than the token grid
+TICKS_PER_BEAT = 500  # with 120 bpm: 1 tick = 1 ms, so token times land exactly on MIDI ticks
+TEMPO = 500_000
 
 
 def notes_to_midi(
