@@ -17,6 +17,10 @@ from collections.abc import Callable, Sequence
 # name -> "module:function" that returns (help, add_arguments, run)
 COMMANDS: dict[str, str] = {
     "tokenize": "improv.engine.tokenizer.dataset:command",
+    "render": "improv.cli.render:command",
+    "train": "improv.trainer.cli:train_command",
+    "eval": "improv.trainer.cli:eval_command",
+    "export-onnx": "improv.engine.cli:export_onnx_command",
 }
 
 

@@ -29,7 +29,36 @@ logger = logging.getLogger(__name__)
 Rows = slice | Tensor  # resolved slots of one forward: a slice of the buffers, or a (B,) index
 
 
-class KVCache:
+class SlotLengths:
+    """Per-slot valid lengths, kept on the host (reading them never syncs a device)."""
+
+    def __init__(self, max_batch: int, max_seq: int) -> None:
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.lengths = [0] * max_batch
+
+    def get_seq_length(self, slot: int = 0) -> int:
+        return self.lengths[slot]
+
+    def set_length(self, slot: int, n: int) -> None:
+        if not 0 <= n <= self.max_seq:
+            raise ValueError(f"length must be in 0..{self.max_seq}, got {n}")
+        self.lengths[slot] = n
+
+    def crop(self, slot: int, n: int) -> None:
+        """Roll slot back to its first n positions (n <= current length)."""
+        if not 0 <= n <= self.lengths[slot]:
+            raise ValueError(f"crop length must be in 0..{self.lengths[slot]}, got {n}")
+        self.lengths[slot] = n
+
+    def reset(self, slot: int | None = None) -> None:
+        """Empty one slot (or all). Buffers are not cleared: stale entries are masked out."""
+        if slot is None:
+            self.lengths = [0] * self.max_batch
+        else:
+            self.lengths[slot] = 0
+
+
+class KVCache(SlotLengths):
     def __init__(
         self,
         n_layer: int,
@@ -40,11 +69,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(max_batch, max_seq)
         shape = (max_batch, n_kv_head, max_seq, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.max_batch, self.max_seq = max_batch, max_seq
-        self.lengths = [0] * max_batch  # valid positions per slot (host-side: no device sync)
         self.positions = torch.arange(max_seq, device=device)  # key positions, for masks
         self._row_ids = torch.arange(max_batch, device=device)
 
@@ -67,28 +95,6 @@ class KVCache:
             dtype,
             device,
         )
-
-    # --- per-slot bookkeeping -----------------------------------------------------------------
-    def get_seq_length(self, slot: int = 0) -> int:
-        return self.lengths[slot]
-
-    def set_length(self, slot: int, n: int) -> None:
-        if not 0 <= n <= self.max_seq:
-            raise ValueError(f"length must be in 0..{self.max_seq}, got {n}")
-        self.lengths[slot] = n
-
-    def crop(self, slot: int, n: int) -> None:
-        """Roll slot back to its first n positions (n <= current length)."""
-        if not 0 <= n <= self.lengths[slot]:
-            raise ValueError(f"crop length must be in 0..{self.lengths[slot]}, got {n}")
-        self.lengths[slot] = n
-
-    def reset(self, slot: int | None = None) -> None:
-        """Empty one slot (or all). Buffers are not cleared: stale entries are masked out."""
-        if slot is None:
-            self.lengths = [0] * self.max_batch
-        else:
-            self.lengths[slot] = 0
 
     def move(self, src: int, dst: int) -> None:
         """Relocate slot src's valid prefix to slot dst (to keep active slots contiguous)."""

@@ -42,6 +42,8 @@ class Decoder(Protocol):
 
     def reset(self, slot: int | None = None) -> None: ...
 
+    def move(self, src: int, dst: int) -> None: ...
+
 
 def pad_batch(
     lengths: Sequence[int], tokens: Sequence[Sequence[int]], max_seq: int
@@ -92,6 +94,9 @@ class TorchDecoder:
 
     def reset(self, slot: int | None = None) -> None:
         self.cache.reset(slot)
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
 
     @torch.inference_mode()
     def extend(

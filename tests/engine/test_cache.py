@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from improv.engine.cache import KVCache
 from improv.engine.decoder import ContextFull, TorchDecoder
 

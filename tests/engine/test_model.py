@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from improv.engine.cache import KVCache
 from improv.engine.checkpoint import load_checkpoint, save_checkpoint
 from improv.engine.config import PRESETS, ModelConfig
