@@ -29,6 +29,13 @@ def _load(spec: str) -> tuple[str, Callable[[argparse.ArgumentParser], None], Ca
     return getattr(importlib.import_module(module), func)()
 
 
+def _unavailable(name: str, error: ImportError) -> tuple[str, Callable, Callable]:
+    def run(_: argparse.Namespace) -> int:
+        raise SystemExit(f"improv {name}: unavailable here ({error})")
+
+    return f"(unavailable: {error})", lambda p: None, run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="improv", description="Realtime MIDI improvisation server and tools."
@@ -36,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, spec in COMMANDS.items():
-        help_, add_arguments, run = _load(spec)
+        try:
+            help_, add_arguments, run = _load(spec)
+        except ImportError as e:  # one broken optional dependency must not take the others down
+            help_, add_arguments, run = _unavailable(name, e)
         p = sub.add_parser(name, help=help_, description=help_)
         add_arguments(p)
         p.set_defaults(_run=run)
