@@ -1,0 +1,126 @@
+"""Training examples: layouts, loss masks, augmentation, deterministic batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from improv.engine.tokenizer.dataset import TokenDataset
+from improv.engine.tokenizer.layouts import token_parts
+from improv.engine.tokenizer.notes import Notes
+from improv.engine.tokenizer.vocab import TokenType
+from improv.trainer.data import (
+    IGNORE,
+    BatchSource,
+    DataConfig,
+    ExampleBuilder,
+    augment,
+    collate,
+    eval_chunks,
+    parse_mix,
+)
+
+
+@pytest.fixture
+def builder(dataset: Path) -> ExampleBuilder:
+    return ExampleBuilder(TokenDataset(dataset), DataConfig(seq_len=256))
+
+
+def test_continuation_is_plain_next_token(builder: ExampleBuilder) -> None:
+    v = builder.vocab
+    ex = builder.continuation(np.random.default_rng(0))
+    assert ex.ids[0] == v.BOS and ex.ids[1] == v.TASK_CONTINUE
+    assert len(ex.ids) <= 257
+    assert not ex.loss[0] and ex.loss[1:].all()
+
+
+def test_infill_loss_only_on_generated_middle(builder: ExampleBuilder) -> None:
+    v = builder.vocab
+    seen_subset = False
+    for seed in range(20):
+        ex = builder.infill(np.random.default_rng(seed))
+        assert ex is not None and ex.objective == "infill"
+        ids = ex.ids.tolist()
+        assert ids[:2] == [v.BOS, v.TASK_INFILL]
+        mid = ids.index(v.FILL_MIDDLE)
+        assert ids[-1] == v.FILL_END and ex.loss[-1]  # the model learns to stop
+        assert not ex.loss[: mid + 1].any()  # prompt: context without loss
+        # the PART tokens right after the task name the target parts
+        targets, i = [], 2
+        # target PART tokens; the prefix's first event may also open with PART (then PROGRAM)
+        while v.type_of(ids[i]) is TokenType.PART and v.type_of(ids[i + 1]) is TokenType.PART:
+            targets.append(ids[i] - v.part_base)
+            i += 1
+        if v.type_of(ids[i]) is TokenType.PART and v.type_of(ids[i + 1]) is not TokenType.PROGRAM:
+            targets.append(ids[i] - v.part_base)
+        owner = token_parts(v, ids[mid + 1 :])
+        loss = ex.loss[mid + 1 :]
+        for o, has_loss in zip(owner.tolist(), loss.tolist(), strict=True):
+            assert has_loss == (o < 0 or o in targets)  # given parts in the gap: no loss
+        seen_subset |= len(targets) < v.n_parts and (~loss).any()
+    assert seen_subset  # some gaps regenerate only some parts, with the others forced
+
+
+def test_accompany_masks_the_lead(builder: ExampleBuilder) -> None:
+    v = builder.vocab
+    ex = builder.accompany(np.random.default_rng(1))
+    assert ex is not None
+    assert ex.ids[1] == v.TASK_ACCOMPANY
+    parts = token_parts(v, ex.ids.tolist())
+    assert (parts == v.lead).any() and (parts != v.lead).any()
+    assert not ex.loss[parts == v.lead].any()
+    assert ex.loss[1:][parts[1:] != v.lead].all()
+
+
+def test_augment_keeps_drums_and_ranges(builder: ExampleBuilder, song) -> None:
+    v = builder.vocab
+    n = Notes.from_list(song(3))
+    cfg = DataConfig(transpose=5, stretch=0.1, velocity=0.2)
+    for seed in range(5):
+        a = augment(n, v, cfg, np.random.default_rng(seed))
+        assert len(a) == len(n)  # nothing falls off the keyboard here
+        drums = n.part == v.drums
+        assert np.array_equal(a.pitch[drums], n.pitch[drums])
+        shift = set((a.pitch[~drums] - n.pitch[~drums]).tolist())
+        assert len(shift) == 1 and abs(shift.pop()) <= 5
+        ratio = a.start[1:] / np.maximum(n.start[1:], 1e-9)
+        assert np.allclose(ratio[n.start[1:] > 0], ratio[n.start[1:] > 0][0])
+        assert 0.9 - 1e-9 <= ratio[-1] <= 1.1 + 1e-9
+        assert a.velocity.min() >= 1 and a.velocity.max() <= 127
+
+
+def test_collate_shifts_and_masks(builder: ExampleBuilder) -> None:
+    ex = builder.accompany(np.random.default_rng(2))
+    b = collate([ex], 256)
+    x, y = b["input"][0], b["target"][0]
+    n = len(ex.ids) - 1
+    assert torch.equal(x[:n], torch.as_tensor(ex.ids[:-1]))
+    keep = torch.as_tensor(ex.loss[1:])
+    assert torch.equal(y[:n][keep], torch.as_tensor(ex.ids[1:])[keep])
+    assert (y[:n][~keep] == IGNORE).all() and (y[n:] == IGNORE).all()
+
+
+def test_batches_are_a_function_of_position(dataset: Path) -> None:
+    cfg = DataConfig(seq_len=128, mix=parse_mix("continue=1,infill=1,accompany=1"))
+    a = BatchSource(str(dataset), cfg, 3, seed=7, rank=0)
+    b = BatchSource(str(dataset), cfg, 3, seed=7, rank=0)
+    other_rank = BatchSource(str(dataset), cfg, 3, seed=7, rank=1)
+    assert torch.equal(a[5]["input"], b[5]["input"])
+    assert not torch.equal(a[5]["input"], a[6]["input"])
+    assert not torch.equal(a[5]["input"], other_rank[5]["input"])
+
+
+def test_eval_chunks_cover_every_token_once(dataset: Path) -> None:
+    ds = TokenDataset(dataset)
+    chunks = eval_chunks(ds, 100)
+    assert sum(len(c) - 1 for c in chunks) == sum(f["token_count"] - 1 for f in ds.files)
+    assert len(eval_chunks(ds, 100, max_chunks=3)) == 3
+
+
+def test_parse_mix_rejects_unknown() -> None:
+    assert parse_mix("continue=2,infill=1") == {"continue": 2.0, "infill": 1.0}
+    with pytest.raises(ValueError, match="objective"):
+        parse_mix("melody=1")

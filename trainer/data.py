@@ -1,0 +1,309 @@
+"""Training examples: note-level windows, augmentation, the three objectives, batches.
+
+Every example is built from notes, not from stored tokens: take a random window of a file's notes,
+shift it to start near 0, augment it (transpose, tempo stretch, velocity scale), then encode it in
+one of the three task layouts (docs/training.md). Encoding a minute of music costs well under a
+millisecond, so this runs on the fly.
+
+Batches are a pure function of (seed, rank, micro-batch index): the data position of a run is just
+its step counter, which makes resume exact and lets DataLoader workers build batches in any order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from improv.engine.tokenizer.dataset import TokenDataset
+from improv.engine.tokenizer.encode import encode_events
+from improv.engine.tokenizer.layouts import clip_notes, make_accompany, make_infill, token_parts
+from improv.engine.tokenizer.notes import Notes
+from improv.engine.tokenizer.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # target id that carries no loss (F.cross_entropy ignore_index)
+OBJECTIVES = ("continue", "infill", "accompany")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    seq_len: int = 1024  # tokens per example (the model sees seq_len inputs, seq_len targets)
+    # objective mix: relative weights, drawn per example
+    mix: dict[str, float] = field(
+        default_factory=lambda: {"continue": 0.5, "infill": 0.25, "accompany": 0.25}
+    )
+    transpose: int = 5  # pitched parts move by a uniform -transpose..+transpose semitones
+    stretch: float = 0.1  # tempo factor uniform in [1 - stretch, 1 + stretch]
+    velocity: float = 0.2  # velocities scaled by a uniform [1 - velocity, 1 + velocity]
+    augment: bool = True  # off for validation
+    infill_max_seconds: float = 8.0  # longest infill gap
+    infill_subset_p: float = 0.5  # chance the gap regenerates only a subset of its parts
+    pack: bool = True  # continuation: fill the rest of a short example with another piece
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mix) - set(OBJECTIVES)
+        if unknown:
+            raise ValueError(f"unknown objectives {sorted(unknown)}; choose from {OBJECTIVES}")
+        if any(v < 0 for v in self.mix.values()) or sum(self.mix.values()) <= 0:
+            raise ValueError(f"objective weights must be >= 0 with a positive sum, got {self.mix}")
+        if self.seq_len < 16:
+            raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
+
+
+def parse_mix(spec: str) -> dict[str, float]:
+    """'continue=2,infill=1,accompany=1' -> {'continue': 2.0, ...}."""
+    out: dict[str, float] = {}
+    for piece in spec.split(","):
+        name, sep, value = piece.strip().partition("=")
+        if not sep or name not in OBJECTIVES:
+            raise ValueError(
+                f"objective mix is NAME=WEIGHT,... with NAME in {OBJECTIVES}: {spec!r}"
+            )
+        out[name] = float(value)
+    return out
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # (L,) int64 token ids, L <= seq_len + 1
+    loss: np.ndarray  # (L,) bool: predict ids[j] with loss (ids[0] never has one)
+    objective: str
+
+
+# --- note-level helpers ---------------------------------------------------------------------------
+
+
+def window(notes: Notes, start: float, seconds: float) -> Notes:
+    """Notes starting in [start, start + seconds), ends clipped there, shifted to start at 0."""
+    return clip_notes(notes, start, start + seconds).shifted(-start)
+
+
+def augment(notes: Notes, vocab: Vocab, cfg: DataConfig, rng: np.random.Generator) -> Notes:
+    """Random transposition (not drums), tempo stretch and velocity scaling."""
+    n = notes.select(slice(None))
+    if cfg.transpose:
+        k = int(rng.integers(-cfg.transpose, cfg.transpose + 1))
+        pitched = n.part != vocab.drums
+        pitch = np.where(pitched, n.pitch + k, n.pitch)
+        n.pitch = pitch.astype(np.int16)
+        n = n.select((n.pitch >= 0) & (n.pitch <= 127))  # the few that fall off the keyboard
+    if cfg.stretch:
+        f = rng.uniform(1 - cfg.stretch, 1 + cfg.stretch)
+        n.start, n.end = n.start * f, n.end * f
+    if cfg.velocity:
+        f = rng.uniform(1 - cfg.velocity, 1 + cfg.velocity)
+        n.velocity = np.clip(np.rint(n.velocity * f), 1, 127).astype(np.int16)
+    return n
+
+
+# --- examples -------------------------------------------------------------------------------------
+
+
+class ExampleBuilder:
+    """Random training examples from one dataset, by objective."""
+
+    def __init__(self, dataset: TokenDataset, cfg: DataConfig) -> None:
+        self.ds = dataset
+        self.cfg = cfg
+        self.vocab = dataset.tokenizer.vocab
+        counts = np.array([f["token_count"] for f in dataset.files], dtype=np.float64)
+        if len(counts) == 0:
+            raise ValueError(f"dataset {dataset.path} has no files")
+        # Files drawn in proportion to their tokens: every token is about equally likely to be seen.
+        self.file_p = counts / counts.sum()
+        durations = np.array([max(f["duration"], 1e-3) for f in dataset.files])
+        self.density = counts / durations  # tokens per second, per file
+        names = [k for k in OBJECTIVES if cfg.mix.get(k, 0) > 0]
+        w = np.array([cfg.mix[k] for k in names])
+        self.objectives, self.objective_p = names, w / w.sum()
+
+    def _pick(self, rng: np.random.Generator, seconds_for: float) -> tuple[int, Notes, bool]:
+        """A random file and a window of about `seconds_for` x (seq_len worth of time).
+
+        Returns (file, window notes shifted to 0 and augmented, whether the window reaches the end).
+        """
+        i = int(rng.choice(len(self.file_p), p=self.file_p))
+        notes = self.ds.file_notes(i)
+        dur = self.ds.files[i]["duration"]
+        seconds = seconds_for * self.cfg.seq_len / self.density[i]
+        # Start at the very beginning sometimes (the model must learn how pieces open).
+        start = 0.0 if rng.random() < 0.1 else rng.uniform(0.0, max(dur - 0.5 * seconds, 0.0))
+        if start > 0.0 and len(notes):
+            # Snap to the next onset so the window does not open on silence.
+            starts = np.sort(notes.start)
+            start = float(starts[min(int(np.searchsorted(starts, start)), len(starts) - 1)])
+        w = window(notes, start, seconds)
+        if self.cfg.augment:
+            w = augment(w, self.vocab, self.cfg, rng)
+        return i, w, start + seconds >= dur
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        kind = self.objectives[int(rng.choice(len(self.objectives), p=self.objective_p))]
+        if kind == "infill":
+            ex = self.infill(rng)
+        elif kind == "accompany":
+            ex = self.accompany(rng)
+        else:
+            ex = None
+        return ex or self.continuation(rng)
+
+    def continuation(self, rng: np.random.Generator) -> Example:
+        """`BOS TASK_CONTINUE events [EOS]`, all targets with loss; short pieces are packed."""
+        v, L = self.vocab, self.cfg.seq_len + 1
+        ids: list[int] = []
+        while len(ids) < L:
+            _, w, at_end = self._pick(rng, 1.5)  # 1.5x: local density varies, crop the excess
+            ids += [v.BOS, v.TASK_CONTINUE, *encode_events(w, v, 0)]
+            if at_end:
+                ids.append(v.EOS)
+            if not self.cfg.pack or not at_end:
+                break
+        ids = ids[:L]
+        loss = np.ones(len(ids), dtype=bool)
+        loss[0] = False
+        return Example(np.asarray(ids, dtype=np.int64), loss, "continue")
+
+    def infill(self, rng: np.random.Generator) -> Example | None:
+        """Fill-in-the-middle: loss on the middle's generated tokens (and FILL_END) only."""
+        v, L = self.vocab, self.cfg.seq_len + 1
+        _, w, _ = self._pick(rng, 0.9)
+        if len(w) < 4:
+            return None
+        span = float(w.end.max())
+        for _ in range(4):  # shrink the context until prompt + middle fit
+            gap = rng.uniform(0.5, max(0.6, min(self.cfg.infill_max_seconds, 0.5 * span)))
+            start = rng.uniform(0.0, max(span - gap, 0.0))
+            present = sorted(set(w.part[(w.start >= start) & (w.start < start + gap)].tolist()))
+            parts: list[int] | None = None
+            if present and rng.random() < self.cfg.infill_subset_p:
+                k = int(rng.integers(1, len(present) + 1))
+                parts = sorted(rng.choice(present, size=k, replace=False).tolist())
+            ex = make_infill(v, w, start, start + gap, parts)
+            ids = ex.prompt + ex.middle
+            if len(ids) <= L:
+                break
+            w = window(w, max(0.0, start - 0.3 * span), 0.6 * span + gap)
+            span = float(w.end.max()) if len(w) else 0.0
+            if len(w) < 4:
+                return None
+        targets = list(range(v.n_parts)) if parts is None else parts
+        loss = np.zeros(len(ids), dtype=bool)
+        mid = np.arange(len(ex.prompt), len(ids))
+        owner = token_parts(v, ex.middle)  # -1: time/special, else the part
+        # Given (non-target) parts' events inside the gap are forced at inference: no loss on them.
+        loss[mid] = (owner < 0) | np.isin(owner, targets)
+        ids, loss = ids[:L], loss[:L]  # rare: a dense gap alone overflows; keep what fits
+        return Example(np.asarray(ids, dtype=np.int64), loss, "infill")
+
+    def accompany(self, rng: np.random.Generator) -> Example | None:
+        """`BOS TASK_ACCOMPANY` + all parts: loss on everything but the (forced) lead's tokens."""
+        v, L = self.vocab, self.cfg.seq_len + 1
+        _, w, at_end = self._pick(rng, 1.5)
+        is_lead = w.part == v.lead
+        if not is_lead.any() or is_lead.all():
+            return None  # drums-only or lead-only file: nothing to accompany
+        ids, _ = make_accompany(v, w)
+        if at_end:
+            ids.append(v.EOS)
+        ids = ids[:L]
+        loss = token_parts(v, ids) != v.lead
+        loss[0] = False
+        return Example(np.asarray(ids, dtype=np.int64), loss, "accompany")
+
+
+def collate(examples: Sequence[Example], seq_len: int) -> dict[str, torch.Tensor]:
+    """Examples -> inputs (B, T) and targets (B, T), padded with PAD / IGNORE."""
+    B = len(examples)
+    x = np.full((B, seq_len), Vocab.PAD, dtype=np.int64)
+    y = np.full((B, seq_len), IGNORE, dtype=np.int64)
+    for b, ex in enumerate(examples):
+        n = len(ex.ids) - 1
+        x[b, :n] = ex.ids[:-1]
+        y[b, :n] = np.where(ex.loss[1:], ex.ids[1:], IGNORE)
+    return {"input": torch.from_numpy(x), "target": torch.from_numpy(y)}
+
+
+class BatchSource(torch.utils.data.Dataset):
+    """Map-style: item k is micro-batch k of this rank, built from rng(seed, rank, k).
+
+    Used with a DataLoader (batch_size=None) whose sampler starts at the resume position.
+    """
+
+    def __init__(
+        self, dataset_path: str, cfg: DataConfig, batch_size: int, seed: int, rank: int
+    ) -> None:
+        self.path, self.cfg, self.batch_size, self.seed, self.rank = (
+            dataset_path,
+            cfg,
+            batch_size,
+            seed,
+            rank,
+        )
+        self._builder: ExampleBuilder | None = None  # opened lazily, once per worker
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if self._builder is None:
+            self._builder = ExampleBuilder(TokenDataset(self.path), self.cfg)
+        rng = np.random.default_rng([self.seed, self.rank, k])
+        exs = [self._builder.sample(rng) for _ in range(self.batch_size)]
+        return collate(exs, self.cfg.seq_len)
+
+
+class _From(torch.utils.data.Sampler[int]):
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self):  # noqa: ANN204
+        k = self.start
+        while True:
+            yield k
+            k += 1
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+def batch_loader(source: BatchSource, start: int, workers: int) -> torch.utils.data.DataLoader:
+    """An endless loader of micro-batches start, start+1, ... (prefetched by `workers`)."""
+    return torch.utils.data.DataLoader(
+        source,
+        batch_size=None,
+        sampler=_From(start),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+# --- evaluation windows ---------------------------------------------------------------------------
+
+
+def eval_chunks(
+    dataset: TokenDataset, seq_len: int, max_chunks: int | None = None
+) -> list[np.ndarray]:
+    """Each file's stored tokens cut into consecutive (seq_len + 1)-token chunks overlapping by one,
+    so every token after the first is scored exactly once. Deterministic: no augmentation.
+
+    With `max_chunks`, chunks are taken round-robin over files so a cap still covers many pieces.
+    """
+    per_file: list[list[np.ndarray]] = []
+    for i in range(len(dataset)):
+        t = np.asarray(dataset.file_tokens(i), dtype=np.int64)
+        per_file.append([t[s : s + seq_len + 1] for s in range(0, max(len(t) - 1, 1), seq_len)])
+    out: list[np.ndarray] = []
+    depth = max((len(c) for c in per_file), default=0)
+    for d in range(depth):
+        for chunks in per_file:
+            if d < len(chunks) and len(chunks[d]) > 1:
+                out.append(chunks[d])
+                if max_chunks is not None and len(out) >= max_chunks:
+                    return out
+    return out
