@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from improv.engine.constraints import (
     ConstraintSet,
     NoteDensity,
@@ -20,6 +21,15 @@ from improv.engine.decoder import TorchDecoder
 from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 
 V = Vocab(TokenizerConfig())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is ~10x faster than two on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 # --- an independent reference checker ----------------------------------------------------------

@@ -1,0 +1,773 @@
+"""Live sessions and the scheduler that advances them all in one batched forward per step.
+
+    sched = Scheduler(engine, max_sessions=16)
+    sched.start()                                           # one background thread
+    s = sched.open_session([BOS, TASK_ACCOMPANY], constraints=[Parts(accompaniment_parts(v))],
+                           sampling=SamplingParams(seed=1), on_event=callback)
+    s.generate(until_tick=now + lookahead)                  # Token events stream out
+    s.insert(tick, player_tokens)                           # roll back / force, then continue
+    s.close()
+
+Threading: the scheduler thread owns the decoder (model + KV cache) and every session's state.
+Session methods, callable from any thread, only queue commands, applied in call order at the
+start of the next step; events go to the session's callback (on the scheduler thread) or to its
+`events` queue. Full design: docs/engine-live.md.
+
+Sampling noise is keyed on (seed, position): the token at position p is drawn with a generator
+seeded from the session seed and p, so a session's tokens depend only on its own prefix, never on
+its batch mates, on how its tokens were split between prompt and appends, or on what it sampled
+before a rollback (rollback then generate == fresh generation from the same prefix).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .constraints import Constraint, ConstraintSet, TimeLimit
+from .context import slide_context
+from .decoder import Decoder
+from .sampling import apply_mask, logits_to_probs, sample
+from .tokenizer.vocab import TokenType, Vocab
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
+
+
+# --- public value types ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # nucleus mass
+    min_p: float | None = None  # drop tokens below min_p * the top probability
+    seed: int | None = None  # None: a random seed, fixed for the session's life
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+
+
+@dataclass(frozen=True)
+class Token:
+    """A sampled token. position: its index in the session; tick: token time after it."""
+
+    session: int
+    request: int
+    token: int
+    position: int
+    tick: int
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Every token at index >= position is gone; retract generated events after `tick`."""
+
+    session: int
+    position: int
+    tick: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """A request ended. reason: max_tokens, until_tick, eos, cancelled, superseded, reset,
+    closed, error."""
+
+    session: int
+    request: int
+    reason: str
+    position: int
+    tick: int
+
+
+Event = Token | Rollback | Done
+EventCallback = Callable[[Event], None]
+
+
+class SchedulerFull(RuntimeError):
+    """Every session slot is taken."""
+
+
+class EngineLike(Protocol):
+    vocab: Vocab
+
+    def new_decoder(self, max_batch: int, max_seq: int | None = None) -> Decoder: ...
+
+
+@dataclass
+class _Request:
+    id: int
+    max_tokens: int | None
+    until_tick: int | None
+    n: int = 0  # tokens sampled so far
+
+
+# --- small pure helpers -----------------------------------------------------------------------------
+def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted slots -> [(start index, end index)) of runs of consecutive slot numbers."""
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def opens_pair(vocab: Vocab, tok: int) -> bool:
+    """PART and VEL must be followed by their partner: no event boundary right after them."""
+    return vocab.type_of(tok) in (TokenType.PART, TokenType.VELOCITY)
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed for sampling the token at `position` (63-bit, well mixed)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def kept_suffix(vocab: Vocab, new: Sequence[int], hist: Sequence[int]) -> int:
+    """How many of hist's last tokens end `new` (a slid context), at an event boundary.
+
+    `slide_context` returns header + state + a suffix of the old context; the longest common
+    suffix is that window (or a little more, where the state's last tokens happen to equal the
+    tokens before the cut: the token sequence is the same either way), shortened until the
+    token before it closes its pair.
+    """
+    k, n = 0, min(len(new), len(hist))
+    while k < n and new[-k - 1] == hist[-k - 1]:
+        k += 1
+    while 0 < k < len(new) and opens_pair(vocab, new[-k - 1]):
+        k -= 1
+    return k
+
+
+# --- the session ------------------------------------------------------------------------------------
+class LiveSession:
+    """One live player's sequence: a cache slot, constraint state, requests, forced events.
+
+    Public methods queue commands (any thread); underscored ones run on the scheduler thread.
+    """
+
+    def __init__(
+        self,
+        sched: Scheduler,
+        sid: int,
+        slot: int,
+        prompt: list[int],
+        constraints: Sequence[Constraint],
+        sampling: SamplingParams,
+        on_event: EventCallback | None,
+        allow_end: bool,
+    ) -> None:
+        self._sched, self.id, self.slot = sched, sid, slot
+        self._vocab = sched.vocab
+        self.sampling = sampling
+        self.seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+        self.events: queue.Queue[Event] = queue.Queue()
+        self._on_event = on_event
+        self._prompt = prompt
+        self._limit = TimeLimit()
+        self._cs = ConstraintSet(self._vocab, [*constraints, self._limit], allow_end=allow_end)
+        self._limit = self._cs.constraints[-1]  # the bound copy
+        self._gen = torch.Generator(device=sched.device)
+        self._state_lock = threading.Lock()  # guards the token lists against tokens() readers
+        # Held while a token is checked and delivered, and by cancel(): once cancel() returns,
+        # no Token of the cancelled request is delivered. Re-entrant: callbacks may cancel.
+        self._deliver_lock = threading.RLock()
+        self.closed = False
+        self._close_sent = False
+        # Scheduler-thread state.
+        self._req: _Request | None = None
+        self._forced: list[tuple[int, int, list[int]]] = []  # heap of (tick, seq, tokens)
+        self._forced_seq = itertools.count()
+        self._clear()
+        # Published state (plain attributes: atomic reads from any thread).
+        self.generating = False
+
+    # --- public API (any thread) ----------------------------------------------------------------
+    def append(self, tokens: Iterable[int]) -> None:
+        """Given tokens at the end (they carry their own time). Cancels a running request."""
+        toks = self._sched._check_tokens(tokens)
+        self._sched._cancel_now(self)
+        self._sched._submit(self, "append", toks)
+
+    def insert(self, tick: int, tokens: Iterable[int] = ()) -> None:
+        """A given event at absolute `tick` (see docs/engine-live.md: rollback or force)."""
+        if tick < 0:
+            raise ValueError(f"tick must be >= 0, got {tick}")
+        self._sched._submit(self, "insert", (int(tick), self._sched._check_tokens(tokens)))
+
+    def generate(self, max_tokens: int | None = None, until_tick: int | None = None) -> int:
+        """Sample up to max_tokens tokens / up to token time until_tick; returns the request id.
+
+        Replaces a running request (it ends with reason "superseded").
+        """
+        if max_tokens is None and until_tick is None:
+            raise ValueError("generate needs max_tokens or until_tick (or both)")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        rid = self._sched._next_request_id()
+        self._sched._submit(self, "generate", _Request(rid, max_tokens, until_tick))
+        return rid
+
+    def cancel(self) -> None:
+        """Stop the running request; no further Token of it is delivered after this returns."""
+        self._sched._cancel_now(self)
+        self._sched._submit(self, "cancel", None)
+
+    def crop(self, position: int) -> None:
+        """Keep the first `position` tokens (moved back to an event boundary)."""
+        self._sched._submit(self, "crop", int(position))
+
+    def rollback_to_tick(self, tick: int) -> None:
+        """Keep the tokens whose token time is <= tick."""
+        self._sched._submit(self, "rollback", int(tick))
+
+    def reset(self, prompt: Iterable[int] | None = None) -> None:
+        """Empty the session and start again from `prompt` (default: the opening prompt)."""
+        toks = None if prompt is None else self._sched._check_tokens(prompt)
+        if toks is not None and not toks:
+            raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
+        self._sched._cancel_now(self)
+        self._sched._submit(self, "reset", toks)
+
+    def close(self) -> None:
+        """Cancel, then free the cache slot (at the next step). Safe to call twice."""
+        with self._sched._lock:
+            if self._close_sent:
+                return
+            self._close_sent = True
+        self._sched._cancel_now(self)
+        self._sched._submit(self, "close", None)
+
+    def tokens(self) -> list[int]:
+        """A copy of the tokens from the window start (all of them until the context slid)."""
+        with self._state_lock:
+            return list(self._hist)
+
+    @property
+    def window_start(self) -> int:
+        """Position of the first token still held (0 until the context slid)."""
+        return self._base
+
+    # --- scheduler-thread internals -------------------------------------------------------------
+    def _clear(self) -> None:
+        with self._state_lock:
+            self._hist: list[int] = []  # tokens from position _base on
+            self._ticks: list[int] = []  # token time after each of them
+            self._head: list[int] = []  # header the slid context starts with (cache only)
+            self._base = 0
+            self._base_tick = 0
+            self._given_upto = 0  # position after the last given token: inserts keep it
+            self._given_tick = 0  # token time there
+            self._cs.reset()
+            self._snaps: dict[int, Any] = {0: self._cs.snapshot()}
+            self._snap_keys: list[int] = [0]
+            self.position = 0
+            self.tick = 0
+
+    def _emit(self, ev: Event) -> None:
+        if self._on_event is None:
+            self.events.put(ev)
+            return
+        try:
+            self._on_event(ev)
+        except Exception:  # a broken callback must not stop the other sessions
+            logger.exception("session %d: on_event callback failed", self.id)
+
+    def _ctx_len(self) -> int:
+        return len(self._head) + len(self._hist)
+
+    def _pending(self) -> int:
+        return self._ctx_len() - self._sched.decoder.length(self.slot)
+
+    def _pending_tokens(self) -> list[int]:
+        n = self._sched.decoder.length(self.slot)
+        h = len(self._head)
+        if n >= h:
+            return self._hist[n - h :]
+        return self._head[n:] + self._hist
+
+    def _tick_at(self, position: int) -> int:
+        """Token time after the first `position` tokens (position >= _base)."""
+        i = position - self._base
+        return self._base_tick if i == 0 else self._ticks[i - 1]
+
+    def _at_boundary(self) -> bool:
+        return not self._hist or not opens_pair(self._vocab, self._hist[-1])
+
+    def _push(self, tokens: Sequence[int], given: bool) -> None:
+        """Append tokens to the sequence (the cache catches up at the next forward)."""
+        v = self._vocab
+        with self._state_lock:
+            for t in tokens:
+                self.tick += v.shift_ticks(t)
+                self._hist.append(t)
+                self._ticks.append(self.tick)
+                self._cs.observe(np.array([t]))
+                self.position += 1
+                if self.position % SNAPSHOT_EVERY == 0 and not opens_pair(v, t):
+                    self._snaps[self.position] = self._cs.snapshot()
+                    self._snap_keys.append(self.position)
+            if given:
+                self._given_upto, self._given_tick = self.position, self.tick
+
+    def _cut(self, position: int, keep_given: bool = False) -> None:
+        """Roll back to `position` (clamped to the window, and to the given tokens if
+        keep_given; moved back to an event boundary); emits Rollback if anything was removed."""
+        floor = max(self._base, 1, self._given_upto if keep_given else 0)
+        p = min(max(position, floor), self.position)
+        while p > max(self._base, 1) and opens_pair(self._vocab, self._hist[p - 1 - self._base]):
+            p -= 1
+        if p >= self.position:
+            return
+        with self._state_lock:
+            keep = p - self._base
+            del self._hist[keep:], self._ticks[keep:]
+            self.position, self.tick = p, self._tick_at(p)
+            if self._given_upto > p:
+                self._given_upto, self._given_tick = p, self.tick
+            dec = self._sched.decoder
+            ctx_len = self._ctx_len()
+            if dec.length(self.slot) > ctx_len:
+                dec.crop(self.slot, ctx_len)
+            # Constraint state: nearest snapshot at or before p, then replay the rest.
+            i = bisect.bisect_right(self._snap_keys, p)
+            for k in self._snap_keys[i:]:
+                del self._snaps[k]
+            del self._snap_keys[i:]
+            q = self._snap_keys[-1]
+            self._cs.restore(self._snaps[q])
+            self._cs.feed(self._hist[q - self._base : keep])
+        self._emit(Rollback(self.id, p, self.tick))
+
+    def _rollback_tick(self, tick: int, keep_given: bool = False) -> None:
+        # tokens whose time-after is <= tick stay: ticks are non-decreasing, so bisect.
+        self._cut(self._base + bisect.bisect_right(self._ticks, tick), keep_given)
+
+    def _to_boundary(self) -> None:
+        if not self._at_boundary():
+            self._cut(self.position - 1)
+
+    def _finish(self, reason: str) -> None:
+        if self._req is None:
+            return
+        req, self._req = self._req, None
+        self.generating = False
+        self._emit(Done(self.id, req.id, reason, self.position, self.tick))
+
+    def _insert_now(self, tick: int, tokens: list[int]) -> None:
+        """At an event boundary with time <= tick: time tokens up to tick, then the tokens."""
+        gap = tick - self.tick  # <= 0 only when clamped at the window start: inserted late
+        self._push(self._vocab.time_tokens(gap) + tokens, given=True)
+
+    def _apply(self, name: str, arg: Any) -> None:
+        if name == "open":
+            self._sched.decoder.reset(self.slot)
+            self._push(self._prompt, given=True)
+        elif name == "append":
+            self._finish("cancelled")
+            self._to_boundary()
+            self._push(arg, given=True)
+        elif name == "insert":
+            tick, tokens = arg
+            tick = max(tick, self._given_tick)  # never before an earlier given event
+            if tick < self.tick:  # the model ran past it: cut there, the gap stays silent
+                self._rollback_tick(tick, keep_given=True)
+                self._to_boundary()
+                self._insert_now(tick, tokens)
+            elif self._req is not None:  # force it when the generated time reaches it
+                heapq.heappush(self._forced, (tick, next(self._forced_seq), tokens))
+            else:
+                self._to_boundary()
+                self._insert_now(tick, tokens)
+        elif name == "generate":
+            self._finish("superseded")
+            self._req = arg
+            self.generating = True
+        elif name == "cancel":
+            self._finish("cancelled")
+            self._to_boundary()
+        elif name == "crop":
+            self._cut(arg)
+        elif name == "rollback":
+            self._rollback_tick(arg)
+        elif name == "reset":
+            self._finish("reset")
+            self._forced.clear()
+            self._clear()
+            self._sched.decoder.reset(self.slot)
+            self._push(self._prompt if arg is None else arg, given=True)
+        elif name == "close":
+            self._finish("closed")
+            self._forced.clear()
+            self.closed = True
+        else:  # pragma: no cover - internal
+            raise ValueError(f"unknown command {name!r}")
+
+    def _prepare(self) -> None:
+        """Before the step's forward: forced events due, stop conditions, overflow."""
+        req = self._req
+        if self._at_boundary():
+            while self._forced and (req is None or self._forced[0][0] <= self.tick):
+                tick, _, tokens = heapq.heappop(self._forced)
+                self._insert_now(max(tick, self.tick), tokens)
+            if req is not None:
+                if req.until_tick is not None and self.tick >= req.until_tick:
+                    self._finish("until_tick")
+                elif req.max_tokens is not None and req.n >= req.max_tokens:
+                    self._finish("max_tokens")
+        if self._ctx_len() > self._sched.max_len:
+            self._slide()
+        dec = self._sched.decoder
+        if self._req is not None and self._pending() == 0:
+            dec.crop(self.slot, dec.length(self.slot) - 1)  # re-run the last token for logits
+
+    def _slide(self) -> None:
+        """Context overflow: header + the last keep_len tokens, prefilled from position 0."""
+        v, keep = self._vocab, self._sched.keep_len
+        with self._state_lock:
+            ctx = self._head + self._hist
+            new = slide_context(ctx, v, keep)
+            kept = kept_suffix(v, new, self._hist)
+            new_base = self.position - kept
+            # A snapshot at the new window start, so rollback can still reach it.
+            i = bisect.bisect_right(self._snap_keys, new_base) - 1
+            q = self._snap_keys[i]
+            live = self._cs.snapshot()
+            self._cs.restore(self._snaps[q])
+            self._cs.feed(self._hist[q - self._base : new_base - self._base])
+            start_snap = self._cs.snapshot()
+            self._cs.restore(live)
+            self._snap_keys = [new_base] + [k for k in self._snap_keys if k > new_base]
+            self._snaps = {k: self._snaps[k] for k in self._snap_keys[1:]}
+            self._snaps[new_base] = start_snap
+            self._base_tick = self._tick_at(new_base)
+            drop = new_base - self._base
+            del self._hist[:drop], self._ticks[:drop]
+            self._head = new[: len(new) - kept]
+            self._base = new_base
+        self._sched.decoder.reset(self.slot)
+        logger.info(
+            "session %d: context slid, window starts at position %d (%d header tokens)",
+            self.id,
+            new_base,
+            len(self._head),
+        )
+
+    def _mask(self) -> np.ndarray:
+        """(V,) bool: what the running request may sample now."""
+        req = self._req
+        assert req is not None
+        nxt = self._forced[0][0] if self._forced else None
+        limits = [t for t in (req.until_tick, nxt) if t is not None]
+        self._limit.set(min(limits) if limits else None)
+        m = self._cs.allowed()[0]
+        if req.max_tokens is not None and req.max_tokens - req.n == 1:
+            # The last token must not open a pair (the request would end mid-event).
+            v = self._vocab
+            closed = m.copy()
+            closed[v.part_base : v.program_base] = False
+            closed[v.vel_base : v.on_base] = False
+            if closed.any():
+                m = closed
+        return m
+
+    def _deliver(self, tok: int) -> None:
+        """A token sampled for the running request (dropped if it was cancelled meanwhile)."""
+        with self._deliver_lock:
+            self._deliver_locked(tok)
+
+    def _deliver_locked(self, tok: int) -> None:
+        req = self._req
+        if req is None or req.id <= self._sched._cancelled_upto.get(self.id, -1):
+            return
+        if tok == self._vocab.EOS:
+            self._finish("eos")
+            return
+        self._push([tok], given=False)
+        req.n += 1
+        self._emit(Token(self.id, req.id, tok, self.position - 1, self.tick))
+        if self._at_boundary():
+            if req.max_tokens is not None and req.n >= req.max_tokens:
+                self._finish("max_tokens")
+            elif req.until_tick is not None and self.tick >= req.until_tick:
+                self._finish("until_tick")
+
+
+# --- the scheduler ----------------------------------------------------------------------------------
+class Scheduler:
+    """Advances many live sessions with one batched forward per step, on one thread."""
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        max_sessions: int = 16,
+        max_len: int | None = None,
+        keep_len: int | None = None,
+        prefill_chunk: int = 256,
+        max_batch_pad: int = 8,
+        idle_wait_s: float = 0.05,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.vocab: Vocab = engine.vocab
+        # One spare slot: the scratch space for swapping two sessions' slots.
+        self.decoder: Decoder = engine.new_decoder(max_sessions + 1, max_len)
+        self.device = self.decoder.device
+        self.max_sessions = max_sessions
+        self.max_len = self.decoder.max_seq
+        self.keep_len = keep_len or self.max_len // 2
+        if not 8 <= self.keep_len < self.max_len:
+            raise ValueError(f"keep_len must be in 8..{self.max_len - 1}, got {self.keep_len}")
+        self.prefill_chunk, self.max_batch_pad = prefill_chunk, max_batch_pad
+        self.idle_wait_s = idle_wait_s
+        self._scratch = max_sessions
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._commands: deque[tuple[LiveSession, str, Any]] = deque()
+        self._free = list(range(max_sessions - 1, -1, -1))  # pop() gives the lowest slot
+        self._sessions: dict[int, LiveSession] = {}  # open, as seen by the scheduler thread
+        self._ids = itertools.count()
+        self._rids = itertools.count()
+        self._cancelled_upto: dict[int, int] = {}  # session id -> highest cancelled request id
+        self._last_rid: dict[int, int] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.steps = 0  # forwards-with-work counter (for tests and stats)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        if self._thread is not None:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="improv-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> Scheduler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:
+                logger.exception("scheduler step failed; ending every running request")
+                for s in list(self._sessions.values()):
+                    s._finish("error")
+                busy = False
+            if not busy:
+                with self._wake:
+                    if not self._commands and not self._stop.is_set():
+                        self._wake.wait(self.idle_wait_s)
+
+    # --- sessions ---------------------------------------------------------------------------------
+    def open_session(
+        self,
+        prompt: Iterable[int],
+        constraints: Sequence[Constraint] = (),
+        sampling: SamplingParams | None = None,
+        on_event: EventCallback | None = None,
+        allow_end: bool = False,
+    ) -> LiveSession:
+        """A new session on a free cache slot; its prompt is prefilled at the next steps.
+
+        allow_end: let the model sample EOS (it then ends the request and is not appended).
+        """
+        toks = self._check_tokens(prompt)
+        if not toks:
+            raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
+        with self._lock:
+            if not self._free:
+                raise SchedulerFull(f"all {self.max_sessions} session slots are in use")
+            slot = self._free.pop()
+            sid = next(self._ids)
+        s = LiveSession(
+            self, sid, slot, toks, constraints, sampling or SamplingParams(), on_event, allow_end
+        )
+        self._submit(s, "open", None)
+        return s
+
+    @property
+    def n_open(self) -> int:
+        """Sessions holding a slot (closed ones free theirs at the next step)."""
+        with self._lock:
+            return self.max_sessions - len(self._free)
+
+    # --- command plumbing (any thread) ------------------------------------------------------------
+    def _check_tokens(self, tokens: Iterable[int]) -> list[int]:
+        toks = [int(t) for t in tokens]
+        bad = [t for t in toks if not 0 <= t < self.vocab.size]
+        if bad:
+            raise ValueError(f"token ids must be in 0..{self.vocab.size - 1}, got {bad[0]}")
+        return toks
+
+    def _next_request_id(self) -> int:
+        with self._lock:
+            return next(self._rids)
+
+    def _submit(self, s: LiveSession, name: str, arg: Any) -> None:
+        with self._wake:
+            if name == "generate":
+                self._last_rid[s.id] = arg.id
+            self._commands.append((s, name, arg))
+            self._wake.notify()
+
+    def _cancel_now(self, s: LiveSession) -> None:
+        """Every request issued so far stops delivering at once (checked at delivery)."""
+        with s._deliver_lock, self._lock:
+            self._cancelled_upto[s.id] = self._last_rid.get(s.id, -1)
+
+    # --- the step (scheduler thread) --------------------------------------------------------------
+    def step(self) -> bool:
+        """Apply queued commands, advance every session by one forward; True if work was done."""
+        with self._lock:
+            cmds = list(self._commands)
+            self._commands.clear()
+        for s, name, arg in cmds:
+            if s.id not in self._sessions and name != "open":
+                if not s.closed:
+                    logger.debug("session %d: %s after close, ignored", s.id, name)
+                continue
+            if name == "open":
+                self._sessions[s.id] = s
+            s._apply(name, arg)
+            if name == "close":
+                self._release(s)
+        sessions = list(self._sessions.values())
+        for s in sessions:
+            s._prepare()
+        self._pack(sessions)
+        logits, n_forwards = self._forward(sessions)
+        rows = [s for s in sessions if s._req is not None and s.id in logits]
+        if rows:
+            self._sample(rows, torch.stack([logits[s.id] for s in rows]))
+        if n_forwards:
+            self.steps += 1
+        return bool(cmds) or n_forwards > 0
+
+    def run_until_idle(self, max_steps: int = 100_000) -> int:
+        """Step until nothing is left to do (tests, offline use); returns the steps taken."""
+        for i in range(max_steps):
+            if not self.step():
+                return i
+        raise RuntimeError(f"still busy after {max_steps} steps")
+
+    def _release(self, s: LiveSession) -> None:
+        self.decoder.reset(s.slot)
+        del self._sessions[s.id]
+        with self._lock:
+            self._free.append(s.slot)
+            self._free.sort(reverse=True)
+            self._cancelled_upto.pop(s.id, None)
+            self._last_rid.pop(s.id, None)
+
+    def _pack(self, sessions: list[LiveSession]) -> None:
+        """Keep sessions with a running request in the lowest slots, so that their batched
+        forward reads the cache as a view (a gather would copy every row's cache each step)."""
+        active = [s for s in sessions if s._req is not None]
+        n = len(active)
+        by_slot = {s.slot: s for s in sessions}
+        movers = [s for s in active if s.slot >= n]
+        if not movers:
+            return
+        with self._lock:
+            # Idle sessions' slots, or free ones (not slots of sessions still being opened).
+            targets = [
+                j
+                for j in range(n)
+                if (j in by_slot and by_slot[j]._req is None)
+                or (j not in by_slot and j in self._free)
+            ]
+            for s, j in zip(movers, targets, strict=False):
+                other = by_slot.get(j)
+                src = s.slot
+                if other is None:  # a free slot
+                    self.decoder.move(src, j)
+                    self._free.remove(j)
+                    self._free.append(src)
+                    self._free.sort(reverse=True)
+                else:  # swap with an idle session through the scratch slot
+                    self.decoder.move(src, self._scratch)
+                    self.decoder.move(j, src)
+                    self.decoder.move(self._scratch, j)
+                    other.slot = src
+                    by_slot[src] = other
+                s.slot = j
+                by_slot[j] = s
+
+    def _forward(self, sessions: list[LiveSession]) -> tuple[dict[int, Tensor], int]:
+        """Feed every session's pending tokens: logits (V,) of sessions now fully fed, and the
+        number of forwards run."""
+        out: dict[int, Tensor] = {}
+        n = 0
+        small = sorted(
+            (s for s in sessions if 0 < s._pending() <= self.max_batch_pad), key=lambda s: s.slot
+        )
+        slots = [s.slot for s in small]
+        for a, b in contiguous_runs(slots):
+            run = small[a:b]
+            logits = self.decoder.extend(slots[a:b], [s._pending_tokens() for s in run])  # (B, V)
+            n += 1
+            for s, row in zip(run, logits, strict=True):
+                out[s.id] = row
+        for s in sessions:
+            if s._pending() > self.max_batch_pad:
+                chunk = s._pending_tokens()[: self.prefill_chunk]
+                logits = self.decoder.extend([s.slot], [chunk])  # (1, V)
+                n += 1
+                if s._pending() == 0:
+                    out[s.id] = logits[0]
+        return out, n
+
+    def _sample(self, rows: list[LiveSession], logits: Tensor) -> None:
+        """logits (B, V) of sessions with a running request -> one token each."""
+        masks = torch.from_numpy(np.stack([s._mask() for s in rows]))  # (B, V) bool
+        logits = apply_mask(logits, masks)
+        probs = torch.empty_like(logits)  # (B, V)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(rows):  # rows sharing sampling settings share one call
+            p = s.sampling
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+        for (temp, top_k, top_p, min_p), idx in groups.items():
+            probs[idx] = logits_to_probs(logits[idx], temp, top_k, top_p, min_p)
+        gens = []
+        for s in rows:
+            s._gen.manual_seed(position_seed(s.seed, s.position))
+            gens.append(s._gen)
+        toks = sample(probs, gens).tolist()  # the step's one host sync
+        for s, t in zip(rows, toks, strict=True):
+            s._deliver(t)

@@ -1,0 +1,293 @@
+"""Live sessions: batched == one-by-one, rollback == fresh, append == prompt, forced events,
+cancel, close, context overflow, the background thread. Random-weight tiny models in float64
+(so batch composition can't flip a near-tie between two tokens)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+import torch
+
+from improv.engine.constraints import ConstraintSet, NoteDensity, Parts, accompaniment_parts
+from improv.engine.engine import Engine
+from improv.engine.live import (
+    Done,
+    Rollback,
+    SamplingParams,
+    Scheduler,
+    SchedulerFull,
+    Token,
+    contiguous_runs,
+    opens_pair,
+)
+from improv.engine.tokenizer.vocab import TokenizerConfig, Vocab
+
+V = Vocab(TokenizerConfig())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: one intra-op thread is ~10x faster than two on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+LEAD, COUNTER, HARMONY, BASS, DRUMS = range(5)
+GREEDY = SamplingParams(temperature=0.0)
+SEEDED = SamplingParams(temperature=1.0, top_k=64, seed=7)
+
+
+@pytest.fixture
+def engine(make_model):
+    return Engine.from_model(make_model(seed=1).double())
+
+
+def make_prompt(n_events: int, task: int = V.TASK_CONTINUE) -> list[int]:
+    """A valid prompt of about n_events events: a bass line with shifts."""
+    out = [V.BOS, task, V.part(BASS), V.program(33)]
+    for i in range(n_events):
+        k = 36 + (i * 5) % 24
+        out += [
+            V.velocity(16 + i % 8),
+            V.note_on(BASS, k),
+            V.shift(10 + i % 30),
+            V.note_off(BASS, k),
+        ]
+    return out
+
+
+def drain(s) -> list:
+    out = []
+    while True:
+        try:
+            out.append(s.events.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def tokens_of(events: list, request: int | None = None) -> list[int]:
+    return [e.token for e in events if isinstance(e, Token) and request in (None, e.request)]
+
+
+def solo(engine, prompt: list[int], sampling: SamplingParams, n: int, **kw) -> list[int]:
+    sched = Scheduler(engine, max_sessions=1, **kw)
+    s = sched.open_session(prompt, sampling=sampling)
+    s.generate(max_tokens=n)
+    sched.run_until_idle()
+    return tokens_of(drain(s))
+
+
+def test_contiguous_runs():
+    assert contiguous_runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (3, 5), (5, 6)]
+    assert contiguous_runs([]) == []
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_batched_equals_one_by_one_with_joins_and_leaves(engine, sampling):
+    prompts = [make_prompt(n) for n in (0, 3, 9, 1, 6)]
+    n = 24
+    want = [solo(engine, p, sampling, n) for p in prompts]
+    assert len({tuple(w) for w in want}) > 1  # the prompts matter
+
+    sched = Scheduler(engine, max_sessions=4)
+    first = [sched.open_session(p, sampling=sampling) for p in prompts[:3]]
+    for s in first:
+        s.generate(max_tokens=n)
+    for _ in range(5):
+        sched.step()
+    first[1].close()  # leaves mid-run; its slot is free after the next step
+    sched.step()
+    late = [sched.open_session(p, sampling=sampling) for p in prompts[3:]]  # join mid-run
+    for s in late:
+        s.generate(max_tokens=n)
+    for _ in range(3):
+        sched.step()
+    with pytest.raises(SchedulerFull):
+        sched.open_session(prompts[0])
+    sched.run_until_idle()
+    got = [tokens_of(drain(s)) for s in first + late]
+    assert got[0] == want[0] and got[2] == want[2]
+    assert got[3] == want[3] and got[4] == want[4]
+    assert 0 < len(got[1]) < n and got[1] == want[1][: len(got[1])]  # closed: a prefix
+    assert sched.steps < 2 * (n + 5)  # batched: about one forward per token, not one per session
+
+
+def test_rollback_then_regenerate_equals_fresh(engine):
+    prompt = make_prompt(4)
+    sched = Scheduler(engine, max_sessions=2)
+    s = sched.open_session(prompt, sampling=SEEDED)
+    s.generate(max_tokens=40)
+    sched.run_until_idle()
+    first = s.tokens()
+    cut = len(prompt) + 15
+    s.crop(cut)
+    sched.run_until_idle()
+    evs = drain(s)
+    rb = [e for e in evs if isinstance(e, Rollback)][-1]
+    assert rb.position <= cut and s.position == rb.position
+    s.generate(max_tokens=25)
+    sched.run_until_idle()
+    regen = tokens_of(drain(s))
+    fresh = solo(engine, first[: rb.position], SEEDED, 25)
+    assert regen == fresh
+    # Position-keyed noise: the same prefix gives the same continuation as before the cut.
+    assert s.tokens()[: len(first)] == first[: len(s.tokens())]
+
+    # rollback_to_tick keeps exactly the tokens whose time is <= tick (whole events only).
+    before = s.tokens()
+    t = s.tick // 2
+    s.rollback_to_tick(t)
+    sched.run_until_idle()
+    kept = s.tokens()
+    assert kept == before[: len(kept)] and s.tick <= t
+    assert s.tick == sum(V.shift_ticks(x) for x in kept)
+    nxt = before[len(kept)]
+    assert s.tick + V.shift_ticks(nxt) > t or opens_pair(V, nxt)
+
+
+def test_append_equals_prompt(engine):
+    p = make_prompt(5)
+    extra = [V.velocity(20), V.note_on(HARMONY, 64), V.shift(12), V.note_off(HARMONY, 64)]
+    sched = Scheduler(engine, max_sessions=2)
+    a = sched.open_session(p, sampling=SEEDED)
+    sched.run_until_idle()  # prompt prefilled first
+    a.append(extra)
+    a.generate(max_tokens=20)
+    sched.run_until_idle()
+    assert tokens_of(drain(a)) == solo(engine, p + extra, SEEDED, 20)
+
+
+def test_forced_events_land_at_their_ticks_and_rollback_when_late(make_model):
+    engine = Engine.from_model(make_model(seed=1, max_seq_len=1024).double())
+    sched = Scheduler(engine, max_sessions=2)
+    acc = [Parts(accompaniment_parts(V)), NoteDensity(10.0)]  # density: keeps the test short
+    s = sched.open_session([V.BOS, V.TASK_ACCOMPANY], constraints=acc, sampling=SEEDED)
+    s.generate(until_tick=300)
+    forced = {100: [V.velocity(20), V.note_on(LEAD, 60)], 180: [V.note_off(LEAD, 60)]}
+    for tick, toks in forced.items():
+        s.insert(tick, toks)
+    sched.run_until_idle()
+    evs = drain(s)
+    assert [e.reason for e in evs if isinstance(e, Done)] == ["until_tick"]
+    assert s.tick == 300
+    toks = s.tokens()
+    assert ConstraintSet(V).check(toks) is None  # the whole sequence is grammatical
+    at = _tick_index(toks)
+    for tick, ft in forced.items():
+        i = _find(toks, ft)
+        assert at[i] == tick, (tick, at[i])
+    sampled = tokens_of(evs)
+    assert not any(V.on_base + LEAD * 128 <= t < V.on_base + (LEAD + 1) * 128 for t in sampled)
+    assert not any(e.token in forced[100] + forced[180] for e in evs if isinstance(e, Token))
+
+    # A player event the model already ran past: roll back to it, insert, continue.
+    late = [V.velocity(25), V.note_on(LEAD, 67)]
+    s.generate(until_tick=400)
+    s.insert(250, late)
+    sched.run_until_idle()
+    evs = drain(s)
+    rb = [e for e in evs if isinstance(e, Rollback)]
+    assert len(rb) == 1 and rb[0].tick <= 250
+    toks = s.tokens()
+    i = _find(toks, late)
+    assert _tick_index(toks)[i] == 250 and i >= rb[0].position
+    assert s.tick == 400 and ConstraintSet(V).check(toks) is None
+    assert s.window_start == 0  # no slide in this test: s.tokens() is the whole sequence
+
+
+def _tick_index(toks: list[int]) -> list[int]:
+    """Token time at each index (before the token's own shift)."""
+    out, t = [], 0
+    for tok in toks:
+        out.append(t)
+        t += V.shift_ticks(tok)
+    return out
+
+
+def _find(toks: list[int], sub: list[int]) -> int:
+    for i in range(len(toks) - len(sub) + 1):
+        if toks[i : i + len(sub)] == sub:
+            return i
+    raise AssertionError(f"{sub} not in tokens")
+
+
+def test_cancel_stops_at_the_next_step_and_close_frees(engine):
+    sched = Scheduler(engine, max_sessions=2)
+    s = sched.open_session(make_prompt(2), sampling=SEEDED)
+    rid = s.generate(max_tokens=500)
+    for _ in range(6):
+        sched.step()
+    before = tokens_of(drain(s))
+    s.cancel()
+    sched.step()
+    sched.step()
+    after = drain(s)
+    assert tokens_of(after) == []
+    assert [(e.request, e.reason) for e in after if isinstance(e, Done)] == [(rid, "cancelled")]
+    assert 0 < len(before) < 500
+    assert sched.n_open == 1
+    s.close()
+    s.close()  # safe twice
+    sched.step()
+    assert sched.n_open == 0 and s.closed
+    s.generate(max_tokens=3)  # after close: ignored
+    sched.step()
+    assert tokens_of(drain(s)) == []
+    t = sched.open_session([V.BOS, V.TASK_CONTINUE])
+    assert t.slot in (0, 1)
+
+
+def test_context_overflow_slides_and_keeps_positions(engine):
+    sched = Scheduler(engine, max_sessions=2, max_len=64, keep_len=32)
+    s = sched.open_session(make_prompt(3), sampling=SEEDED)
+    s.generate(max_tokens=150)
+    sched.run_until_idle()
+    evs = drain(s)
+    toks = [e for e in evs if isinstance(e, Token)]
+    assert [e.position for e in toks] == list(range(toks[0].position, toks[0].position + 150))
+    assert s.window_start > 0 and sched.decoder.length(s.slot) <= 64
+    ctx = s._head + s.tokens()
+    assert ctx[:2] == [V.BOS, V.TASK_CONTINUE]
+    assert ConstraintSet(V).check(ctx) is None  # the slid context is a valid sequence
+    # Rollback can't reach before the window start: clamped there.
+    s.crop(1)
+    sched.run_until_idle()
+    assert s.position >= s.window_start
+    # It keeps generating after the cut and another slide.
+    s.generate(max_tokens=80)
+    sched.run_until_idle()
+    assert len(tokens_of(drain(s))) == 80
+
+
+def test_background_thread_callbacks_and_cancel_from_another_thread(engine):
+    got: list[tuple[bool, object]] = []
+    cancelled = threading.Event()
+    done = threading.Event()
+    started = threading.Event()
+
+    def on_event(ev):
+        got.append((cancelled.is_set(), ev))
+        if isinstance(ev, Token) and ev.position > 20:
+            started.set()
+        if isinstance(ev, Done):
+            done.set()
+
+    with Scheduler(engine, max_sessions=3) as sched:
+        others = [sched.open_session(make_prompt(i), sampling=GREEDY) for i in (1, 2)]
+        for o in others:
+            o.generate(max_tokens=10)
+        s = sched.open_session(make_prompt(1), sampling=SEEDED, on_event=on_event)
+        s.generate(max_tokens=100_000)
+        assert started.wait(20)
+        s.cancel()
+        cancelled.set()
+        assert done.wait(20)
+        s.close()
+    assert not any(after and isinstance(ev, Token) for after, ev in got)
+    assert [ev.reason for _, ev in got if isinstance(ev, Done)] == ["cancelled"]
+    for o in others:
+        assert len(tokens_of(drain(o))) == 10
