@@ -64,6 +64,11 @@ class Section(IntEnum):
     MIDDLE = 3
 
 
+# Plain ints for the single-row hot path (IntEnum attribute lookups cost microseconds).
+_START, _TASK, _TARGETS_FIRST, _TARGETS, _BODY, _AFTER_PART, _AFTER_VEL = range(7)
+_NONE = int(Section.NONE)
+
+
 @dataclass
 class Candidates:
     """Per-row candidate sets, before the grammar assembles the mask. Constraints AND into them."""
@@ -332,6 +337,8 @@ class ConstraintSet:
         v = self.vocab
         self.type_table = np.array([v.type_of(t) for t in range(v.size)], dtype=np.int8)  # (V,)
         self.ticks_table = np.array([v.shift_ticks(t) for t in range(v.size)], dtype=np.int64)
+        self._type_list = [TokenType(x) for x in self.type_table.tolist()]
+        self._ticks_list = self.ticks_table.tolist()
         self.n_time = v.part_base - v.shift_base
         self.drums_mask = np.zeros(v.n_parts, dtype=bool)
         self.drums_mask[v.drums] = True
@@ -387,7 +394,43 @@ class ConstraintSet:
         tok = np.asarray(tokens, dtype=np.int64).reshape(self.n_rows)  # (B,)
         for c in self.constraints:
             c.observe(tok, self.state, self.vocab)
-        _advance(self.state, tok, self.vocab, self.type_table, self.ticks_table, self.drums_mask)
+        if self.n_rows == 1:
+            self._advance_one(int(tok[0]))
+        else:
+            _advance(
+                self.state, tok, self.vocab, self.type_table, self.ticks_table, self.drums_mask
+            )
+
+    def _advance_one(self, t: int) -> None:
+        """`_advance` for a single row with plain ints (the live sessions' hot path; equivalence
+        with `_advance` is tested)."""
+        v, s = self.vocab, self.state
+        ty = self._type_list[t]
+        ph = int(s.phase[0])
+        if ty == TokenType.TIME:
+            s.tick[0] += self._ticks_list[t]
+            s.phase[0] = _BODY
+        elif ty == TokenType.NOTE_ON or ty == TokenType.NOTE_OFF:
+            on = ty == TokenType.NOTE_ON
+            p, k = divmod(t - (v.on_base if on else v.off_base), 128)
+            if not (on and p == v.drums):
+                s.sounding[0, p, k] = on
+            s.phase[0] = _BODY
+        elif ty == TokenType.VELOCITY:
+            s.phase[0] = _AFTER_VEL
+        elif ty == TokenType.PART:
+            s.last_part[0] = t - v.part_base
+            if ph == _TARGETS_FIRST or ph == _TARGETS:
+                s.n_targets[0] += 1
+                s.phase[0] = _TARGETS
+            else:
+                s.phase[0] = _AFTER_PART
+        elif ty == TokenType.PROGRAM:
+            if ph == _TARGETS:
+                s.n_targets[0] -= 1  # the last PART began the prefix
+            s.phase[0] = _BODY
+        elif t != v.PAD:  # the other specials are rare: the vectorized transition
+            _advance(s, np.array([t]), v, self.type_table, self.ticks_table, self.drums_mask)
 
     def feed(self, tokens: Iterable[int], row: int = 0) -> None:
         """Advance one row by several tokens (prompt or player tokens); other rows get PAD."""
@@ -462,9 +505,47 @@ class ConstraintSet:
         mask[done, v.PAD] = True
         return mask
 
+    def _assemble_one(self, cand: Candidates) -> np.ndarray:
+        """`_assemble` for a single row, with plain ints and slices: the live sessions' hot
+        path (one ConstraintSet per session), about 3x cheaper than the vectorized one.
+        Equivalence with `_assemble` is tested."""
+        v, s = self.vocab, self.state
+        ph = int(s.phase[0])
+        mask = np.zeros((1, v.size), dtype=bool)  # (1, V)
+        m = mask[0]
+        if ph == _BODY or ph == _TARGETS:
+            m[v.shift_base : v.part_base] = cand.time_ok[0]
+            if cand.on_ok.any():
+                m[v.vel_base : v.on_base] = True
+            section = int(s.section[0])
+            if cand.end_ok[0] and (section != _NONE or int(s.task[0]) != v.TASK_INFILL):
+                m[self._end_by_section[section]] = True
+            if ph == _BODY:
+                m[v.part_base : v.program_base] = cand.part_ok[0] & cand.program_ok[0].any(axis=1)
+                m[v.off_base : v.size] = cand.off_ok[0].reshape(-1)
+            else:
+                m[v.part_base : v.program_base] = True
+                if s.n_targets[0] >= 2:
+                    lp = int(s.last_part[0])
+                    m[v.program_base : v.vel_base] = cand.program_ok[0, lp] & cand.part_ok[0, lp]
+        elif ph == _AFTER_PART:
+            m[v.program_base : v.vel_base] = cand.program_ok[0, int(s.last_part[0])]
+        elif ph == _AFTER_VEL:
+            m[v.on_base : v.off_base] = cand.on_ok[0].reshape(-1)
+        elif ph == _TARGETS_FIRST:
+            m[v.part_base : v.program_base] = True
+        elif ph == _START:
+            m[v.BOS] = True
+        elif ph == _TASK:
+            m[v.TASK_CONTINUE : v.TASK_INFILL + 1] = True
+        else:  # DONE
+            m[v.EOS] = m[v.PAD] = True
+        return mask
+
     def allowed(self) -> np.ndarray:
         """(B, V) bool: tokens each row may sample now. Never an all-False row."""
-        mask = self._assemble(self._candidates())
+        cand = self._candidates()
+        mask = self._assemble_one(cand) if self.n_rows == 1 else self._assemble(cand)
         empty = ~mask.any(axis=1)
         if empty.any():
             mask[empty] = self._fallback(np.nonzero(empty)[0])

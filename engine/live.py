@@ -28,6 +28,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -554,7 +555,9 @@ class Scheduler:
         self._last_rid: dict[int, int] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.steps = 0  # forwards-with-work counter (for tests and stats)
+        self.steps = 0  # steps that ran a forward
+        # Cumulative seconds in the step's phases and tokens sampled (benchmarks, server metrics).
+        self.stats = {"forward_s": 0.0, "mask_s": 0.0, "sample_s": 0.0, "tokens": 0}
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -671,7 +674,9 @@ class Scheduler:
         for s in sessions:
             s._prepare()
         self._pack(sessions)
+        t0 = time.perf_counter()
         logits, n_forwards = self._forward(sessions)
+        self.stats["forward_s"] += time.perf_counter() - t0
         rows = [s for s in sessions if s._req is not None and s.id in logits]
         if rows:
             self._sample(rows, torch.stack([logits[s.id] for s in rows]))
@@ -755,7 +760,9 @@ class Scheduler:
 
     def _sample(self, rows: list[LiveSession], logits: Tensor) -> None:
         """logits (B, V) of sessions with a running request -> one token each."""
+        t0 = time.perf_counter()
         masks = torch.from_numpy(np.stack([s._mask() for s in rows]))  # (B, V) bool
+        t1 = time.perf_counter()
         logits = apply_mask(logits, masks)
         probs = torch.empty_like(logits)  # (B, V)
         groups: dict[tuple, list[int]] = {}
@@ -769,5 +776,10 @@ class Scheduler:
             s._gen.manual_seed(position_seed(s.seed, s.position))
             gens.append(s._gen)
         toks = sample(probs, gens).tolist()  # the step's one host sync
+        t2 = time.perf_counter()
         for s, t in zip(rows, toks, strict=True):
             s._deliver(t)
+        st = self.stats
+        st["mask_s"] += t1 - t0 + time.perf_counter() - t2  # masks + state updates
+        st["sample_s"] += t2 - t1
+        st["tokens"] += len(rows)

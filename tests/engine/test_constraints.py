@@ -357,3 +357,30 @@ def test_unmasked_sampling_would_fail_the_checker(make_model):
     sets = [(nm, [V.BOS, V.TASK_CONTINUE], {})]
     rows = _sample_rows(model, sets, 40, seed=0)
     assert all(reference_check(r) is not None for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("constraints", "prompt"),
+    [
+        ([Parts(["bass", "drums"]), NoteDensity(4), TimeLimit(2_000)], [V.BOS]),
+        ([PitchRange(50, 70), Programs({"harmony": [0, 1]})], [V.BOS, V.TASK_INFILL]),
+    ],
+)
+def test_single_row_path_equals_vectorized(constraints, prompt):
+    """A 1-row ConstraintSet (the live sessions' fast path) gives the masks of the B-row one."""
+    rng = np.random.default_rng(0)
+    rows, steps = 4, 300
+    batch = ConstraintSet(V, constraints, n_rows=rows)
+    singles = [ConstraintSet(V, constraints) for _ in range(rows)]
+    for r in range(rows):
+        batch.feed(prompt, row=r)
+        singles[r].feed(prompt)
+    for _ in range(steps):
+        m = batch.allowed()  # (B, V)
+        for r in range(rows):
+            assert np.array_equal(singles[r].allowed()[0], m[r])
+        nxt = np.array([rng.choice(np.flatnonzero(m[r])) for r in range(rows)])
+        batch.observe(nxt)
+        for r in range(rows):
+            singles[r].observe([nxt[r]])
+    assert np.array_equal(batch.tick, np.concatenate([s.tick for s in singles]))
