@@ -1,0 +1,225 @@
+"""Engine benchmark: `small` preset, random weights, CPU.
+
+    .venv/bin/python benchmarks/bench_engine.py [--threads 2] [--no-compile] [--no-write]
+
+Measures, in one run: (1) KV-cached vs full-recompute generation of 256 tokens after a
+1024-token prompt; (2) batch-1 decode step p50/p99 for torch eager fp32, torch eager bf16,
+torch.compile, onnxruntime, and the floor (reading the weight bytes once); (4) KV-cache bytes per
+session at full context. Writes its section of BENCHMARKS.md between the engine markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from improv.engine.config import ModelConfig
+from improv.engine.decoder import TorchDecoder
+from improv.engine.model import Transformer, num_params
+from improv.engine.onnx_backend import OnnxDecoder, export_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- engine:start -->", "<!-- engine:end -->"
+PROMPT_LEN, NEW_TOKENS, STEP_CONTEXT = 1024, 256, 512
+
+
+def pct(times: list[float]) -> tuple[float, float]:
+    a = np.array(times) * 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def time_steps(dec, ctx: list[int], n: int, warmup: int = 10) -> list[float]:
+    """Decode steps at a constant context: extend one token, then crop it back."""
+    dec.reset(0)
+    dec.extend([0], [ctx])
+    L = len(ctx)
+    out = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        dec.extend([0], [[ctx[i % L]]])
+        dt = time.perf_counter() - t0
+        dec.crop(0, L)
+        if i >= warmup:
+            out.append(dt)
+    return out
+
+
+def weight_read_floor(model: Transformer, n: int = 50) -> list[float]:
+    """Time to read every weight byte once (a sum over one flat fp32 copy of the weights)."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    out = []
+    for i in range(n + 5):
+        t0 = time.perf_counter()
+        flat.sum()
+        if i >= 5:
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+@torch.inference_mode()
+def cached_vs_recompute(model: Transformer, prompt: list[int], sample_steps: int) -> dict:
+    """Greedy generation both ways. Recompute is timed on `sample_steps` evenly spaced steps
+    (each a full forward over that step's context) and summed over all steps by interpolation."""
+    dec = TorchDecoder(model, max_batch=1)
+    t0 = time.perf_counter()
+    logits = dec.extend([0], [prompt])
+    toks = []
+    for _ in range(NEW_TOKENS):
+        tok = int(logits.argmax(-1))
+        toks.append(tok)
+        logits = dec.extend([0], [[tok]])
+    cached_s = time.perf_counter() - t0
+    seq = prompt + toks
+    steps = np.linspace(0, NEW_TOKENS - 1, sample_steps).astype(int)
+    step_times = []
+    for s in steps:
+        x = torch.tensor([seq[: PROMPT_LEN + s]])
+        t1 = time.perf_counter()
+        model(x)
+        step_times.append(time.perf_counter() - t1)
+    recompute_s = float(np.interp(np.arange(NEW_TOKENS), steps, step_times).sum())
+    return {"cached_s": cached_s, "recompute_s": recompute_s, "sampled_steps": sample_steps}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=200, help="decode steps timed per backend")
+    ap.add_argument("--recompute-samples", type=int, default=16)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("small")
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(9, cfg.vocab_size, (PROMPT_LEN,), generator=g).tolist()
+    ctx = prompt[:STEP_CONTEXT]
+    res: dict[str, tuple[float, float] | str] = {}
+
+    print("cached vs recompute ...", file=sys.stderr)
+    cvr = cached_vs_recompute(model, prompt, args.recompute_samples)
+
+    print("decode steps ...", file=sys.stderr)
+    res["floor: read weights once"] = pct(weight_read_floor(model))
+    with torch.inference_mode():
+        res["torch eager fp32"] = pct(time_steps(TorchDecoder(model), ctx, args.steps))
+        bf16 = Transformer(cfg).eval()
+        bf16.load_state_dict(model.state_dict())
+        bf16 = bf16.to(torch.bfloat16)
+        res["torch eager bf16"] = pct(time_steps(TorchDecoder(bf16), ctx, args.steps))
+        if args.no_compile:
+            res["torch.compile fp32"] = "skipped (--no-compile)"
+        else:
+            try:
+                dec = TorchDecoder(model, compile=True)
+                t0 = time.perf_counter()
+                dec.extend([0], [ctx[:8]])
+                dec.extend([0], [[1]])
+                compile_s = time.perf_counter() - t0
+                res["torch.compile fp32"] = pct(time_steps(dec, ctx, args.steps))
+                res["torch.compile fp32 (compile time s)"] = f"{compile_s:.0f} s"
+            except Exception as e:  # inductor needs a C++ toolchain; report, don't fail
+                res["torch.compile fp32"] = f"failed: {type(e).__name__}"
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        path = export_onnx(model, Path(tmp) / "model.onnx")
+        export_s = time.perf_counter() - t0
+        ort_dec = OnnxDecoder(path, cfg, threads=args.threads)
+        res["onnxruntime fp32"] = pct(time_steps(ort_dec, ctx, args.steps))
+    kv_bytes = TorchDecoder(model).cache.nbytes_per_slot()
+
+    cmd = "OMP_NUM_THREADS=... .venv/bin/python benchmarks/bench_engine.py " + " ".join(
+        sys.argv[1:]
+    )
+    md = render(
+        cfg, model, cvr, res, kv_bytes, export_s, args, cmd.replace("OMP_NUM_THREADS=... ", "")
+    )
+    print(md)
+    if not args.no_write:
+        write_section(ROOT / "BENCHMARKS.md", md)
+    return 0
+
+
+def render(cfg, model, cvr, res, kv_bytes, export_s, args, cmd) -> str:
+    floor = res["floor: read weights once"][0]
+    eager = res["torch eager fp32"][0]
+    timed = {k: v for k, v in res.items() if isinstance(v, tuple)}
+    best_name, best = min(
+        ((k, v[0]) for k, v in timed.items() if not k.startswith("floor")), key=lambda kv: kv[1]
+    )
+    ratio = cvr["recompute_s"] / cvr["cached_s"]
+    ort = res["onnxruntime fp32"][0]
+    lines = [
+        "## Engine (decode path)",
+        "",
+        f"`small` preset ({num_params(model) / 1e6:.1f}M params, {cfg.n_layer} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_head} heads / {cfg.n_kv_head} KV heads, context {cfg.max_seq_len}), random weights, "
+        f"CPU, torch.set_num_threads({args.threads}), {platform.machine()}, torch {torch.__version__}. "
+        "One run, all figures side by side. The machine is shared (other jobs ran at the same time), so "
+        "absolute times are noisy; ratios within the run are the figures to read.",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        f"### KV cache vs full recompute ({NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt, greedy)",
+        "",
+        "| path | time | ratio |",
+        "|---|---|---|",
+        f"| KV cache (prefill + {NEW_TOKENS} steps) | {cvr['cached_s']:.2f} s | 1x |",
+        f"| full recompute every step | {cvr['recompute_s']:.1f} s | **{ratio:.0f}x** slower |",
+        "",
+        f"Recompute is timed on {cvr['sampled_steps']} evenly spaced steps (a full forward over that "
+        f"step's context each) and summed over all {NEW_TOKENS} steps by linear interpolation; "
+        f"target >= 50x: {'met' if ratio >= 50 else 'NOT met'}.",
+        "",
+        f"### Batch-1 decode step (context {STEP_CONTEXT} tokens, {args.steps} steps each)",
+        "",
+        "| backend | p50 ms | p99 ms | p50 / floor |",
+        "|---|---|---|---|",
+    ]
+    for k, v in res.items():
+        if isinstance(v, tuple):
+            lines.append(f"| {k} | {v[0]:.2f} | {v[1]:.2f} | {v[0] / floor:.1f}x |")
+        else:
+            lines.append(f"| {k} | {v} | | |")
+    lines += [
+        "",
+        f"- onnxruntime vs torch eager fp32: {eager / ort:.2f}x "
+        f"({'faster' if ort < eager else 'NOT faster'}; target: faster).",
+        f"- best ({best_name}) vs floor: {best / floor:.1f}x (target: within 2x: "
+        f"{'met' if best <= 2 * floor else 'NOT met'}).",
+        f"- ONNX export of the decode step took {export_s:.1f} s.",
+        "- The floor is one pass over the fp32 weights (a sum over a flat copy); a step also runs "
+        "~100 small ops (8 layers), reads the KV cache and pays Python/dispatch overhead per op, "
+        "which at this model size dominates the memory traffic.",
+        "",
+        "### KV cache per session",
+        "",
+        f"{kv_bytes / 2**20:.1f} MiB per session at the full {cfg.max_seq_len}-token context (fp32; "
+        f"2 x {cfg.n_layer} layers x {cfg.n_kv_head} KV heads x {cfg.head_dim} dims x 4 bytes "
+        "per position); grouped-query attention halves it vs 8 KV heads. Preallocated once per slot.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, md: str) -> None:
+    block = f"{START}\n{md}{END}\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if START in text and END in text:
+        a, b = text.index(START), text.index(END) + len(END)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
