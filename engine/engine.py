@@ -43,8 +43,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA; fp32 on CPU (bf16 measured slower there for these small matmuls, see
-    BENCHMARKS.md)."""
+    """bf16 on CUDA; fp32 on CPU (bf16 measured no faster there for these small matmuls and
+    costs accuracy; see BENCHMARKS.md)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
