@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "train": "improv.trainer.cli:train_command",
     "eval": "improv.trainer.cli:eval_command",
     "export-onnx": "improv.engine.cli:export_onnx_command",
+    "serve": "improv.server.cli:serve_command",
 }
 
 

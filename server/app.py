@@ -1,0 +1,63 @@
+"""The FastAPI application: `create_app(settings)`; the engine loads once in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .runtime import Runtime
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """The app. `runtime`: an already loaded one (tests, benchmarks); else loaded from
+    `settings.checkpoint` at startup and closed at shutdown."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or Runtime.load(settings)
+        app.state.runtime = rt
+        try:
+            yield
+        finally:
+            await rt.close_connections("shutdown")
+            if runtime is None:
+                rt.close()
+
+    from .http import api, public, ws_router
+
+    app = FastAPI(
+        title="improv",
+        summary="Realtime MIDI improvisation: continue, infill, accompany, live sessions.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(public)
+    app.include_router(api)
+    app.include_router(ws_router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default body, plus one readable line with the valid range.
+        errors = exc.errors()
+        lines = [f"{'.'.join(str(x) for x in e['loc'][1:])}: {e['msg']}" for e in errors[:5]]
+        return JSONResponse(
+            {"detail": "; ".join(lines), "errors": _jsonable(errors)}, status_code=422
+        )
+
+    return app
+
+
+def _jsonable(errors: list) -> list:
+    return [
+        {k: (v if k in ("loc", "msg", "type") else str(v)) for k, v in e.items()} for e in errors
+    ]

@@ -1,0 +1,91 @@
+"""`improv serve`: the HTTP + WebSocket server (uvicorn underneath)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults come from Settings (and IMPROV_* environment variables): None = not given here.
+    parser.add_argument("--host", help="bind address (default 127.0.0.1; others need --token)")
+    parser.add_argument("--port", type=int, help="port (default 8000)")
+    parser.add_argument("--checkpoint", help="checkpoint folder (default models/default)")
+    parser.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
+    parser.add_argument("--backend", choices=["torch", "onnx"], help="decode backend")
+    parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
+    parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from .settings import Settings
+
+    given = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "checkpoint": args.checkpoint,
+            "device": args.device,
+            "backend": args.backend,
+            "max_sessions": args.max_sessions,
+            "token": args.token,
+        }.items()
+        if v is not None
+    }
+    return Settings(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        settings = settings_from_args(args)
+        settings.check_bind()
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    if not (Path(settings.checkpoint) / "config.json").is_file():
+        logger.error(
+            "no checkpoint at %s (expected config.json + model.safetensors); train one "
+            "(improv train) or pass --checkpoint",
+            settings.checkpoint,
+        )
+        return 2
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_ping_interval=20,
+    )
+    graceful_server(config).run()
+    return 0
+
+
+def graceful_server(config: Any) -> Any:
+    """A uvicorn.Server whose shutdown first ends every live session (note-offs and `stopped`
+    sent) before uvicorn closes the sockets: stopping the server never leaves a note sounding."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            rt = getattr(config.app.state, "runtime", None)
+            if rt is not None:
+                await rt.close_connections("shutdown")
+            await super().shutdown(sockets)
+
+    return GracefulServer(config)
+
+
+def serve_command() -> tuple[str, Callable[[argparse.ArgumentParser], None], Callable]:
+    return "run the HTTP + WebSocket server", add_arguments, run

@@ -1,0 +1,417 @@
+"""HTTP routers: health, model info, offline generation (continue / infill / accompany) and the
+`/v1/live` WebSocket (a thin adapter around `LiveConnection`)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    Header,
+    HTTPException,
+    Request,
+    UploadFile,
+    WebSocket,
+)
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from improv.engine.live import SamplingParams
+from improv.engine.tokenizer import MidiReadError, Notes
+
+from . import generation as gen
+from . import protocol as p
+from .gm import GM_PROGRAMS
+from .live import LiveConnection
+from .runtime import Runtime, SessionLimit
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("lead", "counter", "harmony", "bass", "drums")
+PartName = Literal["lead", "counter", "harmony", "bass", "drums"]
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _token_ok(settings: Settings, given: str | None) -> bool:
+    want = settings.token
+    if want is None:
+        return True
+    return given is not None and hmac.compare_digest(given, want.get_secret_value())
+
+
+def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    given = None
+    if authorization and authorization.lower().startswith("bearer "):
+        given = authorization[7:].strip()
+    if not _token_ok(request.app.state.settings, given):
+        raise HTTPException(
+            401,
+            "missing or wrong token: send Authorization: Bearer TOKEN",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+public = APIRouter()
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+ws_router = APIRouter()
+
+
+# --- info -----------------------------------------------------------------------------------------
+@public.get("/health")
+def health(rt: RuntimeDep) -> dict[str, Any]:
+    return {"status": "ok", "live_sessions": rt.sessions_open(), "max_sessions": rt.max_sessions}
+
+
+@api.get("/model")
+def model_info(rt: RuntimeDep) -> dict[str, Any]:
+    s = rt.settings
+    return {
+        "checkpoint": s.checkpoint,
+        "backend": s.backend,
+        "device": str(rt.engine.device),
+        "config": rt.engine.config.to_dict(),
+        "training": rt.engine.meta.get("training", rt.engine.meta),
+        "tokenizer": {"tick_ms": rt.vocab.config.tick_ms, "vocab_size": rt.vocab.size},
+        "parts": list(rt.vocab.config.parts),
+        "instruments": {str(i): name for i, name in enumerate(GM_PROGRAMS)},
+        "capabilities": {
+            "http": ["continue", "infill", "accompany"],
+            "live_modes": ["respond", "accompany"],
+            "outputs": ["audio/midi", "application/json", "application/x-ndjson (stream=true)"],
+        },
+        "limits": {
+            "max_sessions": rt.max_sessions,
+            "live_sessions_open": rt.sessions_open(),
+            "http_sessions": s.http_sessions,
+            "max_upload_bytes": s.max_upload_bytes,
+            "max_generate_seconds": s.max_generate_seconds,
+            "max_infill_seconds": s.max_infill_seconds,
+            "max_accompany_seconds": s.max_accompany_seconds,
+            "context_tokens": rt.scheduler.max_len,
+            "max_lookahead_ms": p.MAX_LOOKAHEAD_MS,
+        },
+    }
+
+
+# --- shared input handling ------------------------------------------------------------------------
+async def read_upload(rt: Runtime, file: UploadFile) -> bytes:
+    limit = rt.settings.max_upload_bytes
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"file too large: more than {limit} bytes (limit {limit})")
+    if not data:
+        raise HTTPException(422, "file is empty: send a MIDI file (.mid) in the field 'file'")
+    return data
+
+
+async def read_notes(rt: Runtime, data: bytes, parts: str | None = None) -> Notes:
+    try:  # symusic parses in C++; off the loop so a large file can't stall the sessions
+        notes = await asyncio.to_thread(rt.tokenizer.read_notes, data, parts)
+    except MidiReadError as e:
+        raise HTTPException(422, f"not a readable MIDI file: {e}") from e
+    except Exception as e:  # a parser failing on garbage is still the input's fault
+        raise HTTPException(422, f"not a readable MIDI file: {type(e).__name__}: {e}") from e
+    if len(notes) == 0:
+        raise HTTPException(422, "the MIDI file has no notes")
+    return notes
+
+
+def sampling(temperature: float, top_p: float, seed: int | None) -> SamplingParams:
+    return SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+
+
+def parse_parts(value: str | None, field: str) -> list[str] | None:
+    """A comma-separated list of part names (form fields are flat)."""
+    if value is None or not value.strip():
+        return None
+    parts = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        raise HTTPException(
+            422, f"{field}: unknown part {bad[0]!r}; choose from {', '.join(PARTS)}"
+        )
+    return parts
+
+
+def parse_programs(value: str | None) -> dict[str, int] | None:
+    """`bass=33,harmony=0`: a GM program per part."""
+    if value is None or not value.strip():
+        return None
+    out: dict[str, int] = {}
+    for item in value.split(","):
+        name, _, prog = item.partition("=")
+        name = name.strip()
+        if name not in PARTS or not prog.strip().isdigit() or not 0 <= int(prog) <= 127:
+            raise HTTPException(
+                422,
+                f"programs: expected part=program pairs like 'bass=33' (program 0..127), got {item!r}",
+            )
+        out[name] = int(prog)
+    return out
+
+
+def wants_json(accept: str | None) -> bool:
+    return accept is not None and "application/json" in accept and "audio/midi" not in accept
+
+
+async def respond(
+    rt: Runtime, job: gen.Job, accept: str | None, stream: bool, filename: str
+) -> Response:
+    if stream:
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for ev in gen.stream_events(rt, job):
+                yield (json.dumps(ev) + "\n").encode()
+
+        _check_capacity(rt)
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    try:
+        notes = await gen.execute(rt, job)
+    except SessionLimit as e:
+        raise HTTPException(503, str(e)) from e
+    if wants_json(accept):
+        return JSONResponse(notes_json(rt, notes, job))
+    midi = rt.tokenizer.notes_to_midi(notes)
+    buf = io.BytesIO()
+    midi.save(file=buf)
+    return Response(
+        buf.getvalue(),
+        media_type="audio/midi",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _check_capacity(rt: Runtime) -> None:
+    """Streaming responses start before generation: refuse a full server up front."""
+    try:
+        rt.acquire_http()
+    except SessionLimit as e:
+        raise HTTPException(503, str(e)) from e
+    rt.release_http()
+
+
+def notes_json(rt: Runtime, notes: Notes, job: gen.Job) -> dict[str, Any]:
+    parts = rt.vocab.config.parts
+    generated = {tuple(n) for n in job.builder.notes}
+    return {
+        "notes": [
+            {
+                "start": round(n.start, 4),
+                "end": round(n.end, 4),
+                "pitch": n.pitch,
+                "velocity": n.velocity,
+                "part": parts[n.part],
+                "program": n.program,
+                "generated": tuple(n) in generated,
+            }
+            for n in notes.to_list()
+        ]
+    }
+
+
+Temperature = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy")]
+TopP = Annotated[float, Form(gt=0.0, le=1.0)]
+Seed = Annotated[int | None, Form(ge=0, le=2**62)]
+Accept = Annotated[str | None, Header()]
+Stream = Annotated[bool, Form(description="newline-delimited JSON events as they are generated")]
+
+
+# --- generation -----------------------------------------------------------------------------------
+@api.post(
+    "/continue",
+    response_class=Response,
+    responses={
+        200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
+    },
+)
+async def continue_(
+    rt: RuntimeDep,
+    file: Annotated[UploadFile, File(description="a MIDI file: the prompt")],
+    seconds: Annotated[float, Form(gt=0.0, description="length of the continuation")] = 8.0,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 0.95,
+    seed: Seed = None,
+    parts: Annotated[
+        str | None, Form(description="comma-separated parts the model may play")
+    ] = None,
+    programs: Annotated[str | None, Form(description="GM programs, e.g. 'lead=73,bass=33'")] = None,
+    stream: Stream = False,
+    accept: Accept = None,
+) -> Response:
+    """The prompt followed by the continuation."""
+    if seconds > rt.settings.max_generate_seconds:
+        raise HTTPException(
+            422, f"seconds must be in (0, {rt.settings.max_generate_seconds}], got {seconds}"
+        )
+    notes = await read_notes(rt, await read_upload(rt, file))
+    job = gen.plan_continue(
+        rt, notes, seconds, sampling(temperature, top_p, seed),
+        parse_parts(parts, "parts"), parse_programs(programs),
+    )  # fmt: skip
+    return await respond(rt, job, accept, stream, "continued.mid")
+
+
+@api.post(
+    "/infill",
+    response_class=Response,
+    responses={
+        200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
+    },
+)
+async def infill(
+    rt: RuntimeDep,
+    file: Annotated[UploadFile, File(description="a MIDI file")],
+    start: Annotated[float, Form(ge=0.0, description="gap start, seconds")],
+    end: Annotated[float, Form(gt=0.0, description="gap end, seconds")],
+    parts: Annotated[
+        str | None, Form(description="comma-separated parts to regenerate (default all)")
+    ] = None,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 0.95,
+    seed: Seed = None,
+    stream: Stream = False,
+    accept: Accept = None,
+) -> Response:
+    """The file with [start, end) regenerated; every note outside the span is unchanged."""
+    lim = rt.settings.max_infill_seconds
+    if not end > start:
+        raise HTTPException(422, f"end must be after start, got start={start} end={end}")
+    if end - start > lim:
+        raise HTTPException(422, f"the gap must be at most {lim} s long, got {end - start:.3f}")
+    notes = await read_notes(rt, await read_upload(rt, file))
+    length = float(notes.end.max())
+    if start >= length:
+        raise HTTPException(
+            422, f"start must be before the end of the music ({length:.2f} s), got {start}"
+        )
+    try:
+        job = gen.plan_infill(
+            rt, notes, start, end, sampling(temperature, top_p, seed), parse_parts(parts, "parts")
+        )
+    except gen.GenerationError as e:
+        raise HTTPException(422, str(e)) from e
+    return await respond(rt, job, accept, stream, "infilled.mid")
+
+
+@api.post(
+    "/accompany",
+    response_class=Response,
+    responses={
+        200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
+    },
+)
+async def accompany(
+    rt: RuntimeDep,
+    file: Annotated[UploadFile, File(description="a melody (or any lead part) as MIDI")],
+    parts: Annotated[
+        str | None, Form(description="accompaniment parts (default counter,harmony,bass)")
+    ] = None,
+    drums: Annotated[bool, Form(description="add drums (when parts is not given)")] = False,
+    programs: Annotated[
+        str | None, Form(description="GM programs, e.g. 'bass=33,harmony=0'")
+    ] = None,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 0.95,
+    seed: Seed = None,
+    stream: Stream = False,
+    accept: Accept = None,
+) -> Response:
+    """The melody plus generated accompaniment (the melody forced at its times).
+
+    The lead is the file's lead part (a track named melody/lead/vocal..., or its only pitched
+    track); if none is found, every pitched track is taken as the lead."""
+    data = await read_upload(rt, file)
+    notes = await read_notes(rt, data)
+    lead = notes.select(notes.part == rt.vocab.lead)
+    if len(lead) == 0:
+        notes = await read_notes(rt, data, "lead")
+        lead = notes.select(notes.part == rt.vocab.lead)
+        if len(lead) == 0:
+            raise HTTPException(422, "no melody found: the file has only drums")
+    length = float(lead.end.max())
+    if length > rt.settings.max_accompany_seconds:
+        raise HTTPException(
+            422,
+            f"the melody must be at most {rt.settings.max_accompany_seconds} s long, got {length:.1f}",
+        )
+    chosen = parse_parts(parts, "parts") or (
+        ["counter", "harmony", "bass"] + (["drums"] if drums else [])
+    )
+    if "lead" in chosen:
+        raise HTTPException(
+            422, "parts: the lead is given; choose from counter, harmony, bass, drums"
+        )
+    job = gen.plan_accompany(
+        rt, lead, sampling(temperature, top_p, seed), chosen, parse_programs(programs)
+    )
+    return await respond(rt, job, accept, stream, "accompanied.mid")
+
+
+# --- live -----------------------------------------------------------------------------------------
+@ws_router.websocket("/v1/live")
+async def live(ws: WebSocket) -> None:
+    """A live session: JSON text frames (docs/protocol.md)."""
+    rt: Runtime = ws.app.state.runtime
+    await ws.accept()
+    if not _token_ok(ws.app.state.settings, ws.query_params.get("token")):
+        await ws.close(code=p.CLOSE_POLICY, reason="missing or wrong token: add ?token=TOKEN")
+        return
+
+    async def send(msg: Any) -> None:
+        await ws.send_text(msg.model_dump_json(exclude_none=msg.type != "started"))
+
+    conn = LiveConnection(rt, send)
+    try:
+        await conn.open()
+    except SessionLimit as e:
+        await ws.close(code=p.CLOSE_TRY_LATER, reason=str(e)[:120])
+        return
+    reader = asyncio.create_task(_read(ws, conn))
+    closed = asyncio.create_task(conn.wait_closed())
+    try:
+        await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reader.cancel()
+        closed.cancel()
+        if not conn.closed:
+            peer_gone = ws.client_state != WebSocketState.CONNECTED or reader.done()
+            await conn.close("disconnect" if peer_gone else "error")
+    code = {"stop": p.CLOSE_NORMAL, "shutdown": p.CLOSE_GOING_AWAY}.get(
+        conn.close_reason or "", 1011
+    )
+    if ws.client_state == WebSocketState.CONNECTED and conn.close_reason != "disconnect":
+        try:
+            await ws.close(code=code)
+        except RuntimeError:  # closed meanwhile
+            pass
+
+
+async def _read(ws: WebSocket, conn: LiveConnection) -> None:
+    try:
+        while not conn.closed:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            text = msg.get("text")
+            if text is None:
+                conn.error("bad_message", "binary frames are not used: send JSON text frames")
+                continue
+            await conn.handle(text)
+    except WebSocketDisconnect:
+        return

@@ -1,0 +1,728 @@
+"""One `LiveConnection` per live session: respond and accompany modes over the engine scheduler.
+
+The connection owns everything the session allocated (its engine session, its sender task, its
+timers, its generated notes) and releases it in `close()`, which every exit path reaches. It is
+transport-free: it takes an async `send(ServerMessage)` and exposes `handle(message)`; the
+WebSocket endpoint (http.py) and the MIDI-port bridge are thin adapters. Protocol:
+docs/protocol.md. Engine contract: docs/engine-live.md.
+
+Threading: all state here lives on the asyncio loop; engine events arrive on the scheduler thread
+and are handed over with `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mido
+import numpy as np
+from pydantic import ValidationError
+
+from improv.engine.constraints import (
+    Candidates,
+    Constraint,
+    GrammarState,
+    NoteDensity,
+    Parts,
+    PitchRange,
+    Programs,
+)
+from improv.engine.live import Done, Event, LiveSession, Rollback, SamplingParams, Token
+from improv.engine.tokenizer.stream import part_channel
+from improv.engine.tokenizer.vocab import TokenType, Vocab
+
+from . import protocol as p
+from .runtime import Runtime, SessionLimit
+
+logger = logging.getLogger(__name__)
+
+Send = Callable[[Any], Awaitable[None]]
+
+ACCOMPANY_TICK_S = 0.05  # how often accompany extends its sampling horizon
+MAX_ERRORS_PER_S = 20  # error replies per second; more bad frames are dropped (no amplification)
+RESPONSE_MAX_TOKENS = 4096  # safety cap on one response
+
+
+@dataclass(eq=False)
+class _Out:
+    """One outgoing message, queued until its send time."""
+
+    send_at: float  # session ms
+    msg: Any  # a ServerMessage
+    time_ms: float | None = None  # generated midi: when it sounds
+    position: int | None = None  # generated midi: token position it came from (None: forced)
+    sent: bool = False
+    cancelled: bool = False
+    enqueued: float = 0.0  # session ms
+
+
+@dataclass(eq=False)
+class _Note:
+    key: tuple[int, int]  # (part, pitch)
+    on: _Out
+    off: _Out | None = None
+    drum: bool = False
+
+
+@dataclass
+class _Stats:
+    events_sent: int = 0
+    late_events: int = 0
+    retracts: int = 0
+    jitter_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+class LeadIn(Constraint):
+    """respond: no time token (and no note-off) before the response's first note-on, so the
+    response starts at the trigger; the gap before it was the player's silence.
+
+    Shared, not copied, with the session's ConstraintSet: the server arms it from the event loop
+    (a bool: a plain attribute write is atomic) and the scheduler thread reads it.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __deepcopy__(self, memo: dict) -> LeadIn:
+        return self
+
+    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
+        if self.armed:
+            cand.time_ok[:] = False
+            cand.off_ok[:] = False
+            cand.end_ok[:] = False
+
+    def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab) -> None:
+        if self.armed and ((tokens >= vocab.on_base) & (tokens < vocab.off_base)).any():
+            self.armed = False
+
+
+class LiveConnection:
+    """A live session. `await open()`, `await handle(msg)` per client message, `await close()`."""
+
+    def __init__(self, runtime: Runtime, send: Send, session_id: str | None = None) -> None:
+        self.rt = runtime
+        self.vocab: Vocab = runtime.vocab
+        self.id = session_id or uuid.uuid4().hex[:12]
+        self._send = send
+        self._t0 = time.perf_counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap: list[tuple[float, int, _Out]] = []
+        self._seq = itertools.count()
+        self._wake: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._timer: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+        self._closing = False
+        self.close_reason: str | None = None
+        self.stats = _Stats()
+        self._errors: deque[float] = deque()
+        self._dropped_errors = 0
+        self._acquired = False
+        # The running mode (None before `start`).
+        self.mode: str | None = None
+        self.params = p.LiveParams()
+        self._s: LiveSession | None = None
+        self._origin = 0.0  # session ms of tick 0 of the engine session
+        self._enc: Any = None  # StreamEncoder for the player
+        self._lead_in: LeadIn | None = None
+        self._cancel_floor = -1  # Tokens of requests <= this are dropped (cancelled)
+        self._request: int | None = None  # respond: the running response
+        self._responding = False
+        self._player_dirty = False  # respond: the player played since the last response
+        self._gap_handle: asyncio.TimerHandle | None = None
+        self._last_player_ms = 0.0
+        self._horizon_tick = -1
+        # Generated notes and events.
+        self._events: list[_Out] = []  # generated midi entries not yet long past
+        self._open: dict[tuple[int, int], _Note] = {}  # the model's sounding notes, by key
+        self._notes: list[_Note] = []  # notes whose note-off is not yet sent
+        self._model_sounding: dict[tuple[int, int], _Note] = {}  # closed for the listener only
+        self._pending_part: int | None = None
+        self._velocity = 64
+
+    # --- clock ------------------------------------------------------------------------------------
+    def now_ms(self) -> float:
+        return (time.perf_counter() - self._t0) * 1000.0
+
+    def _tick(self, ms: float) -> int:
+        return max(0, int(round((ms - self._origin) / self.vocab.config.tick_ms)))
+
+    def _ms(self, tick: int) -> float:
+        return self._origin + tick * self.vocab.config.tick_ms
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Take a session slot (raises SessionLimit), start the clock and the sender."""
+        self.rt.acquire_live()
+        self._acquired = True
+        self._loop = asyncio.get_running_loop()
+        self._t0 = time.perf_counter()
+        self._sender = asyncio.create_task(self._send_loop(), name=f"live-{self.id}-send")
+        self.rt.connections.add(self)
+        logger.info("live session %s opened (%d open)", self.id, self.rt.sessions_open())
+
+    async def close(self, reason: str = "stop") -> None:
+        """End the session: note-offs for every generated note sounding, `stopped` (unless the
+        peer is gone), free everything. Safe to call twice and from any exit path."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        self.close_reason = reason
+        try:
+            self._end_mode(self.now_ms())
+            if reason != "disconnect":
+                self._enqueue(
+                    p.Stopped(
+                        reason=reason,
+                        events_sent=self.stats.events_sent,
+                        late_events=self.stats.late_events,
+                        retracts=self.stats.retracts,
+                    ),
+                    self.now_ms(),
+                )
+                await self._flush()
+        except Exception:  # the peer may be gone mid-flush; cleanup goes on regardless
+            logger.debug("session %s: flush on close failed", self.id, exc_info=True)
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        for task in (self._sender, self._timer):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        if self._gap_handle is not None:
+            self._gap_handle.cancel()
+        if self._s is not None:
+            self._s.close()
+            self._s = None
+        self._heap.clear()
+        self.rt.connections.discard(self)
+        if self._acquired:
+            self._acquired = False
+            self.rt.release_live()
+        self._closed.set()
+        logger.info(
+            "live session %s closed (%s): %d events, %d late, %d retracts",
+            self.id,
+            self.close_reason,
+            self.stats.events_sent,
+            self.stats.late_events,
+            self.stats.retracts,
+        )
+
+    # --- client messages --------------------------------------------------------------------------
+    async def handle(self, message: Any) -> None:
+        """One client message: a protocol model, a dict or a JSON text. Never raises for bad
+        input: answers with an `error` message."""
+        if self._closing:
+            return
+        if isinstance(message, str | bytes):
+            if len(message) > p.MAX_FRAME_BYTES:
+                self.error(
+                    "too_large", f"frame of {len(message)} bytes; at most {p.MAX_FRAME_BYTES}"
+                )
+                return
+            try:
+                message = json.loads(message)
+            except ValueError as e:
+                self.error("bad_json", f"not JSON: {e}")
+                return
+        if isinstance(message, dict):
+            try:
+                message = p.client_adapter.validate_python(message)
+            except ValidationError as e:
+                self.error("bad_message", _explain(e))
+                return
+        try:
+            await self._dispatch(message)
+        except SessionLimit as e:
+            self.error("internal", str(e))
+        except Exception:
+            logger.exception("session %s: failed on %s", self.id, getattr(message, "type", "?"))
+            self.error("internal", "the server failed on this message; the session goes on")
+
+    async def _dispatch(self, m: Any) -> None:
+        if isinstance(m, p.Ping):
+            self._enqueue(p.Pong(time=m.time, server_time=self.now_ms()), self.now_ms())
+        elif isinstance(m, p.Start):
+            await self._start(m)
+        elif isinstance(m, p.Stop):
+            await self.close("stop")
+        elif self.mode is None:
+            self.error("not_started", f"send start first (got {m.type})")
+        elif isinstance(m, p.ClientMidi):
+            self._player_midi(m)
+        elif isinstance(m, p.Trigger):
+            if self.mode == "respond":
+                self._respond()
+        elif isinstance(m, p.Params):
+            await self._update_params(m)
+        else:  # pragma: no cover - the union is closed
+            self.error("bad_message", f"unexpected {m.type}")
+
+    def error(self, code: str, message: str) -> None:
+        now = time.monotonic()
+        while self._errors and now - self._errors[0] > 1.0:
+            self._errors.popleft()
+        if len(self._errors) >= MAX_ERRORS_PER_S:
+            self._dropped_errors += 1
+            if self._dropped_errors % 100 == 1:
+                logger.warning("session %s: bad frames dropped (%d)", self.id, self._dropped_errors)
+            return
+        self._errors.append(now)
+        self._enqueue(p.ErrorMessage(code=code, message=message), self.now_ms())
+
+    # --- modes --------------------------------------------------------------------------------------
+    async def _start(self, m: p.Start) -> None:
+        now = self.now_ms()
+        if self.mode is not None:
+            self._end_mode(now)
+        self.mode = m.mode
+        self.params = p.LiveParams.model_validate(m.model_dump(exclude={"type", "mode"}))
+        self._origin = now
+        self._enc = self.rt.tokenizer.stream_encoder(
+            part="lead", program=self.params.player_program
+        )
+        self._last_player_ms = now
+        await self._open_engine(prompt=None)
+        if self.mode == "accompany":
+            self._timer = asyncio.create_task(self._accompany_loop(), name=f"live-{self.id}-acc")
+        self._enqueue(
+            p.Started(session=self.id, mode=self.mode, params=self.params, server_time=now), now
+        )
+
+    def _gen_parts(self) -> list[str]:
+        pr = self.params
+        if pr.parts is not None:
+            return list(pr.parts)
+        if self.mode == "respond":
+            return ["lead"]
+        return ["counter", "harmony", "bass"] + (["drums"] if pr.drums else [])
+
+    def _constraints(self) -> list[Constraint]:
+        pr, parts = self.params, self._gen_parts()
+        cs: list[Constraint] = [Parts(parts)]
+        if pr.programs:
+            cs.append(Programs({k: [v] for k, v in pr.programs.items() if k in parts}))
+        pitched = [x for x in parts if x != "drums"]
+        if pitched and (pr.pitch_low > 0 or pr.pitch_high < 127):
+            cs.append(PitchRange(pr.pitch_low, pr.pitch_high, parts=pitched))
+        if pr.max_notes_per_second is not None:
+            cs.append(NoteDensity(pr.max_notes_per_second, parts=parts))
+        if self.mode == "respond":
+            self._lead_in = LeadIn()
+            cs.append(self._lead_in)
+        return cs
+
+    def _sampling(self) -> SamplingParams:
+        pr = self.params
+        return SamplingParams(temperature=pr.temperature, top_p=pr.top_p, seed=pr.seed)
+
+    async def _open_engine(self, prompt: list[int] | None) -> None:
+        """(Re)open the engine session with the current parameters; `prompt`: the history to
+        keep (a parameter change that alters the constraints), else a fresh start."""
+        if self._s is not None:
+            self._s.close()
+            self._s = None
+        v = self.vocab
+        task = v.TASK_CONTINUE if self.mode == "respond" else v.TASK_ACCOMPANY
+        loop = self._loop
+        assert loop is not None
+
+        def on_event(ev: Event) -> None:  # scheduler thread: hand over, nothing else
+            try:
+                loop.call_soon_threadsafe(self._on_engine_event, ev)
+            except RuntimeError:  # loop closed: the session is gone
+                pass
+
+        self._s = await self.rt.open_session(
+            prompt or [v.BOS, task], self._constraints(), self._sampling(), on_event
+        )
+        self._cancel_floor = -1
+        self._request = None
+        self._responding = False
+        self._horizon_tick = -1
+
+    def _end_mode(self, now: float) -> None:
+        """Leave the running mode: cancel generation, retract what has not sounded, note-offs."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._gap_handle is not None:
+            self._gap_handle.cancel()
+            self._gap_handle = None
+        if self._s is not None:
+            self._s.cancel()
+            self._cancel_floor = 1 << 62
+            self._s.close()
+            self._s = None
+        self._cut(now)
+        self._open.clear()
+        self._model_sounding.clear()
+        self.mode = None
+        self._responding = False
+
+    async def _update_params(self, m: Any) -> None:
+        changes = m.model_dump(exclude_unset=True, exclude={"type"})
+        try:
+            new = p.LiveParams.model_validate({**self.params.model_dump(), **changes})
+        except ValidationError as e:
+            self.error("bad_message", _explain(e))
+            return
+        old, self.params = self.params, new
+        s = self._s
+        if s is None:
+            return
+        if _constraint_keys(old) != _constraint_keys(new):
+            # Constraints are fixed per engine session: reopen it on the same history.
+            hist = s.tokens() if s.window_start == 0 else None
+            await self._open_engine(hist)
+        else:
+            s.sampling = self._sampling()  # read by the scheduler at each step
+            if new.seed is not None:
+                s.seed = new.seed
+
+    # --- the player -----------------------------------------------------------------------------
+    def _player_midi(self, m: p.ClientMidi) -> None:
+        now = self.now_ms()
+        t = now if m.time is None else m.time
+        if t > now + p.MAX_TIME_AHEAD_MS:
+            self.error(
+                "bad_time",
+                f"time {t:.1f} ms is {t - now:.0f} ms past the server clock "
+                f"(at most {p.MAX_TIME_AHEAD_MS} ms; sync with ping)",
+            )
+            return
+        try:
+            msg = mido.Message.from_bytes(m.data)
+        except (ValueError, TypeError) as e:
+            self.error("bad_message", f"not a MIDI message: {m.data}: {e}")
+            return
+        # Never before what has already sounded: the model's history stays what was heard.
+        t = max(t, self._last_player_ms, self._sounded_floor(now))
+        interrupt_offs: list[int] = []
+        if self.mode == "respond":
+            if self._responding or self._sounding_later(now):
+                interrupt_offs = self._interrupt(t)
+            # Notes a finished response left sounding in the model's view end here for it too.
+            for key, n in self._model_sounding.items():
+                off = self.vocab.note_off(*key)
+                if not n.on.cancelled and (n.on.time_ms or 0) <= t and off not in interrupt_offs:
+                    interrupt_offs.append(off)
+            self._model_sounding.clear()
+        self._last_player_ms = t
+        toks = self._enc.feed(msg, (t - self._origin) / 1000.0)
+        event = [x for x in toks if self.vocab.type_of(x) is not TokenType.TIME]
+        if (event or interrupt_offs) and self._s is not None:
+            self._s.insert(self._tick(t), interrupt_offs + event)
+        if self.mode == "respond" and msg.type in ("note_on", "note_off", "control_change"):
+            self._player_dirty = self._player_dirty or bool(event)
+            self._arm_gap()
+
+    def _arm_gap(self) -> None:
+        if self._gap_handle is not None:
+            self._gap_handle.cancel()
+            self._gap_handle = None
+        if self._enc.sounding or not self._player_dirty:
+            return
+        assert self._loop is not None
+        self._gap_handle = self._loop.call_later(self.params.gap_ms / 1000.0, self._on_gap)
+
+    def _on_gap(self) -> None:
+        self._gap_handle = None
+        if self.mode == "respond" and not self._enc.sounding and self._player_dirty:
+            self._respond()
+
+    # --- respond ------------------------------------------------------------------------------------
+    def _respond(self) -> None:
+        s = self._s
+        if s is None or self._responding:
+            return
+        self._player_dirty = False
+        now = self.now_ms()
+        start = self._tick(now)
+        s.insert(start, [])  # time up to now: the response starts here
+        assert self._lead_in is not None
+        self._lead_in.armed = True
+        length = int(round(self.params.response_length_seconds() * self.vocab.ticks_per_second))
+        self._request = s.generate(max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + length)
+        self._responding = True
+
+    def _interrupt(self, t: float) -> list[int]:
+        """The player plays during a response: stop it, retract what has not sounded, note-offs
+        now. Returns the OFF tokens that tell the model those notes ended."""
+        assert self._s is not None
+        self._s.cancel()  # no Token of the response is delivered after this returns
+        if self._request is not None:
+            self._cancel_floor = max(self._cancel_floor, self._request)
+        if self._lead_in is not None:
+            self._lead_in.armed = False
+        self._responding = False
+        self._request = None
+        closed = self._cut(t)
+        return [self.vocab.note_off(*n.key) for n in closed if not n.drum]
+
+    # --- accompany ----------------------------------------------------------------------------------
+    async def _accompany_loop(self) -> None:
+        """Keep the model sampling `horizon_ms` past now (a new request replaces the old one)."""
+        while True:
+            s = self._s
+            if s is not None:
+                pr = self.params
+                horizon = max(pr.horizon_ms, pr.lookahead_ms + 50)
+                until = self._tick(self.now_ms() + horizon)
+                if until > self._horizon_tick:
+                    self._horizon_tick = until
+                    s.generate(until_tick=until)
+            await asyncio.sleep(ACCOMPANY_TICK_S)
+
+    # --- engine events (loop thread) ------------------------------------------------------------
+    def _on_engine_event(self, ev: Event) -> None:
+        if self._closing or self._s is None or ev.session != self._s.id:
+            return  # a closed or replaced engine session
+        try:
+            if isinstance(ev, Token):
+                if ev.request > self._cancel_floor:
+                    self._on_token(ev)
+            elif isinstance(ev, Rollback):
+                self._on_rollback(ev)
+            elif isinstance(ev, Done):
+                self._on_done(ev)
+        except Exception:
+            logger.exception("session %s: engine event %s failed", self.id, ev)
+
+    def _on_token(self, ev: Token) -> None:
+        v, tok = self.vocab, ev.token
+        self._enc.observe([tok])  # keeps the player's PART/PROGRAM bookkeeping in step
+        ty = v.type_of(tok)
+        t = self._ms(ev.tick)
+        if ty is TokenType.PART:
+            self._pending_part = tok - v.part_base
+        elif ty is TokenType.PROGRAM:
+            part, self._pending_part = self._pending_part, None
+            if part is not None and part != v.drums:
+                ch = part_channel(part, v.drums)
+                self._gen(t, [0xC0 | ch, tok - v.program_base], part, ev.position)
+        elif ty is TokenType.VELOCITY:
+            self._velocity = max(1, v.bin_velocity(tok - v.vel_base))
+        elif ty is TokenType.NOTE_ON:
+            part, pitch = v.note_of(tok)
+            key = (part, pitch)
+            ch = part_channel(part, v.drums)
+            if key in self._open:  # cannot happen with the grammar; keep MIDI balanced anyway
+                self._note_off(self._open.pop(key), t, ev.position)
+            on = self._gen(t, [0x90 | ch, pitch, self._velocity], part, ev.position)
+            note = _Note(key, on, drum=part == v.drums)
+            self._notes.append(note)
+            if note.drum:
+                self._note_off(note, t + v.config.drum_note_ms, ev.position)
+            else:
+                self._open[key] = note
+        elif ty is TokenType.NOTE_OFF:
+            note = self._open.pop(v.note_of(tok), None)
+            if note is not None:  # else: a note of the player's, or one already closed
+                self._note_off(note, t, ev.position)
+
+    def _on_rollback(self, ev: Rollback) -> None:
+        """Tokens from `ev.position` on are gone: cancel their events; a note whose ON stays but
+        whose OFF went is sounding again (the regenerated stream will end it)."""
+        after = self._ms(ev.tick)
+        any_sent = False
+        for e in self._events:
+            if e.position is not None and e.position >= ev.position and not e.cancelled:
+                e.cancelled = True
+                any_sent |= e.sent
+        for n in list(self._notes):
+            if n.on.cancelled:
+                self._notes.remove(n)
+                if self._open.get(n.key) is n:
+                    del self._open[n.key]
+            elif n.off is not None and n.off.cancelled and not n.drum:
+                n.off = None
+                self._open[n.key] = n
+        self._pending_part = None
+        if any_sent or any(e.sent and e.time_ms > after for e in self._events if not e.cancelled):
+            self._send_retract(after)
+
+    def _on_done(self, ev: Done) -> None:
+        if self.mode != "respond" or ev.request != self._request:
+            if ev.reason == "error":
+                self.error("internal", "generation failed; the session goes on")
+            return
+        # The response ended: its notes end with it, for the listener and for the model.
+        self._responding = False
+        self._request = None
+        if self._lead_in is not None:
+            self._lead_in.armed = False
+        # The model's OFF tokens are given with the player's next event (at its time: giving
+        # them now, at the response's end tick, would pin the player's next event after it).
+        t = self._ms(ev.tick)
+        for key, note in self._open.items():
+            self._note_off(note, t, None)
+            self._model_sounding[key] = note
+        self._open.clear()
+
+    # --- generated events -----------------------------------------------------------------------
+    def _gen(self, t: float, data: list[int], part: int, position: int | None) -> _Out:
+        name = self.vocab.config.parts[part]
+        msg = p.ServerMidi(data=data, time=t, part=name)
+        e = self._enqueue(msg, t - self.params.lookahead_ms, time_ms=t, position=position)
+        self._events.append(e)
+        return e
+
+    def _note_off(self, note: _Note, t: float, position: int | None) -> None:
+        ch = part_channel(note.key[0], self.vocab.drums)
+        note.off = self._gen(
+            max(t, note.on.time_ms or t), [0x80 | ch, note.key[1], 0], note.key[0], position
+        )
+
+    def _sounding_later(self, now: float) -> bool:
+        """A generated event is still to sound (a response generated ahead of real time)."""
+        return any(not e.cancelled and e.time_ms > now for e in self._events)
+
+    def _sounded_floor(self, now: float) -> float:
+        """Time of the latest generated event that has already sounded (0 if none)."""
+        times = [e.time_ms for e in self._events if not e.cancelled and e.time_ms <= now]
+        return max(times, default=0.0)
+
+    def _cut(self, t: float) -> list[_Note]:
+        """Cancel every generated event after `t`; note-offs at `t` for the notes sounding then.
+        Returns those notes."""
+        any_sent = False
+        for e in self._events:
+            if not e.cancelled and e.time_ms > t:
+                e.cancelled = True
+                any_sent |= e.sent
+        if any_sent:
+            self._send_retract(t)
+        closed = []
+        for n in list(self._notes):
+            if n.on.cancelled:
+                self._notes.remove(n)
+            elif n.off is None or n.off.cancelled:
+                self._note_off(n, t, None)
+                closed.append(n)
+        self._open = {k: n for k, n in self._open.items() if n.off is None}
+        return closed
+
+    def _send_retract(self, after: float) -> None:
+        """Retract after `after`, then re-send the surviving events the client will drop."""
+        self.stats.retracts += 1
+        self._enqueue(p.Retract(after=after), self.now_ms())
+        for e in list(self._events):
+            if e.sent and not e.cancelled and e.time_ms > after:
+                e.cancelled = True
+                again = self._enqueue(
+                    e.msg, e.time_ms - self.params.lookahead_ms, e.time_ms, e.position
+                )
+                self._events.append(again)
+                for n in self._notes:
+                    if n.off is e:
+                        n.off = again
+                    if n.on is e:
+                        n.on = again
+
+    # --- sending --------------------------------------------------------------------------------
+    def _enqueue(
+        self, msg: Any, send_at: float, time_ms: float | None = None, position: int | None = None
+    ) -> _Out:
+        e = _Out(send_at, msg, time_ms, position, enqueued=self.now_ms())
+        heapq.heappush(self._heap, (send_at, next(self._seq), e))
+        if self._heap[0][2] is e and self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        return e
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._heap:
+                    await self._sleep(None)
+                    continue
+                send_at, _, e = self._heap[0]
+                if e.cancelled:
+                    heapq.heappop(self._heap)
+                    continue
+                now = self.now_ms()
+                if send_at > now:
+                    await self._sleep(loop.time() + (send_at - now) / 1000.0)
+                    continue
+                heapq.heappop(self._heap)
+                await self._deliver(e, now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer is gone or send failed: end the session
+            logger.info("session %s: send failed (%s); closing", self.id, exc)
+            asyncio.get_running_loop().create_task(self.close("disconnect"))
+
+    async def _sleep(self, when: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = fut = loop.create_future()
+        handle = None if when is None else loop.call_at(when, _resolve, fut)
+        try:
+            await fut
+        finally:
+            if handle is not None:
+                handle.cancel()
+            self._wake = None
+
+    async def _deliver(self, e: _Out, now: float) -> None:
+        e.sent = True
+        if e.time_ms is not None:
+            self.stats.events_sent += 1
+            if now > e.time_ms + 0.5:  # sounds late (0.5 ms: the clock's own rounding)
+                self.stats.late_events += 1
+            if e.send_at > e.enqueued:  # it waited for its send time: the jitter counts
+                self.stats.jitter_ms.append(now - e.send_at)
+            cutoff = now - 2000.0  # forget events long past (rollback can't reach them)
+            if len(self._events) > 256 and self._events[0].time_ms < cutoff:
+                self._events = [x for x in self._events if x.time_ms >= cutoff or not x.sent]
+                self._notes = [n for n in self._notes if n.off is None or not n.off.sent]
+        await self._send(e.msg)
+
+    async def _flush(self) -> None:
+        """Send everything queued now, in order (stop: note-offs must not wait for their time)."""
+        if self._sender is not None:
+            self._sender.cancel()
+            self._sender = None
+        while self._heap:
+            _, _, e = heapq.heappop(self._heap)
+            if not e.cancelled:
+                await self._deliver(e, self.now_ms())
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _constraint_keys(pr: p.LiveParams) -> tuple:
+    return (pr.parts, pr.drums, pr.programs, pr.pitch_low, pr.pitch_high, pr.max_notes_per_second)
+
+
+def _explain(e: ValidationError) -> str:
+    """A short message: where, and what (pydantic's text names the valid range)."""
+    parts = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"][1:]) or str(err["loc"][0]) if err["loc"] else ""
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)

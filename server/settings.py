@@ -1,0 +1,44 @@
+"""Server settings: command-line flags and IMPROV_* environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMPROV_", extra="ignore")
+
+    host: str = "127.0.0.1"  # a non-loopback address requires a token
+    port: int = Field(8000, ge=1, le=65535)
+    checkpoint: str = "models/default"  # checkpoint folder (model.safetensors + config.json)
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    backend: Literal["torch", "onnx"] = "torch"
+    max_sessions: int = Field(16, ge=1, le=256)  # live WebSocket sessions at once
+    http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (503 beyond)
+    token: SecretStr | None = None  # Bearer token for HTTP, ?token= for the WebSocket
+    max_upload_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # MIDI uploads larger: 413
+    max_generate_seconds: float = Field(120.0, gt=0)  # longest continuation / accompaniment
+    max_infill_seconds: float = Field(60.0, gt=0)  # longest infill gap
+    max_accompany_seconds: float = Field(600.0, gt=0)  # longest melody to accompany
+    log_level: str = "info"
+
+    def check_bind(self) -> None:
+        """Refuse to serve beyond this machine without a token."""
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host} without a token: anyone on the network could use "
+                "the server. Set --token SECRET (or IMPROV_TOKEN), or bind 127.0.0.1."
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost: could resolve anywhere
+        return False

@@ -1,0 +1,181 @@
+"""HTTP endpoints against a real uvicorn server on a loopback port."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import mido
+import pytest
+
+from improv.engine.tokenizer import Tokenizer
+
+from midi_factory import midi_bytes, notes_track, simple_song
+
+TOK = Tokenizer()
+
+
+def post(server, path, file: bytes | None, data=None, headers=None, timeout=60):
+    files = {"file": ("x.mid", file, "audio/midi")} if file is not None else None
+    return httpx.post(
+        server.url + path, files=files, data=data or {}, headers=headers, timeout=timeout
+    )
+
+
+def notes_of(content: bytes):
+    return TOK.read_notes(content).to_list()
+
+
+def test_health_and_model(server):
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    m = httpx.get(server.url + "/v1/model").json()
+    assert m["parts"] == ["lead", "counter", "harmony", "bass", "drums"]
+    assert m["instruments"]["33"] == "Electric Bass (finger)"
+    assert m["limits"]["max_sessions"] == 4
+    assert "/v1/continue" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+def test_continue_midi_keeps_the_prompt(server):
+    song = simple_song(4.0)
+    r = post(server, "/v1/continue", song, {"seconds": "2", "seed": "1"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "audio/midi"
+    out = notes_of(r.content)
+    prompt = notes_of(song)
+    prompt_end = max(n.end for n in prompt)
+    kept = [n for n in out if n.start < prompt_end - 1e-6]
+    assert len(out) >= len(prompt)
+    # The prompt comes back (as notes), the continuation after it, within the asked length.
+    assert sorted((round(n.start, 2), n.pitch) for n in prompt) == sorted(
+        (round(n.start, 2), n.pitch)
+        for n in kept
+        if (round(n.start, 2), n.pitch) in {(round(p.start, 2), p.pitch) for p in prompt}
+    )
+    assert max(n.end for n in out) <= prompt_end + 2.0 + 0.2
+
+
+def test_continue_json_and_stream(server):
+    song = simple_song(2.0)
+    r = post(
+        server,
+        "/v1/continue",
+        song,
+        {"seconds": "1.5", "seed": "3"},
+        {"Accept": "application/json"},
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    notes = r.json()["notes"]
+    assert any(not n["generated"] for n in notes)
+    r = post(server, "/v1/continue", song, {"seconds": "1.5", "seed": "3", "stream": "true"})
+    assert r.status_code == 200 and "ndjson" in r.headers["content-type"]
+    events = [json.loads(line) for line in r.text.splitlines()]
+    assert events[-1]["type"] == "done"
+    ons = sum(e["type"] == "note_on" for e in events)
+    offs = sum(e["type"] == "note_off" for e in events)
+    assert ons == offs == events[-1]["generated_notes"]
+    # Same seed, same notes: the stream and the JSON answer agree.
+    assert ons == sum(n["generated"] for n in notes)
+
+
+def test_infill_keeps_every_note_outside_the_gap(server):
+    song = simple_song(6.0, seed=2)
+    r = post(server, "/v1/infill", song, {"start": "2", "end": "3.5", "seed": "5"})
+    assert r.status_code == 200, r.text
+    before = notes_of(song)
+    after = notes_of(r.content)
+    outside = [n for n in before if not 2.0 <= n.start < 3.5]
+    key = lambda n: (round(n.start, 3), round(n.end, 3), n.pitch, n.part)  # noqa: E731
+    got = {key(n) for n in after}
+    assert all(key(n) in got for n in outside)
+    # Generated notes lie in the gap.
+    new = [n for n in after if key(n) not in {key(m) for m in outside}]
+    assert all(2.0 - 0.01 <= n.start < 3.5 + 0.01 for n in new)
+
+
+def test_infill_one_part_forces_the_others(server):
+    song = simple_song(6.0, seed=4)
+    r = post(
+        server,
+        "/v1/infill",
+        song,
+        {"start": "1", "end": "3", "parts": "lead", "seed": "1"},
+        {"Accept": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+    notes = r.json()["notes"]
+    assert all(n["part"] == "lead" for n in notes if n["generated"])
+    harmony_in = [n for n in notes_of(song) if n.part == 2 and 1 <= n.start < 3]
+    kept_harmony = [n for n in notes if n["part"] == "harmony" and 1 <= n["start"] < 3]
+    assert len(kept_harmony) == len(harmony_in)
+
+
+def test_accompany_adds_parts_and_keeps_the_melody(server):
+    melody = midi_bytes([notes_track("MELODY", [(i * 480, 400, 60 + i % 8, 90) for i in range(8)])])
+    r = post(
+        server,
+        "/v1/accompany",
+        melody,
+        {"seed": "2", "parts": "harmony,bass"},
+        {"Accept": "application/json"},
+    )
+    assert r.status_code == 200, r.text
+    notes = r.json()["notes"]
+    lead = [n for n in notes if n["part"] == "lead"]
+    assert len(lead) == 8 and not any(n["generated"] for n in lead)
+    assert all(n["part"] in ("harmony", "bass") for n in notes if n["generated"])
+
+
+@pytest.mark.parametrize(
+    "path, file, data, status, needle",
+    [
+        ("/v1/continue", b"not midi at all", {}, 422, "not a readable MIDI file"),
+        ("/v1/continue", b"MThd\x00\x00\x00\x06\x00\x01", {}, 422, "MIDI"),
+        ("/v1/continue", b"", {}, 422, "empty"),
+        ("/v1/continue", None, {}, 422, "file"),
+        ("/v1/continue", "song", {"seconds": "1e9"}, 422, "seconds must be in"),
+        ("/v1/continue", "song", {"seconds": "-1"}, 422, "greater than 0"),
+        ("/v1/continue", "song", {"temperature": "7"}, 422, "less than or equal to 2"),
+        ("/v1/continue", "song", {"seed": "x"}, 422, "seed"),
+        ("/v1/continue", "song", {"parts": "lead,tuba"}, 422, "unknown part"),
+        ("/v1/continue", "song", {"programs": "bass=300"}, 422, "0..127"),
+        ("/v1/continue", "empty", {}, 422, "no notes"),
+        ("/v1/infill", "song", {"start": "3", "end": "2"}, 422, "end must be after start"),
+        ("/v1/infill", "song", {"start": "0", "end": "500"}, 422, "at most"),
+        ("/v1/infill", "song", {"start": "100", "end": "101"}, 422, "before the end"),
+        ("/v1/infill", "song", {}, 422, "start"),
+        ("/v1/accompany", "song", {"parts": "lead"}, 422, "lead is given"),
+        ("/v1/continue", "huge", {}, 413, "too large"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_a_reason(server, path, file, data, status, needle):
+    files = {
+        "song": simple_song(2.0),
+        "empty": midi_bytes([notes_track("MELODY", [])]),
+        "huge": b"MThd" + b"\x00" * (5 * 1024 * 1024),
+    }
+    body = files.get(file, file) if isinstance(file, str) else file
+    r = post(server, path, body, data)
+    assert r.status_code == status, r.text
+    assert needle in json.dumps(r.json()), r.text
+    assert httpx.get(server.url + "/health").status_code == 200  # still serving
+
+
+def test_truncated_midi(server):
+    song = simple_song(2.0)
+    r = post(server, "/v1/continue", song[: len(song) // 2])
+    assert r.status_code == 422 and "MIDI" in r.json()["detail"]
+
+
+def test_midi_output_is_a_valid_file(server):
+    r = post(server, "/v1/continue", simple_song(2.0), {"seconds": "1", "seed": "0"})
+    mf = mido.MidiFile(file=io.BytesIO(r.content))
+    ons = sum(1 for t in mf.tracks for m in t if m.type == "note_on" and m.velocity > 0)
+    offs = sum(
+        1
+        for t in mf.tracks
+        for m in t
+        if m.type == "note_off" or (m.type == "note_on" and m.velocity == 0)
+    )
+    assert ons == offs > 0
