@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -115,7 +116,19 @@ def launch(nproc: int, train_argv: list[str]) -> int:
         *train_argv,
     ]
     log.info("launching: %s", " ".join(cmd))
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum: int, frame: object) -> None:
+        # `kill PID` of this launcher reaches torchrun, which passes it on to the workers: they
+        # save a checkpoint after the current step and exit.
+        proc.send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def config_from_args(args: argparse.Namespace) -> object:

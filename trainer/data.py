@@ -287,23 +287,20 @@ def batch_loader(source: BatchSource, start: int, workers: int) -> torch.utils.d
 
 
 def eval_chunks(
-    dataset: TokenDataset, seq_len: int, max_chunks: int | None = None
+    dataset: TokenDataset, seq_len: int, max_chunks: int | None = None, seed: int = 0
 ) -> list[np.ndarray]:
     """Each file's stored tokens cut into consecutive (seq_len + 1)-token chunks overlapping by one,
     so every token after the first is scored exactly once. Deterministic: no augmentation.
 
-    With `max_chunks`, chunks are taken round-robin over files so a cap still covers many pieces.
+    With `max_chunks`, a fixed random sample (by `seed`) of all chunks: a capped validation covers
+    every kind of file and every part of a piece, not only openings.
     """
-    per_file: list[list[np.ndarray]] = []
+    out: list[np.ndarray] = []
     for i in range(len(dataset)):
         t = np.asarray(dataset.file_tokens(i), dtype=np.int64)
-        per_file.append([t[s : s + seq_len + 1] for s in range(0, max(len(t) - 1, 1), seq_len)])
-    out: list[np.ndarray] = []
-    depth = max((len(c) for c in per_file), default=0)
-    for d in range(depth):
-        for chunks in per_file:
-            if d < len(chunks) and len(chunks[d]) > 1:
-                out.append(chunks[d])
-                if max_chunks is not None and len(out) >= max_chunks:
-                    return out
+        out += [t[s : s + seq_len + 1] for s in range(0, max(len(t) - 1, 1), seq_len)]
+    out = [c for c in out if len(c) > 1]
+    if max_chunks is not None and len(out) > max_chunks:
+        pick = np.random.default_rng(seed).permutation(len(out))[:max_chunks]
+        out = [out[j] for j in sorted(pick)]
     return out

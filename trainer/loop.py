@@ -171,6 +171,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics(self.out / "metrics.jsonl", self.d.main)
         self._stop = False
+        self._stop_time = 0.0
 
         resume_from = st.latest_checkpoint(self.out) if cfg.resume else None
         # The model (and its tokenizer) come from: the run's own checkpoint, --init, or a preset.
@@ -297,10 +298,14 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: object) -> None:
-        if self._stop:  # a second signal: stop now
+        now = time.monotonic()
+        # Ctrl-C under torchrun reaches a worker twice (terminal + torchrun's SIGTERM): only a
+        # second signal seconds later means "stop now, without saving".
+        if self._stop and now - self._stop_time > 5.0:
             raise KeyboardInterrupt
-        log.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
-        self._stop = True
+        if not self._stop:
+            log.warning("signal %d: saving a checkpoint after this step, then stopping", signum)
+            self._stop, self._stop_time = True, now
 
     def fit(self) -> dict:
         cfg, d = self.cfg, self.d

@@ -113,3 +113,29 @@ def test_init_finetune_keeps_tokenizer(midi_folder: Path, dataset: Path, tmp_pat
     bad = TrainConfig(data=str(dataset), out=str(tmp_path / "bad"), init=str(ckpt), **FAST)
     with pytest.raises(ValueError, match="tokenizer"):
         train(bad)
+
+
+def test_sigterm_saves_and_resumes(dataset: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "improv.cli", "train", "--data", str(dataset), "--out", str(run)]
+    cmd += ["--preset", "tiny", "--max-steps", "100000", "--batch-size", "2", "--seq-len", "64"]
+    cmd += ["--eval-every", "0", "--ckpt-every", "0", "--workers", "0", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    steps = sorted(run.glob("step-*"))
+    assert len(steps) == 1 and not (run / "final").exists()
+    stopped_at = json.loads((steps[0] / "trainer_state.json").read_text())["step"]
+    cfg = TrainConfig(data=str(dataset), out=str(run), max_steps=stopped_at + 2, **FAST)
+    assert train(cfg)["step"] == stopped_at + 2  # the same run continues
