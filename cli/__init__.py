@@ -18,6 +18,9 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, str] = {
     "tokenize": "improv.engine.tokenizer.dataset:command",
     "render": "improv.cli.render:command",
+    "generate": "improv.cli.generate:generate_command",
+    "infill": "improv.cli.generate:infill_command",
+    "accompany": "improv.cli.generate:accompany_command",
     "train": "improv.trainer.cli:train_command",
     "eval": "improv.trainer.cli:eval_command",
     "export-onnx": "improv.engine.cli:export_onnx_command",

@@ -1,0 +1,211 @@
+"""`improv generate`, `improv infill`, `improv accompany`: offline generation on this machine.
+
+The same planning and scheduler path as the HTTP API (improv.server.generation), so a file made
+here is what the server would send back; `--variations K` runs K takes as one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PART_CHOICES = {"lead": ["lead"], "accompaniment": None, "all": None}
+
+
+def _common(p: argparse.ArgumentParser, seconds: bool = True) -> None:
+    p.add_argument("-o", "--out", required=True, help="MIDI file to write")
+    p.add_argument(
+        "--checkpoint", default="models/default", help="model folder (default models/default)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--temperature", type=float, default=0.9, help="sampling temperature (0 = greedy)"
+    )
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="random seed (reproducible takes)")
+    p.add_argument(
+        "--variations", type=int, default=1, help="K takes in one batch: OUT-1.mid .. OUT-K.mid"
+    )
+    if seconds:
+        p.add_argument(
+            "--seconds", type=float, default=30.0, help="length to generate (default 30)"
+        )
+
+
+def _check(args: argparse.Namespace, name: str) -> None:
+    if not 0 <= args.temperature <= 5:
+        raise SystemExit(f"improv {name}: --temperature must be in 0..5, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"improv {name}: --top-p must be in (0, 1], got {args.top_p}")
+    if not 1 <= args.variations <= 64:
+        raise SystemExit(f"improv {name}: --variations must be in 1..64, got {args.variations}")
+    if getattr(args, "seconds", 1.0) is not None and not 0 < getattr(args, "seconds", 1.0) <= 600:
+        raise SystemExit(f"improv {name}: --seconds must be in (0, 600], got {args.seconds}")
+
+
+def _outputs(out: str, k: int) -> list[Path]:
+    path = Path(out)
+    if k == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.mid'}") for i in range(1, k + 1)]
+
+
+def _read(tok: object, path: str, name: str, parts: str | None = None) -> object:
+    from improv.engine.tokenizer import MidiReadError
+
+    try:
+        return tok.read_notes(path, parts=parts)  # type: ignore[attr-defined]
+    except MidiReadError as e:
+        raise SystemExit(f"improv {name}: {path}: {e}") from e
+
+
+def _run(
+    args: argparse.Namespace,
+    name: str,
+    plan: Callable[[object, object, object], object],
+    music_seconds: Callable[[object], float],
+) -> int:
+    """Load the model, plan K jobs with seeds seed..seed+K-1, run them as one batch, write files."""
+    from improv.engine.engine import Engine
+    from improv.engine.live import SamplingParams
+    from improv.server.generation import GenerationError, execute
+    from improv.server.runtime import Runtime
+    from improv.server.settings import Settings
+
+    _check(args, name)
+    for attr in ("prompt", "song", "melody"):  # fail before the model loads
+        path = getattr(args, attr, None)
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"improv {name}: no such file: {path}")
+    if not (Path(args.checkpoint) / "config.json").exists():
+        raise SystemExit(
+            f"improv {name}: no checkpoint at {args.checkpoint} (a folder with config.json)"
+        )
+    engine = Engine.load(args.checkpoint, device=args.device)
+    k = args.variations
+    rt = Runtime(engine, Settings(checkpoint=args.checkpoint, max_sessions=1, http_sessions=k))
+    try:
+        tok = rt.tokenizer
+        jobs = []
+        for i in range(k):
+            seed = None if args.seed is None else args.seed + i
+            sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=seed)
+            try:
+                jobs.append(plan(rt, tok, sampling))
+            except GenerationError as e:
+                raise SystemExit(f"improv {name}: {e}") from e
+
+        async def all_jobs() -> list:
+            return await asyncio.gather(*(execute(rt, j) for j in jobs))
+
+        t0 = time.perf_counter()
+        results = asyncio.run(all_jobs())
+        elapsed = time.perf_counter() - t0
+    finally:
+        rt.close()
+    for path, notes in zip(_outputs(args.out, k), results, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tok.notes_to_midi(notes).save(path)
+        log.info("wrote %s (%d notes)", path, len(notes))
+    made = sum(music_seconds(n) for n in results)
+    log.info(
+        "generated %.1f s of music in %.1f s (%.1fx real time)",
+        made,
+        elapsed,
+        made / max(elapsed, 1e-9),
+    )
+    return 0
+
+
+def generate_command() -> tuple[str, Callable, Callable]:
+    help_ = "continue a MIDI file, or compose from scratch without one"
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("prompt", nargs="?", help="MIDI file to continue (optional)")
+        _common(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from improv.engine.tokenizer import Notes
+        from improv.server.generation import plan_continue
+
+        def plan(rt: object, tok: object, sampling: object) -> object:
+            notes = _read(tok, args.prompt, "generate") if args.prompt else Notes.empty()
+            return plan_continue(rt, notes, args.seconds, sampling)  # type: ignore[arg-type]
+
+        return _run(args, "generate", plan, lambda n: args.seconds)
+
+    return help_, add_arguments, run
+
+
+def infill_command() -> tuple[str, Callable, Callable]:
+    help_ = "regenerate a time span of a MIDI file (a new melody, new accompaniment, or both)"
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("song", help="MIDI file")
+        p.add_argument("--start", type=float, required=True, help="gap start, seconds")
+        p.add_argument("--end", type=float, required=True, help="gap end, seconds")
+        p.add_argument(
+            "--parts",
+            choices=sorted(PART_CHOICES),
+            default="all",
+            help="which parts to regenerate in the gap (default all)",
+        )
+        _common(p, seconds=False)
+
+    def run(args: argparse.Namespace) -> int:
+        from improv.server.generation import plan_infill
+
+        if not 0 <= args.start < args.end:
+            raise SystemExit(
+                f"improv infill: need 0 <= --start < --end, got {args.start}, {args.end}"
+            )
+
+        def plan(rt: object, tok: object, sampling: object) -> object:
+            notes = _read(tok, args.song, "infill")
+            parts = PART_CHOICES[args.parts]
+            if args.parts == "accompaniment":
+                parts = [p for p in tok.parts if p != "lead"]  # type: ignore[attr-defined]
+            return plan_infill(rt, notes, args.start, args.end, sampling, parts=parts)  # type: ignore[arg-type]
+
+        return _run(args, "infill", plan, lambda n: args.end - args.start)
+
+    return help_, add_arguments, run
+
+
+def accompany_command() -> tuple[str, Callable, Callable]:
+    help_ = "add accompaniment parts under a melody (every pitched track of the file is the lead)"
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("melody", help="MIDI file with the melody")
+        p.add_argument(
+            "--parts",
+            default="counter,harmony,bass",
+            help="accompaniment parts (default counter,harmony,bass; add drums)",
+        )
+        _common(p, seconds=False)
+
+    def run(args: argparse.Namespace) -> int:
+        from improv.server.generation import plan_accompany
+
+        parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+
+        def plan(rt: object, tok: object, sampling: object) -> object:
+            bad = [p for p in parts if p not in tok.parts or p == "lead"]  # type: ignore[attr-defined]
+            if bad:
+                raise SystemExit(
+                    f"improv accompany: --parts must be among counter, harmony, bass, drums; got {bad}"
+                )
+            lead = _read(tok, args.melody, "accompany", parts="lead")
+            if len(lead) == 0:
+                raise SystemExit(f"improv accompany: {args.melody} has no melody notes")
+            return plan_accompany(rt, lead, sampling, parts)  # type: ignore[arg-type]
+
+        return _run(args, "accompany", plan, lambda n: n.duration)
+
+    return help_, add_arguments, run
