@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "eval": "improv.trainer.cli:eval_command",
     "export-onnx": "improv.engine.cli:export_onnx_command",
     "serve": "improv.server.cli:serve_command",
+    "bridge": "improv.clients.cli:bridge_command",
+    "ports": "improv.clients.cli:ports_command",
 }
 
 
