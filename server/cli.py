@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["torch", "onnx"], help="decode backend")
     parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
     parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")
+    from .ports import add_midi_arguments  # light: mido only; rtmidi loads when a port opens
+
+    add_midi_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     app = create_app(settings)
+    from .ports import setup_midi
+
+    if (code := setup_midi(app, args)) is not None:  # --midi-*: a live session on MIDI ports
+        return code
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -1,0 +1,236 @@
+"""The DAW bridge: MIDI ports <-> a live session on a (possibly remote) server.
+
+The DAW's MIDI goes to the session stamped with the session clock (local time + the ping/pong
+offset), so network jitter does not move the player's notes. Generated events arrive up to the
+session's `lookahead_ms` early and are played at their session time mapped to the local clock:
+jitter smaller than the lookahead becomes no delay at all, larger jitter a late note, never a
+reordering. `retract` drops queued events; the output port keeps every note balanced; a dropped
+connection silences the output and reconnects with backoff. MIDI clock from the DAW sets the
+session's `tempo_bpm`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import mido
+
+from improv.server.ports import (
+    CLOCK_TYPES,
+    FORWARDED,
+    Backend,
+    InputPort,
+    OutputPort,
+    Player,
+    TempoFollower,
+    default_backend,
+)
+
+from .live import LiveClient, local_ms
+
+logger = logging.getLogger(__name__)
+
+BRIDGE_CLIENT = "improv bridge"
+BRIDGE_IN, BRIDGE_OUT = "improv bridge in", "improv bridge out"
+PING_EVERY_S = 2.0
+BACKOFF_S = (0.5, 10.0)  # first and longest wait between reconnection attempts
+
+
+class Bridge:
+    """`await bridge.run()` until `bridge.request_stop()` (or cancel). `in_port`/`out_port`:
+    names (substring match) of existing ports, or None with `virtual=True` for the bridge's own
+    ports `improv bridge in` / `improv bridge out`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        mode: str = "respond",
+        params: dict[str, Any] | None = None,
+        in_port: str | None = None,
+        out_port: str | None = None,
+        virtual: bool = False,
+        backend: Backend | None = None,
+        lookahead_ms: int = 80,
+    ) -> None:
+        if virtual == bool(in_port or out_port) or (not virtual and not (in_port and out_port)):
+            raise ValueError("give --virtual, or both --in and --out")
+        self.url, self.token, self.mode = url, token, mode
+        self.params = {"lookahead_ms": lookahead_ms, **(params or {})}
+        self.backend = backend or default_backend()
+        self.virtual = virtual
+        self.in_query = BRIDGE_IN if virtual else in_port or ""
+        self.out_query = BRIDGE_OUT if virtual else out_port or ""
+        self.client: LiveClient | None = None
+        self.out: OutputPort | None = None
+        self.inp: InputPort | None = None
+        self.player: Player | None = None
+        self.tempo = TempoFollower(self._on_tempo)
+        self.tempo_bpm: float | None = None
+        self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self.connected = asyncio.Event()  # set while a session runs
+        self.sessions = 0  # sessions started (reconnects + 1)
+        self.drops = 0
+        self.error: str | None = None  # why the bridge gave up (a refused token)
+
+    # --- clocks -----------------------------------------------------------------------------------
+    def session_now(self) -> float:
+        c = self.client
+        if c is None or c.offset is None:
+            return float("-inf")  # nothing is due without a session
+        return local_ms() + c.offset
+
+    # --- ports ------------------------------------------------------------------------------------
+    def open_ports(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.out = OutputPort(self.backend, self.out_query, self.virtual, BRIDGE_CLIENT)
+        self.inp = InputPort(
+            self.backend, self.in_query, loop, self._on_input, local_ms, self.virtual, BRIDGE_CLIENT
+        )
+        try:
+            self.out.open()
+            self.inp.open()
+        except Exception:
+            self.out.close()
+            self.inp.close()
+            raise
+        self.player = Player(self.out, self.session_now)
+
+    def _on_input(self, msg: mido.Message, t_local: float) -> None:
+        if msg.type in CLOCK_TYPES:
+            self.tempo.feed(msg.type, t_local)
+        elif msg.type in FORWARDED:
+            self._inbox.put_nowait({"data": msg.bytes(), "t": t_local})
+
+    def _on_tempo(self, bpm: float) -> None:
+        logger.info("DAW tempo %.1f bpm", bpm)
+        self.tempo_bpm = bpm
+        self._inbox.put_nowait({"tempo_bpm": bpm})
+
+    # --- running ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Connect, play, reconnect on drops, until `request_stop()`; ports closed at the end."""
+        if self.out is None:
+            self.open_ports()
+        assert self.player is not None and self.out is not None and self.inp is not None
+        tasks = [
+            asyncio.create_task(self.player.run(), name="bridge-player"),
+            asyncio.create_task(self.out.watch(), name="bridge-out-watch"),
+            asyncio.create_task(self.inp.watch(), name="bridge-in-watch"),
+        ]
+        backoff = BACKOFF_S[0]
+        try:
+            while not self._stop.is_set():
+                ok = await self._session()
+                if self._stop.is_set():
+                    break
+                backoff = BACKOFF_S[0] if ok else min(backoff * 2, BACKOFF_S[1])
+                logger.info("reconnecting to %s in %.1f s", self.url, backoff)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.player.play_due()
+            self.player.silence()
+            self.inp.close()
+            self.out.close()
+
+    async def _session(self) -> bool:
+        """One connection: returns True if a session ran (resets the backoff)."""
+        assert self.player is not None
+        client = LiveClient(self.url, self.token)
+        ran = False
+        try:
+            await client.connect()
+            self.client = client
+            await client.sync_clock()
+            params = dict(self.params)
+            if self.tempo_bpm is not None:
+                params["tempo_bpm"] = self.tempo_bpm
+            started = await client.start(self.mode, **params)
+            logger.info("session %s: %s", started.session, started.mode)
+            ran = True
+            self.sessions += 1
+            self._drain_inbox()  # what was played while disconnected is stale
+            self.connected.set()
+            recv = asyncio.create_task(self._receive(client))
+            tasks = {
+                recv,
+                asyncio.create_task(self._forward(client)),
+                asyncio.create_task(self._clock(client)),
+            }
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                # Stop: the server's final note-offs arrive before the socket closes.
+                await client.stop()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(recv), 2.0)
+            else:
+                stop.cancel()
+                self.drops += 1
+                logger.warning(
+                    "connection to %s dropped (%s %s)",
+                    self.url,
+                    client.close_code,
+                    client.close_reason,
+                )
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        except Exception as e:  # OSError, LiveError, timeouts: unreachable or refused
+            if client.close_code == 1008:  # a wrong token will not get better by retrying
+                self.error = f"the server refused the token ({client.close_reason})"
+                logger.error("%s", self.error)
+                self._stop.set()
+            else:
+                logger.warning("cannot reach %s: %s", self.url, e)
+        finally:
+            self.connected.clear()
+            self.player.play_due()
+            self.player.silence()  # notes-off on drop: nothing may hang while away
+            await client.close()
+        return ran
+
+    def _drain_inbox(self) -> None:
+        while not self._inbox.empty():
+            m = self._inbox.get_nowait()
+            if "tempo_bpm" in m:
+                self.tempo_bpm = m["tempo_bpm"]
+
+    async def _receive(self, client: LiveClient) -> None:
+        assert self.player is not None
+        async for msg in client:
+            if msg.type == "midi":
+                self.player.push(msg.data, msg.time)
+            elif msg.type == "retract":
+                self.player.retract(msg.after)
+            elif msg.type == "error":
+                logger.warning("server: %s: %s", msg.code, msg.message)
+            elif msg.type == "stopped":
+                logger.info("session stopped (%s)", msg.reason)
+            self.player.play_due()
+
+    async def _forward(self, client: LiveClient) -> None:
+        while True:
+            m = await self._inbox.get()
+            if "tempo_bpm" in m:
+                await client.params(tempo_bpm=m["tempo_bpm"])
+            else:
+                assert client.offset is not None
+                await client.send_midi(m["data"], m["t"] + client.offset)
+
+    async def _clock(self, client: LiveClient) -> None:
+        """Keep the offset fresh (clocks drift; the fastest round trips win)."""
+        while True:
+            await asyncio.sleep(PING_EVERY_S)
+            await client.ping()

@@ -1,0 +1,157 @@
+"""`improv bridge` (a DAW's MIDI <-> a live session) and `improv ports` (list MIDI ports).
+
+Light at import: mido, websockets and the bridge load inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """`--param key=value` pairs; values are JSON when they parse (0.8, true, ["bass"]), else
+    strings. The server validates them (and says the valid range)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def add_live_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--mode, --temperature, --param: the live session's parameters (shared with serve)."""
+    parser.add_argument(
+        f"--{prefix}mode", choices=["respond", "accompany"], default="respond", help="live mode"
+    )
+    parser.add_argument(f"--{prefix}temperature", type=float, help="sampling temperature")
+    parser.add_argument(
+        f"--{prefix}param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any live parameter of docs/protocol.md, e.g. gap_ms=400, drums=true, "
+        'parts=["bass"] (repeatable)',
+    )
+
+
+def live_start(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The `start` fields from add_live_arguments' options."""
+    g = vars(args)
+    params = parse_params(g.get(f"{prefix}param"))
+    if g.get(f"{prefix}temperature") is not None:
+        params["temperature"] = g[f"{prefix}temperature"]
+    return {"mode": g[f"{prefix}mode"], **params}
+
+
+# --- improv bridge -----------------------------------------------------------------------------
+def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="the server, e.g. ws://127.0.0.1:8000")
+    parser.add_argument("--token", help="the server's token (or IMPROV_TOKEN)")
+    ports = parser.add_argument_group("ports (one of)")
+    ports.add_argument(
+        "--virtual",
+        action="store_true",
+        help="create ports 'improv bridge in' / 'improv bridge out' for the DAW to connect to",
+    )
+    ports.add_argument("--in", dest="in_port", metavar="NAME", help="input port (substring)")
+    ports.add_argument("--out", dest="out_port", metavar="NAME", help="output port (substring)")
+    parser.add_argument(
+        "--lookahead-ms",
+        type=int,
+        default=80,
+        help="the server sends events this early; network jitter below it costs nothing "
+        "(default 80)",
+    )
+    add_live_arguments(parser)
+
+
+def run_bridge(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import signal
+
+    from improv.server.ports import PortError
+
+    from .bridge import Bridge
+
+    try:
+        params = live_start(args)
+        mode = params.pop("mode")
+        bridge = Bridge(
+            args.url,
+            token=args.token or os.environ.get("IMPROV_TOKEN"),
+            mode=mode,
+            params=params,
+            in_port=args.in_port,
+            out_port=args.out_port,
+            virtual=args.virtual,
+            lookahead_ms=args.lookahead_ms,
+        )
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, bridge.request_stop)
+        try:
+            bridge.open_ports()
+        except PortError as e:
+            logger.error("%s", e)
+            return 2
+        assert bridge.inp is not None and bridge.out is not None
+        logger.info("bridge: %r -> %s -> %r", bridge.inp.name, args.url, bridge.out.name)
+        await bridge.run()
+        return 1 if bridge.error else 0
+
+    return asyncio.run(main())
+
+
+def bridge_command() -> tuple[str, Callable[[argparse.ArgumentParser], None], Callable]:
+    return (
+        "bridge a DAW's MIDI ports to a live session on a server",
+        add_bridge_arguments,
+        run_bridge,
+    )
+
+
+# --- improv ports ------------------------------------------------------------------------------
+def add_ports_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print {'inputs': [...], 'outputs': [...]}"
+    )
+
+
+def run_ports(args: argparse.Namespace) -> int:
+    from improv.server.ports import MidoBackend, list_ports
+
+    backend = MidoBackend()
+    try:
+        inputs, outputs = list_ports(backend)
+    except Exception as e:  # no rtmidi, no ALSA/JACK: say so instead of a traceback
+        logger.error("cannot list MIDI ports with %s: %s", backend.name, e)
+        return 1
+    if args.json:
+        print(json.dumps({"backend": backend.name, "inputs": inputs, "outputs": outputs}))
+        return 0
+    print(f"MIDI backend: {backend.name}  (choose with MIDO_BACKEND)")
+    for title, names in (("inputs", inputs), ("outputs", outputs)):
+        print(f"{title}:")
+        for n in names or ["(none)"]:
+            print(f"  {n}")
+    return 0
+
+
+def ports_command() -> tuple[str, Callable[[argparse.ArgumentParser], None], Callable]:
+    return "list MIDI input and output ports", add_ports_arguments, run_ports
