@@ -195,7 +195,11 @@ def eval_command() -> Command:
         p.add_argument("--data", required=True, help="dataset folder, or a folder of MIDI files")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.add_argument("--max-tokens", type=int, help="score at most about this many tokens")
-        p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+        p.add_argument(
+            "--seq-len",
+            type=int,
+            help="window length (default: the training sequence length, else the model's context)",
+        )
         p.add_argument("--batch-size", type=int, default=8)
         p.add_argument("--device", default="cpu")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast")

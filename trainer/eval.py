@@ -132,9 +132,10 @@ def eval_checkpoint(
     """Load a checkpoint and evaluate it on a dataset or a MIDI folder."""
     from improv.engine.checkpoint import load_checkpoint
 
-    model, cfg, tok_cfg, _ = load_checkpoint(checkpoint, device)
+    model, cfg, tok_cfg, meta = load_checkpoint(checkpoint, device)
     tok = Tokenizer(tok_cfg)
-    seq_len = seq_len or cfg.max_seq_len
+    # Default window: the length the model was trained on (longer ones test extrapolation).
+    seq_len = min(seq_len or meta.get("seq_len") or cfg.max_seq_len, cfg.max_seq_len)
     with tempfile.TemporaryDirectory(prefix="improv-eval-") as tmp:
         ds = open_eval_data(data, tok, Path(tmp) / "data")
         cap = None if max_tokens is None else max(1, max_tokens // seq_len)
