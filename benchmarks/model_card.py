@@ -1,0 +1,179 @@
+"""Quality report for a checkpoint, measured on POP909 validation songs (for the model card).
+
+For 20 validation songs (fixed order, fixed seeds): a 20 s prompt, then a 30 s continuation
+compared with the real next 30 s; and accompaniment generated under the real melody of a 30 s
+window compared with the real accompaniment (statistics, and the share of notes that are chord
+tones of the annotated chord, against the real PIANO part). Writes JSON, piano rolls, and the
+report section of the model card.
+
+    .venv/bin/python benchmarks/model_card.py models/default [--songs 20] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from common import SHARED_DATA, command_line, machine
+from music_metrics import chord_tone_share, read_chords, summary
+
+from improv.engine.tokenizer import Notes
+
+log = logging.getLogger("model_card")
+STATS = ("pitch_class_entropy", "scale_consistency", "note_density", "polyphony")
+
+
+def window(notes: Notes, lo: float, hi: float) -> Notes:
+    sel = notes.select((notes.start >= lo) & (notes.start < hi))
+    sel.end = np.minimum(sel.end, hi)
+    return sel
+
+
+def song_paths(data: Path, n: int) -> list[Path]:
+    ids = (data / "pop909" / "splits" / "valid.txt").read_text().split()
+    return [data / "pop909" / i / f"{i}.mid" for i in sorted(ids)[:n]]
+
+
+def mean_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+
+
+def compare(gen: dict[str, float], real: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {
+        k: {
+            "generated": gen[k],
+            "real": real[k],
+            "rel_diff": abs(gen[k] - real[k]) / abs(real[k]) if real[k] else float("nan"),
+        }
+        for k in gen
+    }
+
+
+async def _run_jobs(rt: object, jobs: list) -> list[Notes]:
+    from improv.server.generation import execute
+
+    return await asyncio.gather(*(execute(rt, j) for j in jobs))  # type: ignore[arg-type]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--data", type=Path, default=SHARED_DATA)
+    ap.add_argument("--songs", type=int, default=20)
+    ap.add_argument("--prompt-seconds", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--temperature", type=float, default=0.9)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument(
+        "--out", type=Path, default=None, help="folder for JSON + PNGs (default: the checkpoint)"
+    )
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from cli.render import render_piano_roll  # noqa: E402  (the repo's cli/ folder, as a script)
+
+    from improv.engine.engine import Engine
+    from improv.engine.live import SamplingParams
+    from improv.server.generation import plan_accompany, plan_continue
+    from improv.server.runtime import Runtime
+    from improv.server.settings import Settings
+
+    out = args.out or args.checkpoint
+    engine = Engine.load(str(args.checkpoint), device="cpu")
+    rt = Runtime(
+        engine, Settings(checkpoint=str(args.checkpoint), max_sessions=1, http_sessions=args.songs)
+    )
+    tok = rt.tokenizer
+    v = tok.vocab
+    harmony, counter = v.part_index["harmony"], v.part_index["counter"]
+    songs = song_paths(args.data, args.songs)
+    cont_jobs, acc_jobs, refs = [], [], []
+    for i, path in enumerate(songs):
+        notes = tok.read_notes(path)
+        t0 = float(notes.start.min())
+        p_lo, p_hi, c_hi = t0, t0 + args.prompt_seconds, t0 + args.prompt_seconds + args.seconds
+        prompt = window(notes, p_lo, p_hi)
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=1000 + i)
+        cont_jobs.append(plan_continue(rt, prompt, args.seconds, sampling))
+        # accompaniment: the first `seconds` of the melody
+        a_lo = float(notes.start[notes.part == v.lead].min())
+        a_hi = a_lo + args.seconds
+        melody = window(notes, a_lo, a_hi)
+        lead = melody.select(melody.part == v.lead)
+        acc_jobs.append(
+            plan_accompany(rt, lead, sampling, ["counter", "harmony"], tail_seconds=0.0)
+        )
+        refs.append(
+            (path, notes, p_hi, c_hi, a_lo, a_hi, read_chords(path.parent / "chord_midi.txt"))
+        )
+
+    t = time.perf_counter()
+    try:
+        cont = asyncio.run(_run_jobs(rt, cont_jobs))
+        t_cont = time.perf_counter() - t
+        t = time.perf_counter()
+        acc = asyncio.run(_run_jobs(rt, acc_jobs))
+        t_acc = time.perf_counter() - t
+    finally:
+        rt.close()
+
+    cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []
+    for (path, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a in zip(refs, cont, acc, strict=True):
+        gen = window(c, p_hi, c_hi)
+        real = window(notes, p_hi, c_hi)
+        cont_gen.append(summary(gen, args.seconds, v.drums))
+        cont_real.append(summary(real, args.seconds, v.drums))
+        gen_acc = window(a, a_lo, a_hi)
+        gen_acc = gen_acc.select(gen_acc.part != v.lead)
+        real = window(notes, a_lo, a_hi)
+        real_acc = real.select(np.isin(real.part, [harmony, counter]))
+        acc_gen.append(summary(gen_acc, args.seconds, v.drums))
+        acc_real.append(summary(real_acc, args.seconds, v.drums))
+        chord_gen.append(chord_tone_share(gen_acc, chords))
+        chord_real.append(chord_tone_share(real.select(real.part == harmony), chords))
+
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "songs": [p.parent.name for p in songs],
+        "sampling": {
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seeds": "1000 + song index",
+        },
+        "continuation": compare(mean_stats(cont_gen), mean_stats(cont_real)),
+        "accompaniment": compare(mean_stats(acc_gen), mean_stats(acc_real)),
+        "chord_tone_share": {
+            "generated": float(np.nanmean(chord_gen)),
+            "real_piano": float(np.nanmean(chord_real)),
+        },
+        "generation_seconds": {"continuation": round(t_cont, 1), "accompaniment": round(t_acc, 1)},
+        "machine": machine(),
+        "command": command_line(),
+    }
+    report["chord_tone_share"]["rel_diff"] = (
+        abs(report["chord_tone_share"]["generated"] - report["chord_tone_share"]["real_piano"])
+        / report["chord_tone_share"]["real_piano"]
+    )
+    (out / "quality.json").write_text(json.dumps(report, indent=2))
+    for k, (path, _, p_hi, c_hi, a_lo, a_hi, _) in enumerate(refs[:2]):
+        title = f"{path.name}: real prompt to {p_hi:.0f} s, then generated"
+        render_piano_roll(
+            cont[k], tok.parts, out / f"example-continue-{k + 1}.png", title, p_hi - 10, c_hi
+        )
+        title = f"{path.name}: real melody (red), generated accompaniment"
+        render_piano_roll(
+            acc[k], tok.parts, out / f"example-accompany-{k + 1}.png", title, a_lo, a_hi
+        )
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
