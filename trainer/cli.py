@@ -24,8 +24,6 @@ _LAUNCH_ONLY = {"nproc_per_node"}  # options the launcher consumes, not passed t
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .data import OBJECTIVES
-
     g = p.add_argument_group("data and model")
     g.add_argument("--data", required=True, help="training dataset folder, or a MIDI folder")
     g.add_argument("--valid", help="validation dataset folder, or a MIDI folder")
@@ -37,7 +35,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--mix",
         default="continue=0.5,infill=0.25,accompany=0.25",
-        help=f"objective weights, NAME=W,... with NAME in {', '.join(OBJECTIVES)}",
+        help="objective weights, NAME=W,... with NAME in continue, infill, accompany",
     )
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation")
     g = p.add_argument_group("optimization")
