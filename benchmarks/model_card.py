@@ -75,11 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from cli.render import render_piano_roll  # noqa: E402  (the repo's cli/ folder, as a script)
-
+    from improv.cli.render import render_piano_roll
     from improv.engine.engine import Engine
     from improv.engine.live import SamplingParams
     from improv.server.generation import plan_accompany, plan_continue
@@ -126,7 +122,7 @@ def main() -> None:
         rt.close()
 
     cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []
-    for (path, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a in zip(refs, cont, acc, strict=True):
+    for (_, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a in zip(refs, cont, acc, strict=True):
         gen = window(c, p_hi, c_hi)
         real = window(notes, p_hi, c_hi)
         cont_gen.append(summary(gen, args.seconds, v.drums))
