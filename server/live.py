@@ -119,6 +119,7 @@ class LiveConnection:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._heap: list[tuple[float, int, _Out]] = []
         self._seq = itertools.count()
+        self._floor = -1e18  # no message is sent before the latest retract (session ms)
         self._wake: asyncio.Future[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._timer: asyncio.Task[None] | None = None
@@ -190,16 +191,14 @@ class LiveConnection:
         try:
             self._end_mode(self.now_ms())
             if reason != "disconnect":
-                self._enqueue(
-                    p.Stopped(
-                        reason=reason,
-                        events_sent=self.stats.events_sent,
-                        late_events=self.stats.late_events,
-                        retracts=self.stats.retracts,
-                    ),
-                    self.now_ms(),
-                )
                 await self._flush()
+                stopped = p.Stopped(
+                    reason=reason,
+                    events_sent=self.stats.events_sent,
+                    late_events=self.stats.late_events,
+                    retracts=self.stats.retracts,
+                )
+                await self._send(stopped)
         except Exception:  # the peer may be gone mid-flush; cleanup goes on regardless
             logger.debug("session %s: flush on close failed", self.id, exc_info=True)
         finally:
@@ -627,9 +626,12 @@ class LiveConnection:
     def _send_retract(self, after: float) -> None:
         """Retract after `after`, then re-send the surviving events the client will drop."""
         self.stats.retracts += 1
-        self._enqueue(p.Retract(after=after), self.now_ms())
+        # Everything enqueued from now on goes out after the retract (else the client would
+        # drop it); the surviving events after `after`, sent or still queued, go again after it.
+        self._floor = self.now_ms()
+        self._enqueue(p.Retract(after=after), self._floor)
         for e in list(self._events):
-            if e.sent and not e.cancelled and e.time_ms > after:
+            if not e.cancelled and e.time_ms > after and e.msg.type == "midi":
                 e.cancelled = True
                 again = self._enqueue(
                     e.msg, e.time_ms - self.params.lookahead_ms, e.time_ms, e.position
@@ -645,6 +647,7 @@ class LiveConnection:
     def _enqueue(
         self, msg: Any, send_at: float, time_ms: float | None = None, position: int | None = None
     ) -> _Out:
+        send_at = max(send_at, self._floor)
         e = _Out(send_at, msg, time_ms, position, enqueued=self.now_ms())
         heapq.heappush(self._heap, (send_at, next(self._seq), e))
         if self._heap[0][2] is e and self._wake is not None and not self._wake.done():
@@ -696,7 +699,11 @@ class LiveConnection:
             cutoff = now - 2000.0  # forget events long past (rollback can't reach them)
             if len(self._events) > 256 and self._events[0].time_ms < cutoff:
                 self._events = [x for x in self._events if x.time_ms >= cutoff or not x.sent]
-                self._notes = [n for n in self._notes if n.off is None or not n.off.sent]
+                self._notes = [
+                    n
+                    for n in self._notes
+                    if n.off is None or not n.off.sent or n.off.time_ms >= cutoff
+                ]
         await self._send(e.msg)
 
     async def _flush(self) -> None:

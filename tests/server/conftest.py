@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import uvicorn
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from improv.engine.checkpoint import save_checkpoint
 from improv.engine.config import ModelConfig
@@ -104,3 +108,103 @@ def server(runtime) -> Iterator[LiveServer]:
     s = start_server(runtime)
     yield s
     s.stop()
+
+
+# --- a WebSocket test client -----------------------------------------------------------------
+
+
+class Player:
+    def __init__(self, url: str, **kw: Any) -> None:
+        self.ws = connect(url, open_timeout=10, **kw)
+        self.t0 = time.perf_counter()
+        self.received: list[dict] = []
+        self.queue: list[dict] = []  # generated midi, retracts applied
+        self.closed_code: int | None = None
+
+    def send(self, msg: dict | str) -> None:
+        self.ws.send(msg if isinstance(msg, str) else json.dumps(msg))
+
+    def recv(self, timeout: float = 5.0) -> dict | None:
+        try:
+            raw = self.ws.recv(timeout=timeout)
+        except TimeoutError:
+            return None
+        except ConnectionClosed as e:
+            self.closed_code = e.rcvd.code if e.rcvd else 1006
+            return None
+        msg = json.loads(raw)
+        self.received.append(msg)
+        if msg["type"] == "midi":
+            self.queue.append(msg)
+        elif msg["type"] == "retract":
+            self.queue = [m for m in self.queue if m["time"] <= msg["after"]]
+        return msg
+
+    def until(self, pred, timeout: float = 10.0) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self.recv(max(0.01, deadline - time.monotonic()))
+            if m is not None and pred(m):
+                return m
+            if self.closed_code is not None:
+                return None
+        return None
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """Read until the server closes the socket."""
+        self.until(lambda m: False, timeout)
+
+    def note(self, pitch: int, on: bool, time_ms: float | None = None) -> None:
+        msg: dict = {"type": "midi", "data": [0x90 if on else 0x80, pitch, 100 if on else 0]}
+        if time_ms is not None:
+            msg["time"] = time_ms
+        self.send(msg)
+
+    def counts(self) -> tuple[int, int]:
+        ons = sum(1 for m in self.queue if m["data"][0] & 0xF0 == 0x90 and m["data"][2] > 0)
+        offs = sum(
+            1
+            for m in self.queue
+            if m["data"][0] & 0xF0 == 0x80 or (m["data"][0] & 0xF0 == 0x90 and m["data"][2] == 0)
+        )
+        return ons, offs
+
+    def sounding(self) -> set[tuple[int, int]]:
+        """Play the queue in time order (ties: arrival order): what is left sounding."""
+        ring: dict[tuple[int, int], int] = {}
+        for m in sorted(self.queue, key=lambda m: m["time"]):  # stable: arrival order on ties
+            st, *rest = m["data"]
+            key = (st & 0x0F, rest[0] if rest else -1)
+            if st & 0xF0 == 0x90 and rest[1] > 0:
+                ring[key] = ring.get(key, 0) + 1
+            elif st & 0xF0 in (0x80, 0x90):
+                ring[key] = max(0, ring.get(key, 0) - 1)
+        return {k for k, v in ring.items() if v}
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+@pytest.fixture
+def make_player():
+    """Factory: make_player(url) -> Player; all closed at the end."""
+    made: list[Player] = []
+
+    def make(url: str) -> Player:
+        pl = Player(url)
+        made.append(pl)
+        return pl
+
+    yield make
+    for pl in made:
+        try:
+            pl.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture(scope="session")
+def server_factory():
+    """start_server(runtime, **settings) and make_runtime(ckpt, **settings) for tests that need
+    their own limits."""
+    return start_server, make_runtime

@@ -1,0 +1,299 @@
+"""/v1/live end to end on a real uvicorn server: both modes, interruption, retract, disconnect,
+malformed frames, limits, auth; no stuck notes on any exit path."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+Player = Any  # the client class lives in conftest (fixture make_player)
+pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
+
+
+def start(pl: Player, mode: str, **params) -> dict:
+    pl.send({"type": "start", "mode": mode, **params})
+    m = pl.until(lambda m: m["type"] in ("started", "error"))
+    assert m is not None and m["type"] == "started", m
+    return m
+
+
+def stop(pl: Player) -> dict:
+    pl.send({"type": "stop"})
+    m = pl.until(lambda m: m["type"] == "stopped")
+    assert m is not None
+    pl.drain(5)
+    assert pl.closed_code == 1000
+    return m
+
+
+def assert_balanced(pl: Player) -> None:
+    ons, offs = pl.counts()
+    assert ons == offs, (ons, offs)
+    assert not pl.sounding(), [
+        m
+        for m in pl.received
+        if m["type"] != "midi" or m["data"][1] in {k for _, k in pl.sounding()}
+    ]
+
+
+def is_on(m: dict) -> bool:
+    return m["type"] == "midi" and m["data"][0] & 0xF0 == 0x90 and m["data"][2] > 0
+
+
+def phrase(pl: Player, pitches=(60, 62, 64), dur=0.06) -> None:
+    for k in pitches:
+        pl.note(k, True)
+        time.sleep(dur)
+        pl.note(k, False)
+
+
+def test_ping_pong(server, make_player):
+    pl = make_player(server.ws)
+    pl.send({"type": "ping", "time": 123.5})
+    m = pl.until(lambda m: m["type"] == "pong")
+    assert m["time"] == 123.5 and m["server_time"] >= 0
+    pl.close()
+
+
+def test_respond_after_silence(server, make_player):
+    pl = make_player(server.ws)
+    s = start(pl, "respond", gap_ms=100, response_seconds=1.0, seed=1, lookahead_ms=50)
+    assert s["params"]["gap_ms"] == 100 and s["session"]
+    phrase(pl)
+    first = pl.until(is_on, timeout=5)
+    assert first is not None and first["part"] == "lead"
+    pl.until(lambda m: False, timeout=1.5)  # let the response play out
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_trigger_starts_with_a_note(server, make_player):
+    pl = make_player(server.ws)
+    start(pl, "respond", gap_ms=5000, response_seconds=2.0, seed=2)
+    phrase(pl, (67,))
+    pl.send({"type": "trigger"})
+    m = pl.until(lambda m: m["type"] == "midi", timeout=5)
+    assert m is not None and is_on(m)  # the response's first event is a note-on
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_player_interrupts_a_response(server, make_player):
+    pl = make_player(server.ws)
+    # A long response sent far ahead: the interruption must retract what has not sounded.
+    start(pl, "respond", gap_ms=5000, response_seconds=8.0, lookahead_ms=2000, seed=3)
+    phrase(pl, (60,))
+    pl.send({"type": "trigger"})
+    assert pl.until(is_on, timeout=5) is not None
+    pl.until(lambda m: False, timeout=0.6)
+    pl.note(72, True)
+    r = pl.until(lambda m: m["type"] == "retract", timeout=5)
+    assert r is not None
+    pl.note(72, False)
+    pl.until(lambda m: False, timeout=0.3)
+    # Nothing generated after the interruption sounds later than it, until the next response.
+    assert all(m["time"] <= r["after"] + 1e-6 for m in pl.queue)
+    assert not pl.sounding(), [
+        m
+        for m in pl.received
+        if m["type"] != "midi" or m["data"][1] in {k for _, k in pl.sounding()}
+    ]
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_accompany_plays_along_with_retracts(server, make_player):
+    pl = make_player(server.ws)
+    start(pl, "accompany", lookahead_ms=150, horizon_ms=400, seed=4, drums=True)
+    for i in range(12):  # a melody at real time
+        pl.note(60 + (i * 5) % 12, True)
+        pl.until(lambda m: False, timeout=0.1)
+        pl.note(60 + (i * 5) % 12, False)
+        pl.until(lambda m: False, timeout=0.05)
+    stopped = stop(pl)
+    gen = [m for m in pl.received if m["type"] == "midi"]
+    assert gen, "the model played nothing"
+    assert all(m["part"] in ("counter", "harmony", "bass", "drums") for m in gen)
+    assert stopped["events_sent"] == len(gen)
+    assert_balanced(pl)
+
+
+def test_mode_change_closes_notes(server, make_player):
+    pl = make_player(server.ws)
+    start(pl, "respond", gap_ms=5000, response_seconds=6.0, lookahead_ms=2000, seed=5)
+    phrase(pl, (64,))
+    pl.send({"type": "trigger"})
+    pl.until(is_on, timeout=5)
+    pl.until(lambda m: False, timeout=0.3)
+    start(pl, "accompany", lookahead_ms=100)
+    pl.until(lambda m: False, timeout=0.5)
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_params_change_live(server, make_player):
+    pl = make_player(server.ws)
+    start(pl, "accompany", lookahead_ms=100, seed=6)
+    pl.send({"type": "params", "temperature": 0.5, "parts": ["bass"]})
+    pl.send({"type": "params", "temperature": 9})
+    err = pl.until(lambda m: m["type"] == "error")
+    assert err["code"] == "bad_message" and "temperature" in err["message"]
+    pl.until(lambda m: False, timeout=0.8)
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_disconnect_mid_response_frees_the_session(server, runtime, make_player):
+    pl = make_player(server.ws)
+    start(pl, "respond", gap_ms=5000, response_seconds=10.0, lookahead_ms=500, seed=7)
+    phrase(pl, (60,))
+    pl.send({"type": "trigger"})
+    assert pl.until(is_on, timeout=5) is not None
+    pl.ws.socket.close()  # abrupt: no close frame
+    deadline = time.monotonic() + 5
+    while runtime.sessions_open() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert runtime.sessions_open() == 0  # (the autouse fixture checks the engine slot too)
+
+
+def test_flood_of_malformed_frames(server, make_player):
+    pl = make_player(server.ws)
+    bad = [
+        "not json",
+        "{",
+        "[]",
+        "42",
+        json.dumps({"type": "nope"}),
+        json.dumps({"type": "midi"}),
+        json.dumps({"type": "midi", "data": [1, 2, 3]}),
+        json.dumps({"type": "midi", "data": [144, 60, 100], "time": 1e12}),
+        json.dumps({"type": "start", "mode": "respond", "gap_ms": -1}),
+        json.dumps({"type": "trigger"}),  # before start
+        "x" * 70_000,
+    ]
+    for i in range(300):
+        pl.send(bad[i % len(bad)])
+    pl.ws.send(b"\x00\x01binary")
+    pl.send({"type": "ping", "time": 1})
+    assert pl.until(lambda m: m["type"] == "pong", timeout=10) is not None
+    errors = [m for m in pl.received if m["type"] == "error"]
+    assert 1 <= len(errors) <= 60  # rate-limited, not one per frame
+    codes = {e["code"] for e in errors}
+    assert {"bad_json", "bad_message"} <= codes
+    # The session still works.
+    start(pl, "respond", gap_ms=100, response_seconds=0.5, seed=8)
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_error_codes(server, make_player):
+    pl = make_player(server.ws)
+    pl.send({"type": "trigger"})
+    assert pl.until(lambda m: m["type"] == "error")["code"] == "not_started"
+    start(pl, "respond")
+    pl.send({"type": "midi", "data": [144, 60, 100], "time": 10_000_000})
+    e = pl.until(lambda m: m["type"] == "error")
+    assert e["code"] == "bad_time" and "1000 ms" in e["message"]
+    pl.send("x" * 70_000)
+    assert pl.until(lambda m: m["type"] == "error")["code"] == "too_large"
+    stop(pl)
+
+
+def test_max_sessions_refused_with_a_close_code(tiny_ckpt, make_player, server_factory):
+    start_server, make_runtime = server_factory
+    rt = make_runtime(tiny_ckpt, max_sessions=2)
+    srv = start_server(rt)
+    try:
+        a, b = make_player(srv.ws), make_player(srv.ws)
+        start(a, "accompany")
+        start(b, "respond")
+        c = make_player(srv.ws)
+        assert c.recv(5) is None and c.closed_code == 1013
+        stop(a)  # a slot frees: a new one gets in
+        d = make_player(srv.ws)
+        start(d, "respond")
+        stop(d)
+        stop(b)
+        assert_balanced(a) is None and assert_balanced(b) is None
+    finally:
+        srv.stop()
+        rt.close()
+
+
+def test_auth(runtime, make_player, server_factory):
+    start_server, _ = server_factory
+    srv = start_server(runtime, token="s3cret")
+    try:
+        assert httpx.get(srv.url + "/v1/model").status_code == 401
+        assert (
+            httpx.get(srv.url + "/v1/model", headers={"Authorization": "Bearer nope"}).status_code
+            == 401
+        )
+        ok = httpx.get(srv.url + "/v1/model", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(srv.url + "/health").status_code == 200  # health stays open
+        bad = make_player(srv.ws)
+        assert bad.recv(5) is None and bad.closed_code == 1008
+        bad = make_player(srv.ws + "?token=wrong")
+        assert bad.recv(5) is None and bad.closed_code == 1008
+        good = make_player(srv.ws + "?token=s3cret")
+        start(good, "respond")
+        stop(good)
+    finally:
+        srv.stop()
+
+
+def test_server_shutdown_ends_notes(runtime, make_player, server_factory):
+    start_server, _ = server_factory
+    srv = start_server(runtime)
+    pl = make_player(srv.ws)
+    start(pl, "respond", gap_ms=5000, response_seconds=10.0, lookahead_ms=2000, seed=9)
+    phrase(pl, (62,))
+    pl.send({"type": "trigger"})
+    assert pl.until(is_on, timeout=5) is not None
+    pl.until(lambda m: False, timeout=0.3)
+    srv.stop()
+    m = pl.until(lambda m: m["type"] == "stopped", timeout=5)
+    assert m is not None and m["reason"] == "shutdown"
+    pl.drain(3)
+    assert pl.closed_code in (1001, 1012)  # ours, or uvicorn's "service restart" if it is first
+    assert_balanced(pl)
+
+
+@pytest.mark.parametrize("mode", ["respond", "accompany"])
+def test_in_process_connection(runtime, mode):
+    """Driven without a WebSocket, as the MIDI-port bridge does."""
+    import asyncio
+
+    from improv.server.live import LiveConnection
+
+    async def main() -> list:
+        out: list = []
+
+        async def send(msg) -> None:
+            out.append(msg)
+
+        conn = LiveConnection(runtime, send)
+        await conn.open()
+        await conn.handle({"type": "start", "mode": mode, "seed": 1, "lookahead_ms": 0})
+        await conn.handle({"type": "midi", "data": [144, 60, 100]})
+        await asyncio.sleep(0.1)
+        await conn.handle('{"type": "midi", "data": [128, 60, 0]}')
+        await conn.handle({"type": "trigger"})
+        await asyncio.sleep(0.5)
+        await conn.close()
+        await conn.close()  # safe twice
+        assert conn.closed
+        return out
+
+    out = asyncio.run(main())
+    assert out[0].type == "started" and out[-1].type == "stopped"
+    midi = [m for m in out if m.type == "midi"]
+    assert midi, "nothing generated"
+    ons = sum(1 for m in midi if m.data[0] & 0xF0 == 0x90)
+    offs = sum(1 for m in midi if m.data[0] & 0xF0 == 0x80)
+    assert ons == offs
