@@ -69,12 +69,12 @@ class MidoBackend:
 
     def __init__(self, name: str | None = None) -> None:
         self._b = mido.Backend(name, load=False)  # None: $MIDO_BACKEND, else mido's default
-        self.name = self._b.name
+        self.name = f"{self._b.name}/{self._b.api}" if self._b.api else self._b.name
 
-    def _kw(self, client: str | None) -> dict[str, Any]:
-        # client_name makes rtmidi name the JACK/ALSA client ("improv:improv in"); other
-        # backends do not know it.
-        return {"client_name": client} if client and "rtmidi" in self.name else {}
+    def _kw(self, client: str | None, virtual: bool) -> dict[str, Any]:
+        # client_name names the JACK/ALSA client of a virtual port ("improv:improv in"); mido
+        # makes any port given a client_name virtual, and other backends do not know it.
+        return {"client_name": client} if virtual and client and "rtmidi" in self.name else {}
 
     def input_names(self) -> list[str]:
         return list(self._b.get_input_names())
@@ -85,10 +85,12 @@ class MidoBackend:
     def open_input(
         self, name: str, virtual: bool, client: str | None, callback: Callable[[mido.Message], None]
     ) -> Any:
-        return self._b.open_input(name, virtual=virtual, callback=callback, **self._kw(client))
+        return self._b.open_input(
+            name, virtual=virtual, callback=callback, **self._kw(client, virtual)
+        )
 
     def open_output(self, name: str, virtual: bool, client: str | None) -> Any:
-        return self._b.open_output(name, virtual=virtual, **self._kw(client))
+        return self._b.open_output(name, virtual=virtual, **self._kw(client, virtual))
 
 
 class MemoryBackend:

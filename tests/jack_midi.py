@@ -1,0 +1,120 @@
+"""A private JACK server for integration tests, and test-side MIDI ports on it.
+
+`jack_server()` starts `jackd -n <unique> -d dummy` (no sound card needed) and points this
+process (JACK_DEFAULT_SERVER, MIDO_BACKEND) at it; tests skip with a reason when jackd or the
+rtmidi JACK API is missing. Used by tests/server/test_ports.py and tests/clients/test_bridge.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mido
+import pytest
+
+JACK_BACKEND = "mido.backends.rtmidi/UNIX_JACK"
+
+
+@contextmanager
+def jack_server() -> Iterator[dict[str, str]]:
+    """Yields the environment for subprocesses; os.environ is set for this process too."""
+    if shutil.which("jackd") is None:
+        pytest.skip("jackd is not installed (apt-get install jackd2)")
+    try:
+        import rtmidi
+    except ImportError:
+        pytest.skip("python-rtmidi is not installed")
+    if rtmidi.API_UNIX_JACK not in rtmidi.get_compiled_api():
+        pytest.skip("python-rtmidi was built without JACK")
+    name = f"improv-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        "JACK_DEFAULT_SERVER": name,
+        "JACK_NO_START_SERVER": "1",  # never autostart a default server behind our back
+        "MIDO_BACKEND": JACK_BACKEND,
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    proc = subprocess.Popen(
+        ["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r", "48000", "-p", "256"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ok = subprocess.run(
+            ["jack_wait", "-w", "-t", "10"], env={**os.environ}, capture_output=True
+        )
+        if ok.returncode != 0 or proc.poll() is not None:
+            err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+            pytest.skip(f"jackd did not start: {err.strip()[-300:]}")
+        yield {**os.environ}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_port(kind: str, part: str, timeout: float = 20.0) -> str:
+    """The full name of a JACK port containing `part` ('input' = we send to it)."""
+    backend = mido.Backend(JACK_BACKEND)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = backend.get_output_names() if kind == "input" else backend.get_input_names()
+        hits = [n for n in names if part in n]
+        if hits:
+            return hits[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no JACK port {part!r} appeared")
+
+
+class Recorder:
+    """Receives from a port (rtmidi's thread), keeps every message."""
+
+    def __init__(self, name: str) -> None:
+        self.messages: list[mido.Message] = []
+        self._lock = threading.Lock()
+        self.port = mido.Backend(JACK_BACKEND).open_input(name, callback=self._on)
+
+    def _on(self, msg: mido.Message) -> None:
+        with self._lock:
+            self.messages.append(msg)
+
+    def snapshot(self) -> list[mido.Message]:
+        with self._lock:
+            return list(self.messages)
+
+    def note_ons(self) -> int:
+        return sum(1 for m in self.snapshot() if m.type == "note_on" and m.velocity > 0)
+
+    def wait(self, pred, timeout: float) -> bool:  # noqa: ANN001
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred(self.snapshot()):
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        self.port.close()
+
+
+def play_phrase(out: mido.ports.BaseOutput, pitches=(60, 64, 67), dur: float = 0.08) -> None:  # noqa: ANN001
+    for k in pitches:
+        out.send(mido.Message("note_on", note=k, velocity=90))
+        time.sleep(dur)
+        out.send(mido.Message("note_off", note=k, velocity=0))

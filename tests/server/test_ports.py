@@ -1,0 +1,333 @@
+"""Server-side MIDI ports: name resolution, balanced outputs, the timed player, retract, MIDI
+clock, vanishing ports (in-memory twin), a live session on ports in process, and the real thing:
+`improv serve --midi-virtual` on a private JACK server, phrase in, notes out, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mido
+import pytest
+from jack_midi import Recorder, jack_server, play_phrase, wait_port
+
+from improv.server.ports import (
+    InputPort,
+    MemoryBackend,
+    MidiConfig,
+    OutputPort,
+    Player,
+    PortError,
+    PortSession,
+    TempoFollower,
+    note_balance,
+    resolve,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def on(note: int, ch: int = 0, vel: int = 90) -> mido.Message:
+    return mido.Message("note_on", channel=ch, note=note, velocity=vel)
+
+
+def off(note: int, ch: int = 0) -> mido.Message:
+    return mido.Message("note_off", channel=ch, note=note)
+
+
+# --- names ---------------------------------------------------------------------------------------
+def test_resolve_exact_substring_none_several():
+    names = ["Keystation 49 MIDI 1", "Midi Through Port-0", "Keystation 49 MIDI 2"]
+    assert resolve(names, "Midi Through Port-0", "input") == "Midi Through Port-0"
+    assert resolve(names, "through", "input") == "Midi Through Port-0"
+    with pytest.raises(PortError, match=r"no MIDI input matches 'piano'; available: 'Keystation"):
+        resolve(names, "piano", "input")
+    with pytest.raises(PortError, match=r"matches 2 ports: 'Keystation 49 MIDI 1', 'Keystation"):
+        resolve(names, "keystation", "input")
+    with pytest.raises(PortError, match="available: none"):
+        resolve([], "x", "output")
+
+
+def test_config_checks():
+    with pytest.raises(PortError, match="not both"):
+        MidiConfig("a", "b", True).check()
+    with pytest.raises(PortError, match="go together"):
+        MidiConfig("a", None).check()
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+def test_output_keeps_notes_balanced_and_closes_twice():
+    b = MemoryBackend(outputs=["synth"])
+    out = OutputPort(b, "syn")
+    out.open()
+    out.send(on(60))
+    out.send(on(60))  # again while sounding: the first is ended first
+    out.send(off(61))  # never started: dropped
+    out.send([0x91, 40, 100])  # raw bytes are validated by mido
+    with pytest.raises(ValueError):
+        out.send([0x90, 200, 1])
+    assert out.sounding == {(0, 60), (1, 40)}
+    out.close()
+    out.close()
+    out.send(on(70))  # after close: ignored
+    ons, offs = note_balance(b.sent["synth"])
+    assert ons == offs == 3
+    assert not out.sounding
+
+
+def test_vanished_output_reopens_when_back():
+    b = MemoryBackend(outputs=["synth"])
+    out = OutputPort(b, "synth")
+    out.open()
+    out.send(on(60))
+    b.vanish("synth")
+    out.check()
+    assert not out.present and not out.sounding  # the device took its notes with it
+    out.send(on(62))  # nowhere to go, but bookkept
+    b.restore("synth", output=True)
+    out.check()
+    assert out.present
+    out.close()
+    ons, offs = note_balance(b.sent["synth"])
+    assert ons == 1  # only the note sent while present reached the device
+
+
+@pytest.mark.asyncio
+async def test_vanished_input_releases_held_keys():
+    b = MemoryBackend(inputs=["keys"])
+    got: list[mido.Message] = []
+    inp = InputPort(
+        b, "keys", asyncio.get_running_loop(), lambda m, t: got.append(m), time.monotonic
+    )
+    inp.open()
+    b.play("keys", on(60), thread=True)  # rtmidi calls back on its own thread
+    b.play("keys", on(64), thread=True)
+    b.play("keys", off(60), thread=True)
+    await asyncio.sleep(0.05)
+    assert [m.type for m in got] == ["note_on", "note_on", "note_off"]
+    changes: list[bool] = []
+    inp.on_change = changes.append
+    b.vanish("keys")
+    inp.check()
+    inp.release_held()
+    assert changes == [False] and got[-1] == off(64)
+    b.restore("keys", output=False)
+    inp.check()
+    assert changes == [False, True] and inp.present
+    inp.close()
+    inp.close()
+
+
+# --- player ------------------------------------------------------------------------------------------
+@pytest.mark.asyncio
+async def test_player_plays_at_times_and_honours_retract():
+    b = MemoryBackend(outputs=["o"])
+    out = OutputPort(b, "o")
+    out.open()
+    t0 = time.perf_counter() * 1000
+
+    def now() -> float:
+        return time.perf_counter() * 1000 - t0
+
+    pl = Player(out, now)
+    task = asyncio.create_task(pl.run())
+    pl.push([0x90, 60, 80], 0)
+    pl.push([0x80, 60, 0], 300)  # will be retracted
+    pl.push([0x90, 62, 80], 80)
+    pl.push([0x80, 62, 0], 120)
+    pl.push([0x90, 64, 80], 400)  # will be retracted
+    await asyncio.sleep(0.05)
+    assert [m.note for m in b.sent["o"]] == [60]
+    pl.retract(200)  # drops the two events after 200 ms; the server sends the note-off
+    pl.push([0x80, 60, 0], 200)
+    await asyncio.sleep(0.5)
+    notes = [(m.type, m.note) for m in b.sent["o"]]
+    assert notes == [("note_on", 60), ("note_on", 62), ("note_off", 62), ("note_off", 60)]
+    assert pl.pending() == 0 and max(pl.late_ms) < 30
+    task.cancel()
+    out.close()
+    assert note_balance(b.sent["o"]) == (2, 2)
+
+
+@pytest.mark.asyncio
+async def test_player_silence_ends_sounding_notes():
+    b = MemoryBackend(outputs=["o"])
+    out = OutputPort(b, "o")
+    out.open()
+    pl = Player(out, lambda: 1000.0)
+    pl.push([0x92, 50, 80], 0)
+    pl.push([0x82, 50, 0], 5000)
+    pl.play_due()
+    pl.silence()  # a drop: the queued note-off is gone, the note still ends
+    assert pl.pending() == 0 and note_balance(b.sent["o"]) == (1, 1)
+
+
+# --- MIDI clock ------------------------------------------------------------------------------------
+def test_tempo_follower_tracks_clock():
+    seen: list[float] = []
+    tf = TempoFollower(seen.append)
+    tf.feed("start", 0)
+    t = 0.0
+    for _ in range(48):  # two beats at 120 bpm: 24 ticks per 500 ms
+        t += 500 / 24
+        tf.feed("clock", t)
+    assert seen and abs(seen[-1] - 120) < 0.5
+    for _ in range(96):  # then 90 bpm
+        t += 60_000 / 90 / 24
+        tf.feed("clock", t)
+    assert abs(seen[-1] - 90) < 0.5
+    n = len(seen)
+    for _ in range(48):  # steady: nothing new to report
+        t += 60_000 / 90 / 24
+        tf.feed("clock", t)
+    assert len(seen) == n
+    tf.feed("stop", t)
+    assert not tf.running and tf.bpm == seen[-1]
+
+
+# --- a session on ports (in process, in-memory ports) ----------------------------------------------
+@pytest.mark.asyncio
+async def test_port_session_respond_in_memory(runtime):
+    b = MemoryBackend(inputs=["keys"], outputs=["synth"])
+    config = MidiConfig(
+        "keys",
+        "synth",
+        start={"mode": "respond", "gap_ms": 100, "response_seconds": 1.0, "seed": 3},
+    )
+    s = PortSession(runtime, config, backend=b)
+    await s.open()
+    try:
+        await asyncio.wait_for(s.started.wait(), 5)
+        for k in (60, 62, 64):
+            b.play("keys", on(k), thread=True)
+            await asyncio.sleep(0.05)
+            b.play("keys", off(k), thread=True)
+        for _ in range(24):  # MIDI clock (~125 bpm): becomes tempo_bpm, not notes
+            b.play("keys", mido.Message("clock"))
+            await asyncio.sleep(0.02)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and note_balance(b.sent["synth"])[0] == 0:
+            await asyncio.sleep(0.05)
+        assert note_balance(b.sent["synth"])[0] > 0, "no generated note reached the output"
+        assert s.tempo.bpm is not None and 60 < s.tempo.bpm < 140  # ~125 (loop timing is loose)
+        assert s.conn is not None and s.conn.params.tempo_bpm == s.tempo.bpm
+    finally:
+        await s.close()
+        await s.close()
+    ons, offs = note_balance(b.sent["synth"])
+    assert ons == offs
+
+
+# --- the real thing: JACK ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def jack():
+    with jack_server() as env:
+        yield env
+
+
+@pytest.mark.jack
+def test_serve_midi_virtual_on_jack_then_sigterm(jack, tiny_ckpt, tmp_path):
+    """`improv serve --midi-virtual` as a subprocess: play into `improv in`, hear `improv out`;
+    SIGTERM mid-response leaves no note sounding."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "improv.cli", "serve", "--checkpoint", str(tiny_ckpt),
+        "--device", "cpu", "--port", str(port), "--midi-virtual", "--mode", "respond",
+        "--param", "gap_ms=100", "--param", "response_seconds=3", "--param", "seed=5",
+    ]  # fmt: skip
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env={**jack, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)
+    rec = None
+    try:
+        in_name = wait_port("input", "improv in")
+        out_name = wait_port("output", "improv out")
+        rec = Recorder(out_name)
+        sender = mido.Backend(jack["MIDO_BACKEND"]).open_output(in_name)
+        time.sleep(0.5)  # the session starts right after the ports open
+        play_phrase(sender)
+        assert rec.wait(lambda ms: note_balance(ms)[0] >= 2, 20), (
+            tmp_path / "serve.log"
+        ).read_text()
+        proc.send_signal(signal.SIGTERM)  # mid-response (3 s long)
+        # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM.
+        assert proc.wait(20) in (0, -signal.SIGTERM)
+        time.sleep(0.3)
+        sender.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    ons, offs = note_balance(rec.snapshot())
+    rec.close()
+    assert ons > 0 and ons == offs, (ons, offs)
+    assert "MIDI session stopped (shutdown)" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.asyncio
+@pytest.mark.jack
+async def test_port_session_on_jack_named_ports(jack, runtime):
+    """In process, named (not virtual) ports found by substring, a phrase in, notes out, stop."""
+    from improv.server.ports import MidoBackend
+
+    be = mido.Backend(jack["MIDO_BACKEND"])
+    keyboard = be.open_output("kbd", client_name="fake keyboard")  # the player's keyboard
+    synth_in = be.open_input("synth", client_name="fake synth")  # where the model plays
+    got: list[mido.Message] = []
+    synth_in.callback = got.append
+    config = MidiConfig(
+        "fake keyboard", "fake synth",
+        start={"mode": "respond", "gap_ms": 100, "response_seconds": 1.0, "seed": 4},
+    )  # fmt: skip
+    s = PortSession(runtime, config, backend=MidoBackend(jack["MIDO_BACKEND"]))
+    await s.open()
+    try:
+        await asyncio.wait_for(s.started.wait(), 5)
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(play_phrase, keyboard)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and note_balance(got)[0] == 0:
+            await asyncio.sleep(0.05)
+        assert note_balance(got)[0] > 0
+    finally:
+        await s.close()
+        await asyncio.sleep(0.2)
+        keyboard.close()
+        synth_in.close()
+    ons, offs = note_balance(got)
+    assert ons == offs, (ons, offs)
+
+
+def test_ports_command_lists_jack_ports(jack):
+    be = mido.Backend(jack["MIDO_BACKEND"])
+    port = be.open_output("listed", client_name="lister")
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "improv.cli", "ports"],
+            env=jack,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        port.close()
+    assert r.returncode == 0, r.stderr
+    assert "lister:listed" in r.stdout and "UNIX_JACK" in r.stdout
+
+
+def test_serve_with_unknown_port_fails_clearly(jack, tiny_ckpt):
+    r = subprocess.run(
+        [sys.executable, "-m", "improv.cli", "serve", "--checkpoint", str(tiny_ckpt), "--midi-in",
+         "nothing-like-this", "--midi-out", "nor-this"],
+        env=jack, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "no MIDI input matches 'nothing-like-this'" in r.stderr
