@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=["torch", "onnx"], help="decode backend")
     parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
     parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     from .ports import add_midi_arguments  # light: mido only; rtmidi loads when a port opens
 
     add_midi_arguments(parser)
@@ -37,6 +38,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "backend": args.backend,
             "max_sessions": args.max_sessions,
             "token": args.token,
+            "threads": args.threads,
         }.items()
         if v is not None
     }
@@ -49,10 +51,17 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .settings import is_loopback
 
     try:
         settings = settings_from_args(args)
         settings.check_bind()
+        if settings.token is None and not is_loopback(settings.host):
+            logger.warning(
+                "serving %s without a token (IMPROV_ALLOW_OPEN): anyone who reaches the port can "
+                "use the server; set IMPROV_TOKEN when it is published beyond this machine",
+                settings.host,
+            )
     except ValueError as e:
         logger.error("%s", e)
         return 2

@@ -81,6 +81,12 @@ class _Stats:
     retracts: int = 0
     jitter_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
+    def jitter(self) -> dict[str, float]:
+        if not self.jitter_ms:
+            return {}
+        q = np.percentile(np.fromiter(self.jitter_ms, float), [50, 99])
+        return {"jitter_p50_ms": round(float(q[0]), 3), "jitter_p99_ms": round(float(q[1]), 3)}
+
 
 class LeadIn(Constraint):
     """respond: no time token (and no note-off) before the response's first note-on, so the
@@ -197,6 +203,7 @@ class LiveConnection:
                     events_sent=self.stats.events_sent,
                     late_events=self.stats.late_events,
                     retracts=self.stats.retracts,
+                    **self.stats.jitter(),
                 )
                 await self._send(stopped)
         except Exception:  # the peer may be gone mid-flush; cleanup goes on regardless

@@ -267,6 +267,10 @@ class Stopped(_Message):
     events_sent: int = Field(description="generated MIDI events sent")
     late_events: int = Field(description="of those, sent after their time")
     retracts: int = Field(description="retract messages sent")
+    jitter_p50_ms: float | None = Field(
+        None, description="send time minus intended send time, median (events that waited)"
+    )
+    jitter_p99_ms: float | None = Field(None, description="the same, 99th percentile")
 
 
 ServerMessage = Annotated[

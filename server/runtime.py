@@ -48,8 +48,11 @@ class Runtime:
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
+        import torch
+
         from improv.engine.engine import Engine
 
+        torch.set_num_threads(settings.threads)
         engine = Engine.load(settings.checkpoint, device=settings.device, backend=settings.backend)
         logger.info(
             "loaded %s (%s, %s): %s",

@@ -17,9 +17,15 @@ class Settings(BaseSettings):
     checkpoint: str = "models/default"  # checkpoint folder (model.safetensors + config.json)
     device: str = "auto"  # auto: CUDA when present, else CPU
     backend: Literal["torch", "onnx"] = "torch"
+    # torch CPU threads for the scheduler's forward. 1: on a shared or small machine, OpenMP
+    # barriers waiting on descheduled threads made each step 4-6x slower (see BENCHMARKS.md).
+    threads: int = Field(1, ge=1, le=256)
     max_sessions: int = Field(16, ge=1, le=256)  # live WebSocket sessions at once
     http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (503 beyond)
     token: SecretStr | None = None  # Bearer token for HTTP, ?token= for the WebSocket
+    # Serve a non-loopback address without a token anyway (only for a container whose port
+    # publishing is decided outside it, e.g. the Docker image; logged as a warning).
+    allow_open: bool = False
     max_upload_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # MIDI uploads larger: 413
     max_generate_seconds: float = Field(120.0, gt=0)  # longest continuation / accompaniment
     max_infill_seconds: float = Field(60.0, gt=0)  # longest infill gap
@@ -28,7 +34,7 @@ class Settings(BaseSettings):
 
     def check_bind(self) -> None:
         """Refuse to serve beyond this machine without a token."""
-        if self.token is None and not is_loopback(self.host):
+        if self.token is None and not is_loopback(self.host) and not self.allow_open:
             raise ValueError(
                 f"refusing to bind {self.host} without a token: anyone on the network could use "
                 "the server. Set --token SECRET (or IMPROV_TOKEN), or bind 127.0.0.1."
