@@ -17,8 +17,10 @@ Rollback is `crop(slot, n)`: positions >= n become invalid (masked out until ove
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,6 +29,22 @@ from .config import ModelConfig
 logger = logging.getLogger(__name__)
 
 Rows = slice | Tensor  # resolved slots of one forward: a slice of the buffers, or a (B,) index
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """A zero-filled buffer; on CPU its pages become resident only when first written.
+
+    Zeros, not `torch.empty`: a row attends over the batch's longest prefix (`kv_len`), so it
+    reads positions of its own slot that were never written. They are masked, but a masked
+    score still multiplies its value (probability 0 x value), and 0 x NaN/inf is NaN: a stale
+    non-finite value from reused memory would poison the row. `torch.zeros` writes every byte
+    (a 64-session cache is resident up front); numpy's zeros is calloc, which takes fresh,
+    already-zero pages from the OS for large buffers without touching them.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(np.zeros(n, np.uint8), dtype=dtype).view(shape)
 
 
 class SlotLengths:
@@ -71,8 +89,8 @@ class KVCache(SlotLengths):
     ) -> None:
         super().__init__(max_batch, max_seq)
         shape = (max_batch, n_kv_head, max_seq, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.k = [_zeros(shape, dtype, device) for _ in range(n_layer)]
+        self.v = [_zeros(shape, dtype, device) for _ in range(n_layer)]
         self.positions = torch.arange(max_seq, device=device)  # key positions, for masks
         self._row_ids = torch.arange(max_batch, device=device)
 
