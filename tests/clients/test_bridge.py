@@ -1,0 +1,159 @@
+"""The DAW bridge: in-memory ports against a real uvicorn server (respond, accompany with
+retracts, MIDI clock -> tempo_bpm, reconnect after the server goes away), and the real thing:
+`improv bridge --virtual` as a subprocess on a private JACK server, killed with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+
+import mido
+import pytest
+from jack_midi import Recorder, jack_server, play_phrase, wait_port
+
+from improv.clients.bridge import Bridge
+from improv.server.ports import MemoryBackend, note_balance
+
+
+def on(note: int, vel: int = 90) -> mido.Message:
+    return mido.Message("note_on", note=note, velocity=vel)
+
+
+def off(note: int) -> mido.Message:
+    return mido.Message("note_off", note=note)
+
+
+async def until(pred, timeout: float) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def phrase(b: MemoryBackend, pitches=(60, 64, 67), dur: float = 0.06) -> None:  # noqa: ANN001
+    for k in pitches:
+        b.play("daw out", on(k), thread=True)
+        await asyncio.sleep(dur)
+        b.play("daw out", off(k), thread=True)
+
+
+def make_bridge(url: str, mode: str = "respond", **params) -> tuple[Bridge, MemoryBackend]:
+    b = MemoryBackend(inputs=["daw out"], outputs=["daw in"])
+    bridge = Bridge(url, mode=mode, params=params, in_port="daw out", out_port="daw in", backend=b)
+    return bridge, b
+
+
+@pytest.mark.asyncio
+async def test_bridge_respond_then_stop(server, runtime):
+    bridge, b = make_bridge(server.url, gap_ms=100, response_seconds=1.0, seed=11)
+    task = asyncio.create_task(bridge.run())
+    try:
+        assert await until(bridge.connected.is_set, 10)
+        await phrase(b)
+        assert await until(lambda: note_balance(b.sent["daw in"])[0] > 0, 10)
+        # The player's notes reached the session at their (clock-mapped) times.
+        conn = next(iter(runtime.connections))
+        assert conn.mode == "respond"
+    finally:
+        bridge.request_stop()
+        await asyncio.wait_for(task, 10)
+    ons, offs = note_balance(b.sent["daw in"])
+    assert ons == offs and ons > 0
+    assert bridge.player is not None and max(bridge.player.late_ms) < 1000
+
+
+@pytest.mark.asyncio
+async def test_bridge_accompany_follows_clock_and_stays_balanced(server, runtime):
+    bridge, b = make_bridge(server.url, mode="accompany", seed=12, horizon_ms=400)
+    task = asyncio.create_task(bridge.run())
+    try:
+        assert await until(bridge.connected.is_set, 10)
+        b.play("daw out", mido.Message("start"))
+        t_next = time.perf_counter()
+        for _ in range(60):  # MIDI clock at 100 bpm: 24 per quarter note = 25 ms apart
+            t_next += 0.025
+            await asyncio.sleep(max(0.0, t_next - time.perf_counter()))
+            b.play("daw out", mido.Message("clock"))
+        await phrase(b, (62, 65, 69, 72, 74), dur=0.1)  # unforeseen notes: retracts
+        conn = next(iter(runtime.connections))
+        assert await until(lambda: conn.params.tempo_bpm != 120.0, 5)
+        assert 80 < conn.params.tempo_bpm < 120, conn.params.tempo_bpm
+        assert await until(lambda: note_balance(b.sent["daw in"])[0] > 0, 10)
+    finally:
+        bridge.request_stop()
+        await asyncio.wait_for(task, 10)
+    ons, offs = note_balance(b.sent["daw in"])
+    assert ons == offs and ons > 0
+
+
+@pytest.mark.asyncio
+async def test_bridge_reconnects_and_silences_on_drop(runtime, start_server, restart_server):
+    s = start_server(runtime)
+    bridge, b = make_bridge(s.url, mode="accompany", seed=13)
+    task = asyncio.create_task(bridge.run())
+    try:
+        assert await until(bridge.connected.is_set, 10)
+        assert await until(lambda: bool(bridge.out and bridge.out.sounding), 10)
+        await asyncio.to_thread(s.stop)  # the server goes away mid-accompaniment
+        assert await until(lambda: not bridge.connected.is_set(), 10)
+        ons, offs = note_balance(b.sent["daw in"])
+        assert ons == offs and not bridge.out.sounding  # notes off on the drop
+        assert bridge.drops == 1
+        await asyncio.sleep(1.0)  # a failed attempt or two (backoff)
+        s = await asyncio.to_thread(restart_server, runtime, s.url)
+        assert await until(lambda: bridge.sessions == 2 and bridge.connected.is_set(), 20)
+    finally:
+        bridge.request_stop()
+        await asyncio.wait_for(task, 10)
+        await asyncio.to_thread(s.stop)
+    ons, offs = note_balance(b.sent["daw in"])
+    assert ons == offs
+
+
+def test_bridge_needs_ports():
+    with pytest.raises(ValueError, match="--virtual"):
+        Bridge("ws://x", virtual=True, in_port="a")
+    with pytest.raises(ValueError):
+        Bridge("ws://x", in_port="a")
+
+
+@pytest.mark.jack
+def test_bridge_virtual_on_jack_sigterm(server):
+    """`improv bridge --virtual` as a subprocess on JACK: a phrase into `improv bridge in`
+    comes back as generated notes on `improv bridge out`; SIGTERM leaves nothing sounding."""
+    with jack_server() as env:
+        cmd = [
+            sys.executable, "-m", "improv.cli", "bridge", server.ws.rsplit("/v1", 1)[0],
+            "--virtual", "--param", "gap_ms=100", "--param", "response_seconds=3",
+            "--param", "seed=21",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        rec = sender = None
+        try:
+            in_name = wait_port("input", "improv bridge in")
+            rec = Recorder(wait_port("output", "improv bridge out"))
+            sender = mido.Backend(env["MIDO_BACKEND"]).open_output(in_name)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and server.server.server_state.connections == set():
+                time.sleep(0.05)
+            time.sleep(0.5)  # clock sync + start
+            play_phrase(sender)
+            assert rec.wait(lambda ms: note_balance(ms)[0] >= 2, 20)
+            proc.send_signal(signal.SIGTERM)  # mid-response (3 s long)
+            assert proc.wait(20) == 0
+            time.sleep(0.3)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            out = proc.communicate()[0].decode(errors="replace")
+            if sender is not None:
+                sender.close()
+        ons, offs = note_balance(rec.snapshot())
+        rec.close()
+        assert ons > 0 and ons == offs, (ons, offs, out[-2000:])
+        assert "session stopped (stop)" in out, out[-2000:]
