@@ -44,6 +44,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.include_router(public)
     app.include_router(api)
     app.include_router(ws_router)
+    _mount_page(app)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -61,3 +62,18 @@ def _jsonable(errors: list) -> list:
     return [
         {k: (v if k in ("loc", "msg", "type") else str(v)) for k, v in e.items()} for e in errors
     ]
+
+
+def _mount_page(app: FastAPI) -> None:
+    """The browser page (server/static, no build step) at `/`, its files under /static."""
+    from pathlib import Path
+
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(__file__).parent / "static"
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(static / "index.html", headers={"Cache-Control": "no-cache"})
