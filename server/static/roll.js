@@ -34,7 +34,7 @@ export class Roll {
     this.notes.push(n);
     this.open.set(key, n);
     if (part === "drums" || ch === 9) { n.end = time + 80; this.open.delete(key); }
-    else { this.low = Math.min(this.low, pitch - 2); this.high = Math.max(this.high, pitch + 2); }
+
   }
 
   noteOff(source, ch, pitch, time) {
@@ -65,10 +65,11 @@ export class Roll {
     g.setTransform(this.dpr, 0, 0, this.dpr, 0, 0);
     g.clearRect(0, 0, w, h);
     const head = w * 0.72;
-    const span = this.high - this.low + 1, rowH = h / span;
+    this._fit(now, head);
+    const span = this.high - this.low + 1, rowH = h / span; // fractional while easing
     const y = (p) => h - (p - this.low + 1) * rowH;
     // Lanes: black keys darker, C rows labelled.
-    for (let p = this.low; p <= this.high; p++) {
+    for (let p = Math.floor(this.low); p <= Math.ceil(this.high); p++) {
       const black = [1, 3, 6, 8, 10].includes(p % 12);
       g.fillStyle = black ? "rgba(255,255,255,0.018)" : "rgba(255,255,255,0.04)";
       g.fillRect(0, y(p), w, rowH - 0.5);
@@ -110,6 +111,18 @@ export class Roll {
     g.fillText("model lookahead →", Math.min(w - 110, head + 40), h - 8);
   }
 }
+
+// The pitch range follows what is on screen (at least C3..C6), eased so it does not jump.
+Roll.prototype._fit = function (now, head) {
+  let lo = 48, hi = 84;
+  const t0 = now - head / this.pxPerMs;
+  for (const n of this.notes) {
+    if (n.part === "drums" || n.ch === 9 || (n.end !== null && n.end < t0)) continue;
+    lo = Math.min(lo, n.pitch - 2); hi = Math.max(hi, n.pitch + 2);
+  }
+  this.low += (lo - this.low) * 0.1; this.high += (hi - this.high) * 0.1;
+  this.low = Math.round(this.low * 100) / 100; this.high = Math.round(this.high * 100) / 100;
+};
 
 function roundRect(g, x, y, w, h, r) {
   g.beginPath();

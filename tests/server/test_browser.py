@@ -1,0 +1,90 @@
+"""The browser page in headless Debian Chromium (playwright drives it; never a browser
+download): keys pressed on the page reach the server, the model's notes appear in the piano
+roll, and stopping the server shows the disconnected state."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is missing"
+    )
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--autoplay-policy=no-user-gesture-required",
+            ],
+        )
+        yield b
+        b.close()
+
+
+def test_page_plays_with_the_model_and_shows_disconnects(browser, server, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("window.improv && window.improv.state().started", timeout=15_000)
+    assert "live" in page.locator("#status").inner_text()
+    # Short waits: gap 150 ms and a 2 s answer keep the test quick.
+    page.evaluate(
+        "document.getElementById('gap').value = 150; document.getElementById('gap').oninput()"
+    )
+    page.evaluate(
+        "document.getElementById('length').value = 2; document.getElementById('length').oninput()"
+    )
+    page.wait_for_timeout(300)
+    for key in ("a", "d", "g", "k"):  # C E G C on the computer keyboard
+        page.keyboard.down(key)
+        page.wait_for_timeout(90)
+        page.keyboard.up(key)
+    page.locator('.key[data-note="62"]').click()  # and D on the on-screen keys (mouse)
+    page.wait_for_function(
+        "window.improv.rollNotes().some(n => n.source === 'model')", timeout=15_000
+    )
+    notes = page.evaluate("window.improv.rollNotes()")
+    player = sorted(n["pitch"] for n in notes if n["source"] == "player")
+    assert player == [60, 62, 64, 67, 72]
+    assert all(n["end"] is not None for n in notes if n["source"] == "player")
+    model = [n for n in notes if n["source"] == "model"]
+    # The model answered only because the keys reached the server (respond mode).
+    assert model and all(n["part"] == "lead" for n in model)
+    page.wait_for_timeout(600)
+    shot = Path(os.environ.get("IMPROV_SCREENSHOT", tmp_path / "page.png"))
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    # Accompany with drums: the model plays along while a key is held.
+    page.click('#mode button[data-mode="accompany"]')
+    page.check("#p-drums")
+    page.wait_for_function("window.improv.state().mode === 'accompany'")
+    for key in ("a", "g", "f", "d"):
+        page.keyboard.down(key)
+        page.wait_for_timeout(250)
+        page.keyboard.up(key)
+    page.wait_for_function(
+        "window.improv.rollNotes().some(n => n.source === 'model' && n.part !== 'lead')",
+        timeout=15_000,
+    )
+    page.screenshot(path=str(shot.with_name(shot.stem + "-accompany.png")))
+    server.stop()
+    page.wait_for_function("window.improv.status() === 'disconnected'", timeout=15_000)
+    assert "unreachable" in page.locator("#status").inner_text()
+    assert not errors, errors
+    page.close()
