@@ -201,6 +201,14 @@ def render(cfg, model, cvr, res, kv_bytes, export_s, args, cmd) -> str:
         "The 25 MB mostly fit this CPU's 32 MiB L3, so it is close to an L3-bandwidth floor; in a "
         "step the matmuls (33 GEMVs, ~65% of eager time in the profiler) read the same bytes at a "
         "fraction of that speed, and ~300 small ops pay Python/dispatch overhead.",
+        "- What is achievable (separate micro-measurements on this AMD EPYC VM, 1 thread, noisy): "
+        "the 33 linears of a batch-1 step over their distinct weights take ~7 ms through torch's "
+        "fp32 CPU matmul (MKL; ~3.5 GB/s from L3, against ~37 GB/s for one matrix hot in L2), "
+        "1.6-4 ms through numpy's OpenBLAS, and reading the same bytes tensor by tensor ~1-1.6 ms. "
+        "So with torch's GEMV the weight reads alone are >10x the floor; 2x of an L3-resident "
+        "floor is not reachable from Python eager. oneDNN with prepacked weights "
+        "(`torch.ops.mkldnn._linear_pointwise`) was tried: ~1.8x on the bare 16-row linears, no "
+        "consistent gain inside the model step, not adopted.",
         "",
         "### KV cache per session",
         "",

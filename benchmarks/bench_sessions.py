@@ -142,11 +142,11 @@ def main() -> None:
             mem_line = (
                 f"Resident memory with {n} sessions open (prompts 64..448 + {args.tokens} tokens "
                 f"each, {used:,} cached positions): **{rss_mb():,.0f} MiB** process RSS "
-                f"({base_rss:,.0f} MiB before the scheduler existed). Most of it is the KV cache, "
-                f"allocated and zero-filled up front for {n + 1} slots x {sched.max_len} "
-                f"positions: {cache_mb:,.0f} MiB "
-                f"({sched.decoder.cache.nbytes_per_slot() / 2**20:.0f} MiB per session at full "
-                f"context); a smaller `max_len` shrinks it proportionally."
+                f"({base_rss:,.0f} MiB before the scheduler existed). The KV cache is allocated up "
+                f"front for {n + 1} slots x {sched.max_len} positions ({cache_mb:,.0f} MiB "
+                f"nominal, {sched.decoder.cache.nbytes_per_slot() / 2**20:.0f} MiB per session "
+                "at full context) but zero-filled lazily (anonymous mmap), so only the pages "
+                "written so far are resident; a smaller `max_len` bounds it proportionally."
             )
         measured = n <= args.solo_max
         if measured:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,13 +38,14 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     reads positions of its own slot that were never written. They are masked, but a masked
     score still multiplies its value (probability 0 x value), and 0 x NaN/inf is NaN: a stale
     non-finite value from reused memory would poison the row. `torch.zeros` writes every byte
-    (a 64-session cache is resident up front); numpy's zeros is calloc, which takes fresh,
-    already-zero pages from the OS for large buffers without touching them.
+    (a 64-session cache was resident up front); an anonymous mmap gets zero pages from the
+    kernel that are backed only once written (calloc would memset reused heap chunks).
     """
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.frombuffer(np.zeros(n, np.uint8), dtype=dtype).view(shape)
+    # The tensor keeps the mmap alive; it is unmapped when the last view is freed.
+    return torch.frombuffer(mmap.mmap(-1, n), dtype=dtype).view(shape)
 
 
 class SlotLengths:

@@ -124,8 +124,10 @@ class OnnxDecoder(SlotLengths):
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        # Default: torch's intra-op thread count, not onnxruntime's one-per-core. The decode
+        # step's kernels are small; extra threads spin against other processes on a shared CPU
+        # (docs/engine-live.md, "CPU note").
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         super().__init__(max_batch, min(max_seq or config.max_seq_len, config.max_seq_len))
         self.config = config
