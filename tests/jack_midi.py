@@ -69,17 +69,37 @@ def jack_server() -> Iterator[dict[str, str]]:
                 os.environ[k] = v
 
 
+def jack_ports(timeout: float = 5.0) -> list[tuple[str, str]]:
+    """(name, properties) of every port on the test's JACK server, from `jack_lsp -p`.
+
+    A subprocess with a timeout: polling through rtmidi creates and deletes a JACK client per
+    poll, and a client deletion was seen to hang on a loaded machine.
+    """
+    try:
+        out = subprocess.run(
+            ["jack_lsp", "-p"], capture_output=True, text=True, timeout=timeout
+        ).stdout
+    except subprocess.TimeoutExpired:
+        return []
+    ports: list[tuple[str, str]] = []
+    for line in out.splitlines():
+        if line.startswith(("\t", " ")):
+            if ports and "properties:" in line:
+                ports[-1] = (ports[-1][0], line.split("properties:", 1)[1].strip())
+        elif line.strip():
+            ports.append((line.strip(), ""))
+    return ports
+
+
 def wait_port(kind: str, part: str, timeout: float = 20.0) -> str:
     """The full name of a JACK port containing `part` ('input' = we send to it)."""
-    backend = mido.Backend(JACK_BACKEND)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        names = backend.get_output_names() if kind == "input" else backend.get_input_names()
-        hits = [n for n in names if part in n]
+        hits = [n for n, props in jack_ports() if part in n and props.startswith(kind)]
         if hits:
             return hits[0]
         time.sleep(0.1)
-    raise AssertionError(f"no JACK port {part!r} appeared")
+    raise AssertionError(f"no JACK {kind} port {part!r} appeared")
 
 
 class Recorder:

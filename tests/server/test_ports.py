@@ -253,7 +253,8 @@ def test_serve_midi_virtual_on_jack_then_sigterm(jack, tiny_ckpt, tmp_path):
         sender = mido.Backend(jack["MIDO_BACKEND"]).open_output(in_name)
         time.sleep(0.5)  # the session starts right after the ports open
         play_phrase(sender)
-        assert rec.wait(lambda ms: note_balance(ms)[0] >= 2, 20), (
+        # >= 1: a response starts with a note (LeadIn); a random-weight model may rest after it
+        assert rec.wait(lambda ms: note_balance(ms)[0] >= 1, 30), (
             tmp_path / "serve.log"
         ).read_text()
         proc.send_signal(signal.SIGTERM)  # mid-response (3 s long)
