@@ -35,6 +35,7 @@ def test_wheel_contains_every_package(tmp_path):
         n.split("/")[0] for n in names if not n.endswith(".dist-info/") and ".dist-info" not in n
     }
     assert tops == {"improv"}, tops
+    assert "improv/server/static/index.html" in names  # the browser page ships as package data
     # every folder with an __init__.py in the source tree must be in the wheel
     for src, pkg in {
         "engine": "improv/engine",
