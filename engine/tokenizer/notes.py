@@ -276,8 +276,8 @@ def read_notes(
             if pedal is not None:
                 p0 = ticks_to_seconds(pedal[0], t_ticks, t_mspq, tpq)
                 p1 = ticks_to_seconds(pedal[1], t_ticks, t_mspq, tpq)
-                p1[pedal[1] == PEDAL_NEVER_UP] = end.max()
-                end, sustained = fold_sustain(end, p0, p1)
+                p1[pedal[1] == PEDAL_NEVER_UP] = np.inf  # the tail cap ends its notes
+                end, sustained = fold_sustain(end, p0, p1, config.max_sustain_ms / 1000)
         n = len(start)
         chunks.append(
             Notes(
@@ -300,7 +300,7 @@ def pedal_intervals(controls: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     """(down ticks, up ticks) of the sustain pedal from a track's control changes.
 
     Built from CC64 itself: symusic 0.6's `track.pedals` reports wrong start times. A pedal never
-    released ends at PEDAL_NEVER_UP; the reader ends it with the track's last note.
+    released ends at PEDAL_NEVER_UP (its notes ring for the tail cap, as in a live stream).
     """
     sel = controls["number"] == 64
     if not sel.any():
@@ -316,9 +316,10 @@ def pedal_intervals(controls: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
 
 
 def fold_sustain(
-    end: np.ndarray, pedal_on: np.ndarray, pedal_off: np.ndarray
+    end: np.ndarray, pedal_on: np.ndarray, pedal_off: np.ndarray, max_sustain: float = np.inf
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Notes released while the pedal is down (on < end <= off) ring until the pedal lifts.
+    """Notes released while the pedal is down (on < end <= off) ring until the pedal lifts, at
+    most `max_sustain` seconds past the release. Returns the new ends and which were held.
 
     The bounds match the stream encoder fed in canonical order (note-offs before pedal changes at
     one instant): a key released at the instant the pedal goes down is not held; one released at
@@ -331,7 +332,7 @@ def fold_sustain(
     held = np.zeros(len(end), dtype=bool)
     held[ok] = end[ok] <= pedal_off[idx[ok]]
     out = end.copy()
-    out[held] = pedal_off[idx[held]]
+    out[held] = np.minimum(pedal_off[idx[held]], end[held] + max_sustain)
     return out, held
 
 

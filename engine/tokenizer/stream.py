@@ -59,7 +59,9 @@ class StreamEncoder:
         self._held: dict[tuple[int, int], int] = {}  # (part, pitch) -> keys down
         self._sounding: set[tuple[int, int]] = set()
         self._pedal: dict[int, bool] = {}
-        self._deferred: dict[int, set[tuple[int, int]]] = {}  # channel -> keys the pedal holds
+        # channel -> {key the pedal holds: when its tail ends (seconds)}
+        self._deferred: dict[int, dict[tuple[int, int], float]] = {}
+        self._max_sustain = vocab.config.max_sustain_ms / 1000
         self._drum_map = vocab.config.drum_map
 
     # --- state shared with the session -----------------------------------------------------------
@@ -90,17 +92,31 @@ class StreamEncoder:
             self._channel_program[msg.channel] = msg.program
             return []
         if kind == "control_change" and msg.control == SUSTAIN_CC:
-            return self._pedal_change(msg.channel, msg.value >= 64, time)
-        if kind not in ("note_on", "note_off"):
+            down = msg.value >= 64
+            if down or not self._pedal.get(msg.channel, False):
+                out = self._expire(time, inclusive=True)
+                self._pedal[msg.channel] = down
+                return out
+            return self._pedal_up(msg.channel, time)
+        is_on = kind == "note_on" and msg.velocity > 0
+        if not is_on and kind not in ("note_on", "note_off"):
             return []
+        # held notes whose tail ended before this message (at its instant too, unless it is a
+        # note-off: at one instant key releases come before pedal tails, as in the file encoder)
+        out = self._expire(time, inclusive=is_on)
         p = (
             self.vocab.part_index[part]
             if part is not None
             else self.channel_parts.get(msg.channel, self.default_part)
         )
-        if kind == "note_on" and msg.velocity > 0:
-            return self._note_on(p, msg.note, msg.velocity, msg.channel, time)
-        return self._note_off(p, msg.note, msg.channel, time)
+        if is_on:
+            return out + self._note_on(p, msg.note, msg.velocity, msg.channel, time)
+        return out + self._note_off(p, msg.note, msg.channel, time)
+
+    def advance(self, time: float) -> list[int]:
+        """Note-offs for pedal-held notes whose tail ended before `time` (a live session calls
+        this as time passes; feeding a message does it too)."""
+        return self._expire(time, inclusive=False)
 
     def release_all(self, time: float) -> list[int]:
         """Note-offs for every sounding note (the session ends or the player's part is reset)."""
@@ -133,7 +149,8 @@ class StreamEncoder:
             key = (part, pitch)
             if key in self._sounding:  # struck again while sounding: end the old one first
                 out.append(v.note_off(part, pitch))
-                self._deferred.get(channel, set()).discard(key)
+                for keys in self._deferred.values():
+                    keys.pop(key, None)
             self._held[key] = self._held.get(key, 0) + 1
             self._sounding.add(key)
         if self._part_program.get(part) != program:
@@ -152,23 +169,43 @@ class StreamEncoder:
             return []
         del self._held[key]
         if self._pedal.get(channel, False):
-            self._deferred.setdefault(channel, set()).add(key)
+            self._deferred.setdefault(channel, {})[key] = time + self._max_sustain
             return []
         out = self._advance(time)
         out.append(self.vocab.note_off(part, pitch))
         self._sounding.discard(key)
         return out
 
-    def _pedal_change(self, channel: int, down: bool, time: float) -> list[int]:
-        was_down = self._pedal.get(channel, False)
-        self._pedal[channel] = down
-        if down or not was_down:
-            return []
-        released = sorted(k for k in self._deferred.pop(channel, set()) if k not in self._held)
+    def _expire(self, time: float, inclusive: bool) -> list[int]:
+        """Note-offs, each at its own time, for held notes whose tail ends before `time`."""
+        due = [
+            (until, key, ch)
+            for ch, keys in self._deferred.items()
+            for key, until in keys.items()
+            if until < time or (inclusive and until == time)
+        ]
+        out: list[int] = []
+        for until, key, ch in sorted(due):
+            del self._deferred[ch][key]
+            out += self._advance(until)
+            out.append(self.vocab.note_off(*key))
+            self._sounding.discard(key)
+        return out
+
+    def _pedal_up(self, channel: int, time: float) -> list[int]:
+        out = self._expire(time, inclusive=False)
+        self._pedal[channel] = False
+        # tails ending at this instant and the notes the pedal releases: one batch, by key
+        released = set(self._deferred.pop(channel, {}))
+        for keys in self._deferred.values():
+            for key, until in list(keys.items()):
+                if until == time:
+                    released.add(key)
+                    del keys[key]
         if not released:
-            return []
-        out = self._advance(time)
-        for key in released:
+            return out
+        out += self._advance(time)
+        for key in sorted(released):
             out.append(self.vocab.note_off(*key))
             self._sounding.discard(key)
         return out

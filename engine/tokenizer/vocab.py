@@ -55,6 +55,9 @@ class TokenizerConfig:
     velocity_bins: int = 32  # dynamics: 32 bins of 4 velocity steps
     parts: tuple[str, ...] = ("lead", "counter", "harmony", "bass", "drums")  # roles, not sounds
     drum_note_ms: int = 100  # drum note-offs are not tokens; decoded drum hits last this long
+    # A key released under the sustain pedal rings until the pedal lifts, at most this long: a
+    # piano's tail, and a bound on broken CC64 data (some POP909 tracks never lift the pedal).
+    max_sustain_ms: int = 1500
     drum_map: dict[int, int] = field(default_factory=lambda: dict(DEFAULT_DRUM_MAP))
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class TokenizerConfig:
             raise ValueError(f"tick_ms must be in 1..10, got {self.tick_ms}")
         if not 16 <= self.velocity_bins <= 128:
             raise ValueError(f"velocity_bins must be in 16..128, got {self.velocity_bins}")
+        if self.max_sustain_ms < 0:
+            raise ValueError(f"max_sustain_ms must be >= 0, got {self.max_sustain_ms}")
         if self.max_shift_ticks < 1 or self.max_long_seconds < 1:
             raise ValueError("max_shift_ticks and max_long_seconds must be >= 1")
         if "lead" not in self.parts or "drums" not in self.parts or len(self.parts) < 3:

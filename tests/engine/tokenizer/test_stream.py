@@ -140,6 +140,26 @@ def test_sustain_pedal_defers_note_offs_until_release():
     assert enc.sounding == frozenset()
 
 
+def test_a_held_note_rings_at_most_max_sustain():
+    enc = TOK.stream_encoder()
+    enc.feed(mido.Message("control_change", control=64, value=127), 0.0)
+    enc.feed(mido.Message("note_on", note=60, velocity=80), 0.1)
+    assert enc.feed(mido.Message("note_off", note=60), 0.2) == []
+    assert enc.advance(1.6) == []  # the tail ends at 0.2 + 1.5 = 1.7 s
+    out = enc.advance(1.8)
+    assert [V.name(t) for t in out] == ["LONG_1s", "SHIFT_60", "OFF_lead_60"]  # at 1.7 s
+    # the file encoder agrees: a pedal that never lifts (broken CC64 data) holds 1.5 s at most
+    ev = [
+        (0, mido.Message("control_change", control=64, value=100)),
+        (0, mido.Message("note_on", note=60, velocity=80)),
+        (TPB, mido.Message("note_off", note=60)),
+        (40 * TPB, mido.Message("note_on", note=62, velocity=80)),
+        (41 * TPB, mido.Message("note_off", note=62)),
+    ]
+    notes = TOK.read_notes(midi_bytes([track_from_events("piano", ev)]))
+    assert notes.end.tolist() == [0.5 + 1.5, 20.5 + 1.5]
+
+
 def test_release_all_closes_every_note():
     enc = TOK.stream_encoder()
     for p in (60, 64, 67):
