@@ -285,6 +285,51 @@ class NoteDensity(Constraint):
         self.ptr[rows] = (self.ptr[rows] + 1) % self.n
 
 
+class MaxDuration(Constraint):
+    """No note of `parts` (default: all) sounds longer than `seconds` of token time.
+
+    Time tokens may not carry a row past the earliest deadline of its sounding notes; once a
+    note is due, time, new notes and program changes are masked until the row closes it. A guard
+    for live play: a note whose note-off the model never writes would otherwise hang.
+    """
+
+    _state_fields = ("onset",)
+
+    def __init__(self, seconds: float, parts: Iterable[str | int] | None = None) -> None:
+        if seconds <= 0:
+            raise ValueError(f"max note duration must be > 0 seconds, got {seconds}")
+        self.seconds = seconds
+        self.parts = None if parts is None else list(parts)
+
+    def bind(self, vocab: Vocab, n_rows: int) -> None:
+        self.max_ticks = max(1, round(self.seconds * vocab.ticks_per_second))
+        self._parts = np.zeros(vocab.n_parts, dtype=bool)  # (P,)
+        self._parts[_part_indices(vocab, self.parts)] = True
+        self.onset = np.zeros((n_rows, vocab.n_parts, 128), dtype=np.int64)  # (B, P, 128)
+        self._ticks = np.array(
+            [vocab.shift_ticks(t) for t in range(vocab.shift_base, vocab.part_base)],
+            dtype=np.int64,
+        )  # (T,) ticks of each time token
+
+    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
+        watched = state.sounding & self._parts[None, :, None]  # (B, P, 128)
+        if not watched.any():
+            return
+        deadline = np.where(watched, self.onset + self.max_ticks, NO_LIMIT).min(axis=(1, 2))  # (B,)
+        cand.time_ok &= state.tick[:, None] + self._ticks[None, :] <= deadline[:, None]
+        due = (state.tick >= deadline)[:, None]  # (B, 1)
+        cand.on_ok &= ~due[:, :, None]
+        cand.part_ok &= ~due
+
+    def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab) -> None:
+        is_on = (tokens >= vocab.on_base) & (tokens < vocab.off_base)
+        if not is_on.any():
+            return
+        rows = np.nonzero(is_on)[0]
+        part, pitch = np.divmod(tokens[rows] - vocab.on_base, 128)
+        self.onset[rows, part, pitch] = before.tick[rows]
+
+
 class TimeLimit(Constraint):
     """No time token may carry a row's time past `max_tick` (absolute ticks of token time).
 

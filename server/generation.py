@@ -22,6 +22,7 @@ from improv.engine.constraints import (
     Candidates,
     Constraint,
     GrammarState,
+    MaxDuration,
     Parts,
     Programs,
     TimeLimit,
@@ -188,7 +189,7 @@ def plan_continue(
     v, tok = rt.vocab, rt.tokenizer
     prompt = tok.encode_notes(notes, task="continue", eos=False)
     end = time_ticks(v, prompt) + int(round(seconds * v.ticks_per_second))
-    cons: list[Constraint] = []
+    cons: list[Constraint] = [MaxDuration(rt.settings.max_note_seconds, parts)]
     if parts:
         cons.append(Parts(parts))
     if programs:
@@ -250,6 +251,7 @@ def plan_infill(
     targets = parts or list(v.config.parts)
     cons: list[Constraint] = [
         Parts(targets),
+        MaxDuration(rt.settings.max_note_seconds, targets),
         GapTimes([e.tick for e in ex.forced], ex.end_tick),
         TimeLimit(ex.end_tick),
     ]
@@ -272,7 +274,7 @@ def plan_accompany(
     v = rt.vocab
     _, events = make_accompany(v, lead, lead_parts=sorted(set(lead.part.tolist())))
     end = (events[-1].tick if events else 0) + int(round(tail_seconds * v.ticks_per_second))
-    cons: list[Constraint] = [Parts(parts)]
+    cons: list[Constraint] = [Parts(parts), MaxDuration(rt.settings.max_note_seconds, parts)]
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items() if k in parts}))
     seconds = end / v.ticks_per_second

@@ -32,6 +32,7 @@ from improv.engine.constraints import (
     Candidates,
     Constraint,
     GrammarState,
+    MaxDuration,
     NoteDensity,
     Parts,
     PitchRange,
@@ -326,7 +327,7 @@ class LiveConnection:
 
     def _constraints(self) -> list[Constraint]:
         pr, parts = self.params, self._gen_parts()
-        cs: list[Constraint] = [Parts(parts)]
+        cs: list[Constraint] = [Parts(parts), MaxDuration(self.rt.settings.max_note_seconds, parts)]
         if pr.programs:
             cs.append(Programs({k: [v] for k, v in pr.programs.items() if k in parts}))
         pitched = [x for x in parts if x != "drums"]

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_generate_seconds: float = Field(120.0, gt=0)  # longest continuation / accompaniment
     max_infill_seconds: float = Field(60.0, gt=0)  # longest infill gap
     max_accompany_seconds: float = Field(600.0, gt=0)  # longest melody to accompany
+    # no generated note sounds longer (a guard against notes the model never ends)
+    max_note_seconds: float = Field(8.0, gt=0, le=60)
     log_level: str = "info"
 
     def check_bind(self) -> None:
