@@ -284,7 +284,7 @@ def main() -> None:
     body = f"""## Server (loopback, {machine()})
 
 Model: {model_note}, CPU, torch backend; server in its own process (`improv serve`), clients in
-another, over WebSocket on 127.0.0.1. Shared machine: other jobs (a training run) were running.
+another, over WebSocket on 127.0.0.1. The machine is shared: other agents' jobs may have been running.
 
 | measure | p50 | p99 | target |
 |---|---|---|---|
@@ -294,7 +294,7 @@ another, over WebSocket on 127.0.0.1. Shared machine: other jobs (a training run
 
 (c) Concurrent `accompany` sessions, each fed a POP909 valid song's MELODY (first {args.seconds:.0f} s) at
 real time, events stamped on arrival, lookahead 100 ms, horizon 300 ms, `max_notes_per_second: 8`
-(random weights play ~50 notes/s otherwise). "Late" = a generated event
+(a density cap; an untrained model plays ~50 notes/s). "Late" = a generated event
 sent after its own time (server count) / received after it (client clock, synced by ping):
 
 | sessions | generated events | late (server) | late (client) | retracts |
