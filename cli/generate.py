@@ -56,13 +56,20 @@ def _outputs(out: str, k: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.mid'}") for i in range(1, k + 1)]
 
 
+_READ_CACHE: dict[tuple[str, str | None], object] = {}
+
+
 def _read(tok: object, path: str, name: str, parts: str | None = None) -> object:
+    """The file's notes, parsed once however many variations are planned from them."""
     from improv.engine.tokenizer import MidiReadError
 
-    try:
-        return tok.read_notes(path, parts=parts)  # type: ignore[attr-defined]
-    except MidiReadError as e:
-        raise SystemExit(f"improv {name}: {path}: {e}") from e
+    key = (path, parts)
+    if key not in _READ_CACHE:
+        try:
+            _READ_CACHE[key] = tok.read_notes(path, parts=parts)  # type: ignore[attr-defined]
+        except MidiReadError as e:
+            raise SystemExit(f"improv {name}: {path}: {e}") from e
+    return _READ_CACHE[key]
 
 
 def _run(
@@ -90,6 +97,7 @@ def _run(
     engine = Engine.load(args.checkpoint, device=args.device)
     k = args.variations
     rt = Runtime(engine, Settings(checkpoint=args.checkpoint, max_sessions=1, http_sessions=k))
+    _READ_CACHE.clear()  # one command, one read of its input
     try:
         tok = rt.tokenizer
         jobs = []

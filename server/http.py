@@ -233,12 +233,16 @@ Stream = Annotated[bool, Form(description="newline-delimited JSON events as they
 
 
 # --- generation -----------------------------------------------------------------------------------
+# The generation endpoints answer a MIDI file, JSON notes or an NDJSON stream (by Accept/stream).
+MIDI_RESPONSES: dict[int | str, dict] = {
+    200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
+}
+
+
 @api.post(
     "/continue",
     response_class=Response,
-    responses={
-        200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
-    },
+    responses=MIDI_RESPONSES,
 )
 async def continue_(
     rt: RuntimeDep,
@@ -270,9 +274,7 @@ async def continue_(
 @api.post(
     "/infill",
     response_class=Response,
-    responses={
-        200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
-    },
+    responses=MIDI_RESPONSES,
 )
 async def infill(
     rt: RuntimeDep,
@@ -312,9 +314,7 @@ async def infill(
 @api.post(
     "/accompany",
     response_class=Response,
-    responses={
-        200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
-    },
+    responses=MIDI_RESPONSES,
 )
 async def accompany(
     rt: RuntimeDep,
