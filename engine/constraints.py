@@ -18,6 +18,15 @@ is what keeps a row from ever reaching a state with nothing to sample. If a row 
 allowed (e.g. a time limit reached with no note allowed), it falls back to `SHIFT_1` when the hard
 constraints allow it, else to the end token of its section.
 
+Time limits (a forced event ahead, the end of a request, a note's longest duration) are
+*ceilings*, not masks. Masking the time tokens that overshoot a ceiling would hand their
+probability to note events: a model that wants to wait 2 s before a melody note 200 ms away
+would be pushed into playing something. With `clip_time=True` such tokens stay allowed and the
+caller passes each sampled token through `clip`, which shortens an overshooting shift to land
+exactly on the ceiling: "wait past the melody note" becomes "wait until the melody note", the
+same draw with the same probability. The live sessions sample that way. Without it (the
+default, for loops that cannot substitute tokens) overshooting time tokens are masked.
+
 State lives in small numpy arrays (B rows), updated and masked with vectorized ops: a mask for 64
 rows costs tens of microseconds (benchmarks/bench_sessions.py prints the figure), far below a
 decode step. Constraints are specs: a `ConstraintSet` deep-copies the ones it is given, so one
@@ -79,6 +88,9 @@ class Candidates:
     part_ok: np.ndarray  # (B, P) bool: PART p allowed (also needs some program_ok[p])
     time_ok: np.ndarray  # (B, T) bool: the T time tokens, SHIFT_1.. then LONG_1..
     end_ok: np.ndarray  # (B,) bool: EOS, or the infill section's closing token
+    # (B,) int64: the latest tick time may reach (NO_LIMIT: none). Constraints lower it instead of
+    # masking time tokens, so the set can clip a sampled shift rather than bias the draw.
+    ceiling: np.ndarray
 
 
 class GrammarState:
@@ -288,9 +300,9 @@ class NoteDensity(Constraint):
 class MaxDuration(Constraint):
     """No note of `parts` (default: all) sounds longer than `seconds` of token time.
 
-    Time tokens may not carry a row past the earliest deadline of its sounding notes; once a
-    note is due, time, new notes and program changes are masked until the row closes it. A guard
-    for live play: a note whose note-off the model never writes would otherwise hang.
+    Time may not carry a row past the earliest deadline of its sounding notes (a time ceiling);
+    once a note is due, time, new notes and program changes are masked until the row closes it.
+    A guard for live play: a note whose note-off the model never writes would otherwise hang.
     """
 
     _state_fields = ("onset",)
@@ -306,17 +318,13 @@ class MaxDuration(Constraint):
         self._parts = np.zeros(vocab.n_parts, dtype=bool)  # (P,)
         self._parts[_part_indices(vocab, self.parts)] = True
         self.onset = np.zeros((n_rows, vocab.n_parts, 128), dtype=np.int64)  # (B, P, 128)
-        self._ticks = np.array(
-            [vocab.shift_ticks(t) for t in range(vocab.shift_base, vocab.part_base)],
-            dtype=np.int64,
-        )  # (T,) ticks of each time token
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
         watched = state.sounding & self._parts[None, :, None]  # (B, P, 128)
         if not watched.any():
             return
         deadline = np.where(watched, self.onset + self.max_ticks, NO_LIMIT).min(axis=(1, 2))  # (B,)
-        cand.time_ok &= state.tick[:, None] + self._ticks[None, :] <= deadline[:, None]
+        np.minimum(cand.ceiling, deadline, out=cand.ceiling)
         due = (state.tick >= deadline)[:, None]  # (B, 1)
         cand.on_ok &= ~due[:, :, None]
         cand.part_ok &= ~due
@@ -331,7 +339,7 @@ class MaxDuration(Constraint):
 
 
 class TimeLimit(Constraint):
-    """No time token may carry a row's time past `max_tick` (absolute ticks of token time).
+    """A row's time may not pass `max_tick` (absolute ticks of token time): a time ceiling.
 
     Hard: still applied when a row falls back. `set(max_tick, rows)` moves the limit; the live
     scheduler uses one to stop the model exactly at the next forced event.
@@ -345,17 +353,12 @@ class TimeLimit(Constraint):
 
     def bind(self, vocab: Vocab, n_rows: int) -> None:
         self.max_tick = np.full(n_rows, self.initial, dtype=np.int64)  # (B,)
-        self._ticks = np.array(
-            [vocab.shift_ticks(t) for t in range(vocab.shift_base, vocab.part_base)],
-            dtype=np.int64,
-        )  # (T,) ticks of each time token
 
     def set(self, max_tick: int | None, rows: np.ndarray | slice | int = slice(None)) -> None:
         self.max_tick[rows] = NO_LIMIT if max_tick is None else int(max_tick)
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
-        # (B, T): time after the token must stay <= the limit
-        cand.time_ok &= state.tick[:, None] + self._ticks[None, :] <= self.max_tick[:, None]
+        np.minimum(cand.ceiling, self.max_tick, out=cand.ceiling)
 
 
 class ConstraintSet:
@@ -367,10 +370,13 @@ class ConstraintSet:
         constraints: Sequence[Constraint] = (),
         n_rows: int = 1,
         allow_end: bool = True,
+        clip_time: bool = False,
     ) -> None:
         if n_rows < 1:
             raise ValueError(f"n_rows must be >= 1, got {n_rows}")
         self.vocab, self.n_rows, self.allow_end = vocab, n_rows, allow_end
+        self.clip_time = clip_time
+        self.ceiling = np.full(n_rows, NO_LIMIT, dtype=np.int64)  # (B,) as of the last mask
         self.constraints: list[Constraint] = [copy.deepcopy(c) for c in constraints]
         for c in self.constraints:
             c.bind(vocab, n_rows)
@@ -382,6 +388,7 @@ class ConstraintSet:
         v = self.vocab
         self.type_table = np.array([v.type_of(t) for t in range(v.size)], dtype=np.int8)  # (V,)
         self.ticks_table = np.array([v.shift_ticks(t) for t in range(v.size)], dtype=np.int64)
+        self._time_ticks = self.ticks_table[v.shift_base : v.part_base]  # (T,)
         self._type_list = [TokenType(x) for x in self.type_table.tolist()]
         self._ticks_list = self.ticks_table.tolist()
         self.n_time = v.part_base - v.shift_base
@@ -497,10 +504,16 @@ class ConstraintSet:
             part_ok=np.ones((b, p), dtype=bool),
             time_ok=np.ones((b, self.n_time), dtype=bool),
             end_ok=np.full(b, self.allow_end, dtype=bool),
+            ceiling=np.full(b, NO_LIMIT, dtype=np.int64),
         )
         for c in self.constraints:
             if c.hard or not hard_only:
                 c.restrict(cand, s, v)
+        room = cand.ceiling - s.tick  # (B,) ticks time may still advance
+        if self.clip_time:  # any shift will do while there is room: `clip` shortens it
+            cand.time_ok &= (room > 0)[:, None]
+        else:
+            cand.time_ok &= self._time_ticks[None, :] <= room[:, None]
         return cand
 
     def _assemble(self, cand: Candidates) -> np.ndarray:
@@ -590,6 +603,7 @@ class ConstraintSet:
     def allowed(self) -> np.ndarray:
         """(B, V) bool: tokens each row may sample now. Never an all-False row."""
         cand = self._candidates()
+        self.ceiling = cand.ceiling
         mask = self._assemble_one(cand) if self.n_rows == 1 else self._assemble(cand)
         empty = ~mask.any(axis=1)
         if empty.any():
@@ -613,6 +627,19 @@ class ConstraintSet:
                 out[i, v.EOS] = True
             logger.debug("row %d: nothing allowed, falling back", r)
         return out
+
+    def clip(self, token: int, row: int = 0) -> list[int]:
+        """The tokens a sampled `token` stands for: itself, or, for a time token that would pass
+        the row's time ceiling (as of the last `allowed`), the time tokens that end exactly on it.
+        """
+        v = self.vocab
+        if not (self.clip_time and v.shift_base <= token < v.part_base):
+            return [token]
+        room = int(self.ceiling[row] - self.state.tick[row])
+        if self._ticks_list[token] <= room:
+            return [token]
+        assert room > 0, "time tokens are masked at the ceiling"
+        return v.time_tokens(room)
 
     def logit_mask(
         self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32

@@ -188,7 +188,11 @@ class LiveSession:
         self._on_event = on_event
         self._prompt = prompt
         self._limit = TimeLimit()
-        self._cs = ConstraintSet(self._vocab, [*constraints, self._limit], allow_end=allow_end)
+        # clip_time: a shift past the next forced event / the request's end is shortened to land
+        # on it instead of being masked (masking would push the model into playing notes).
+        self._cs = ConstraintSet(
+            self._vocab, [*constraints, self._limit], allow_end=allow_end, clip_time=True
+        )
         self._limit = self._cs.constraints[-1]  # the bound copy
         self._gen = torch.Generator(device=sched.device)
         self._state_lock = threading.Lock()  # guards the token lists against tokens() readers
@@ -506,9 +510,10 @@ class LiveSession:
         if tok == self._vocab.EOS:
             self._finish("eos")
             return
-        self._push([tok], given=False)
-        req.n += 1
-        self._emit(Token(self.id, req.id, tok, self.position - 1, self.tick))
+        for t in self._cs.clip(tok):  # a shift past the time ceiling ends on it
+            self._push([t], given=False)
+            req.n += 1
+            self._emit(Token(self.id, req.id, t, self.position - 1, self.tick))
         if self._at_boundary():
             if req.max_tokens is not None and req.n >= req.max_tokens:
                 self._finish("max_tokens")

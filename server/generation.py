@@ -10,7 +10,6 @@ note that was not regenerated comes back exactly as it was read.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -200,26 +199,19 @@ def plan_continue(
 
 class GapTimes(Constraint):
     """Infill middle: time never passes the next given event's tick or the gap's end, in the
-    grammar's own (section) time. Needed because LiveSession's time limit counts the suffix's
-    time tokens too (its ticks are cumulative over the whole prompt), see the server report."""
+    grammar's own (section) time: a time ceiling. Needed because LiveSession's time limit counts
+    the suffix's time tokens too (its ticks are cumulative over the whole prompt)."""
 
     hard = True
 
     def __init__(self, forced_ticks: Sequence[int], end_tick: int) -> None:
-        self.forced = sorted(set(forced_ticks))
+        self.forced = np.array(sorted(set(forced_ticks)), dtype=np.int64)
         self.end = end_tick
 
-    def bind(self, vocab: Vocab, n_rows: int) -> None:
-        self._ticks = np.array(
-            [vocab.shift_ticks(t) for t in range(vocab.shift_base, vocab.part_base)], dtype=np.int64
-        )  # (T,) ticks of each time token
-
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
-        for r in range(len(state.tick)):
-            now = int(state.tick[r])
-            i = bisect.bisect_right(self.forced, now)  # the next given event strictly later
-            limit = min(self.forced[i], self.end) if i < len(self.forced) else self.end
-            cand.time_ok[r] &= now + self._ticks <= limit
+        i = np.searchsorted(self.forced, state.tick, side="right")  # (B,) next given event
+        nxt = np.append(self.forced, self.end)[i]  # (B,) its tick, or the gap's end
+        np.minimum(cand.ceiling, np.minimum(nxt, self.end), out=cand.ceiling)
 
 
 def plan_infill(

@@ -9,6 +9,7 @@ import torch
 
 from improv.engine.constraints import (
     ConstraintSet,
+    MaxDuration,
     NoteDensity,
     Parts,
     Phase,
@@ -271,6 +272,39 @@ def test_time_limit_stops_exactly_and_falls_back():
     cs2.find(TimeLimit).set(None)
     m2 = cs2.allowed()[0]
     assert m2[V.shift(1)] and not m2[V.EOS]
+
+
+def test_clip_time_shortens_a_shift_to_land_on_the_ceiling():
+    """clip_time: overshooting shifts stay allowed (no probability moves to notes) and `clip`
+    turns them into the time tokens that end exactly on the ceiling."""
+    cs = ConstraintSet(V, [TimeLimit(250)], clip_time=True)
+    cs.feed([V.BOS, V.TASK_CONTINUE])
+    m = cs.allowed()[0]
+    assert m[V.shift_base : V.part_base].all()
+    assert cs.clip(V.shift(40)) == [V.shift(40)]  # fits: unchanged
+    assert cs.clip(V.long(3)) == [V.long(2), V.shift(50)]  # 3 s -> exactly 2.5 s
+    assert cs.clip(V.note_on(BASS, 40)) == [V.note_on(BASS, 40)]  # only time is clipped
+    cs.feed([V.long(2)])
+    cs.allowed()
+    assert cs.clip(V.long(1)) == [V.shift(50)]
+    cs.feed([V.shift(50)])
+    assert not cs.allowed()[0, V.shift_base : V.part_base].any()  # at the ceiling: no time
+    # Without clip_time the same limit masks what overshoots (and `clip` is the identity).
+    strict = ConstraintSet(V, [TimeLimit(250)])
+    strict.feed([V.BOS, V.TASK_CONTINUE, V.long(2)])
+    m = strict.allowed()[0]
+    assert m[V.shift(50)] and not m[V.shift(51)] and strict.clip(V.shift(99)) == [V.shift(99)]
+
+
+def test_clip_time_max_duration_deadline():
+    cs = ConstraintSet(V, [MaxDuration(1.0)], clip_time=True)
+    cs.feed([V.BOS, V.TASK_CONTINUE, V.part(BASS), V.program(33), V.velocity(10)])
+    cs.feed([V.note_on(BASS, 40), V.shift(30)])
+    assert cs.allowed()[0, V.long(5)]
+    assert cs.clip(V.long(5)) == [V.shift(70)]  # the note is due at 1 s
+    cs.feed([V.shift(70)])
+    m = cs.allowed()[0]
+    assert not m[V.shift_base : V.part_base].any() and m[V.note_off(BASS, 40)]
 
 
 def test_snapshot_restore_roundtrip():

@@ -161,6 +161,45 @@ def test_append_equals_prompt(engine):
     assert tokens_of(drain(a)) == solo(engine, p + extra, SEEDED, 20)
 
 
+class _Opinionated:
+    """A decoder whose logits favour one token by `bias`: a model with a strong opinion."""
+
+    def __init__(self, inner, token: int, bias: float) -> None:
+        self.inner, self.token, self.bias = inner, token, bias
+
+    def extend(self, slots, tokens, all_logits: bool = False):
+        out = self.inner.extend(slots, tokens, all_logits).clone()
+        out[..., self.token] += self.bias
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine, monkeypatch):
+    """A model that wants to wait 2 s, under melody notes every 150 ms: its shift is clipped
+    to land on each note, and it plays nothing. Masking the shift instead would hand its
+    probability to note events (the accompaniment would play on every melody note)."""
+    make = engine.new_decoder
+    monkeypatch.setattr(
+        engine, "new_decoder", lambda *a, **k: _Opinionated(make(*a, **k), V.long(2), 40.0)
+    )
+    sched = Scheduler(engine, max_sessions=1)
+    s = sched.open_session(
+        [V.BOS, V.TASK_ACCOMPANY], constraints=[Parts(accompaniment_parts(V))], sampling=SEEDED
+    )
+    s.generate(until_tick=1500)
+    for i, tick in enumerate(range(150, 1500, 150)):
+        s.insert(tick, [V.velocity(20), V.note_on(LEAD, 60 + i)])
+        s.insert(tick + 100, [V.note_off(LEAD, 60 + i)])
+    sched.run_until_idle()
+    sampled = tokens_of(drain(s))
+    assert sampled and all(V.shift_base <= t < V.part_base for t in sampled), [
+        V.name(t) for t in sampled
+    ]
+    assert s.tick == 1500 and ConstraintSet(V).check(s.tokens()) is None
+
+
 def test_forced_events_land_at_their_ticks_and_rollback_when_late(make_model):
     engine = Engine.from_model(make_model(seed=1, max_seq_len=1024).double())
     sched = Scheduler(engine, max_sessions=2)
