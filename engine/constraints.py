@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -147,6 +148,11 @@ class Constraint:
     def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab) -> None:
         """Update per-row state for tokens (B,), one per row; `before` is the grammar state
         before these tokens (it is updated right after this call)."""
+
+    def retime(self, now: int, target: int) -> int:
+        """Where a sampled shift from `now` to `target` should land instead (> now); only with
+        `ConstraintSet(clip_time=True)`, applied by `clip` before the time ceiling."""
+        return target
 
     def get_state(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k).copy() for k in self._state_fields}
@@ -359,6 +365,34 @@ class TimeLimit(Constraint):
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
         np.minimum(cand.ceiling, self.max_tick, out=cand.ceiling)
+
+
+class BeatGrid(Constraint):
+    """Sampled time lands on a beat grid: generated notes start (and end) on the grid of a tempo
+    someone else keeps (a DAW's MIDI clock), so the accompaniment stays with it.
+
+    The grid: `origin_tick + k * step_ticks` (float ticks, rounded), e.g. 16ths at 120 bpm are
+    12.5 ticks of 10 ms. A sampled shift is moved to the grid point nearest to where it would
+    land, never to now or before (the next point then). The model's rhythm is kept, quantized.
+    Works through `ConstraintSet(clip_time=True)` (live sessions); `set` moves the grid while a
+    session runs (the tempo changed), `set(None)` turns it off.
+    """
+
+    def __init__(self, step_ticks: float | None = None, origin_tick: float = 0.0) -> None:
+        self.set(step_ticks, origin_tick)
+
+    def set(self, step_ticks: float | None, origin_tick: float = 0.0) -> None:
+        if step_ticks is not None and step_ticks < 1.0:
+            raise ValueError(f"a grid step must be at least 1 tick, got {step_ticks}")
+        self.step, self.origin = step_ticks, float(origin_tick)
+
+    def retime(self, now: int, target: int) -> int:
+        if self.step is None:
+            return target
+        k = math.floor((target - self.origin) / self.step + 0.5)  # the nearest point (half up)
+        while (snapped := math.floor(self.origin + k * self.step + 0.5)) <= now:
+            k += 1  # a shift always moves time forward: the next point
+        return snapped
 
 
 class ConstraintSet:
@@ -629,17 +663,22 @@ class ConstraintSet:
         return out
 
     def clip(self, token: int, row: int = 0) -> list[int]:
-        """The tokens a sampled `token` stands for: itself, or, for a time token that would pass
-        the row's time ceiling (as of the last `allowed`), the time tokens that end exactly on it.
+        """The tokens a sampled `token` stands for: itself, or, for a time token, the time tokens
+        that end where the constraints move it (`retime`, e.g. a BeatGrid) but never past the
+        row's time ceiling (as of the last `allowed`): a shift that would pass it ends on it.
         """
         v = self.vocab
         if not (self.clip_time and v.shift_base <= token < v.part_base):
             return [token]
-        room = int(self.ceiling[row] - self.state.tick[row])
-        if self._ticks_list[token] <= room:
+        now = int(self.state.tick[row])
+        target = want = now + self._ticks_list[token]
+        for c in self.constraints:
+            target = c.retime(now, target)
+        target = min(target, int(self.ceiling[row]))
+        if target == want:
             return [token]
-        assert room > 0, "time tokens are masked at the ceiling"
-        return v.time_tokens(room)
+        assert target > now, "time tokens are masked at the ceiling"
+        return v.time_tokens(target - now)
 
     def logit_mask(
         self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32

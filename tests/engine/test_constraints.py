@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from improv.engine.constraints import (
+    BeatGrid,
     ConstraintSet,
     MaxDuration,
     NoteDensity,
@@ -305,6 +306,26 @@ def test_clip_time_max_duration_deadline():
     cs.feed([V.shift(70)])
     m = cs.allowed()[0]
     assert not m[V.shift_base : V.part_base].any() and m[V.note_off(BASS, 40)]
+
+
+def test_beat_grid_moves_a_shift_to_the_nearest_grid_point_then_the_ceiling_clips():
+    grid = BeatGrid(12.5, origin_tick=3)  # 16ths at 120 bpm, the beat at 30 ms
+    cs = ConstraintSet(V, [grid, TimeLimit(200)], clip_time=True)
+    cs.feed([V.BOS, V.TASK_CONTINUE])
+    cs.allowed()
+    assert cs.clip(V.shift(4)) == [V.shift(3)]  # 4 -> the point at 3
+    assert cs.clip(V.shift(3)) == [V.shift(3)]  # already on it: unchanged
+    assert cs.clip(V.shift(2)) == [V.shift(3)]
+    cs.feed([V.shift(3)])
+    cs.allowed()
+    assert cs.clip(V.shift(4)) == [V.shift(13)]  # never now: the next point (3 + 12.5 -> 16)
+    assert cs.clip(V.shift(40)) == [V.shift(38)]  # 43 -> 3 + 3 x 12.5 = 40.5 -> 41 (rounded)
+    assert cs.clip(V.long(3)) == [V.long(1), V.shift(97)]  # past the ceiling: ends on 200
+    grid_copy = cs.find(BeatGrid)
+    grid_copy.set(None)  # off: shifts are the model's own again
+    assert cs.clip(V.shift(4)) == [V.shift(4)]
+    with pytest.raises(ValueError, match="at least 1 tick"):
+        BeatGrid(0.5)
 
 
 def test_snapshot_restore_roundtrip():

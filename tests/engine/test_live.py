@@ -10,7 +10,13 @@ import threading
 import pytest
 import torch
 
-from improv.engine.constraints import ConstraintSet, NoteDensity, Parts, accompaniment_parts
+from improv.engine.constraints import (
+    BeatGrid,
+    ConstraintSet,
+    NoteDensity,
+    Parts,
+    accompaniment_parts,
+)
 from improv.engine.engine import Engine
 from improv.engine.live import (
     Done,
@@ -198,6 +204,27 @@ def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine
         V.name(t) for t in sampled
     ]
     assert s.tick == 1500 and ConstraintSet(V).check(s.tokens()) is None
+
+
+def test_beat_grid_puts_generated_events_on_the_grid_except_at_forced_events(engine):
+    grid = {round(7 + k * 12.5 + 1e-9) for k in range(200)}  # 16ths at 120 bpm from 70 ms
+    forced = {101: [V.velocity(20), V.note_on(LEAD, 60)], 183: [V.note_off(LEAD, 60)]}
+    sched = Scheduler(engine, max_sessions=1)
+    s = sched.open_session(
+        [V.BOS, V.TASK_ACCOMPANY],
+        constraints=[Parts(accompaniment_parts(V)), BeatGrid(12.5, 7)],
+        sampling=SEEDED,
+    )
+    s.generate(until_tick=2000)
+    for tick, toks in forced.items():
+        s.insert(tick, toks)
+    sched.run_until_idle()
+    evs = [e for e in drain(s) if isinstance(e, Token)]
+    times = [e.tick for e in evs if V.shift_base <= e.token < V.part_base]
+    assert len(times) > 5
+    # Sampled time lands on the grid, or on a forced event / the request's end (ceilings).
+    assert set(times) <= grid | set(forced) | {2000}, sorted(set(times) - grid)
+    assert s.tick == 2000 and ConstraintSet(V).check(s.tokens()) is None
 
 
 def test_forced_events_land_at_their_ticks_and_rollback_when_late(make_model):
