@@ -158,6 +158,7 @@ def main() -> None:
         abs(report["chord_tone_share"]["generated"] - report["chord_tone_share"]["real_piano"])
         / report["chord_tone_share"]["real_piano"]
     )
+    out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     for k, (path, _, p_hi, c_hi, a_lo, a_hi, _) in enumerate(refs[:2]):
         title = f"{path.name}: real prompt to {p_hi:.0f} s, then generated"

@@ -6,7 +6,8 @@ session's `lookahead_ms` early and are played at their session time mapped to th
 jitter smaller than the lookahead becomes no delay at all, larger jitter a late note, never a
 reordering. `retract` drops queued events; the output port keeps every note balanced; a dropped
 connection silences the output and reconnects with backoff. MIDI clock from the DAW sets the
-session's `tempo_bpm`.
+session's `tempo_bpm`, and after a MIDI start its `beat_time` (the DAW's beats on the session
+clock): the server then puts generated notes on the DAW's grid (`grid`, 16ths by default).
 """
 
 from __future__ import annotations
@@ -106,10 +107,11 @@ class Bridge:
         elif msg.type in FORWARDED:
             self._inbox.put_nowait({"data": msg.bytes(), "t": t_local})
 
-    def _on_tempo(self, bpm: float) -> None:
-        logger.info("DAW tempo %.1f bpm", bpm)
+    def _on_tempo(self, bpm: float, beat_ms: float | None) -> None:
+        if bpm != self.tempo_bpm:
+            logger.info("DAW tempo %.1f bpm", bpm)
         self.tempo_bpm = bpm
-        self._inbox.put_nowait({"tempo_bpm": bpm})
+        self._inbox.put_nowait({"tempo_bpm": bpm, "beat": beat_ms})  # beat: local clock
 
     # --- running ----------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -156,6 +158,8 @@ class Bridge:
             params = dict(self.params)
             if self.tempo_bpm is not None:
                 params["tempo_bpm"] = self.tempo_bpm
+                beat = self.tempo.beat_ms
+                params["beat_time"] = None if beat is None else beat + client.offset
             started = await client.start(self.mode, **params)
             logger.info("session %s: %s", started.session, started.mode)
             ran = True
@@ -224,7 +228,12 @@ class Bridge:
         while True:
             m = await self._inbox.get()
             if "tempo_bpm" in m:
-                await client.params(tempo_bpm=m["tempo_bpm"])
+                beat = m["beat"]
+                assert client.offset is not None
+                await client.params(
+                    tempo_bpm=m["tempo_bpm"],
+                    beat_time=None if beat is None else beat + client.offset,
+                )
             else:
                 assert client.offset is not None
                 await client.send_midi(m["data"], m["t"] + client.offset)

@@ -382,15 +382,18 @@ class BeatGrid(Constraint):
         self.set(step_ticks, origin_tick)
 
     def set(self, step_ticks: float | None, origin_tick: float = 0.0) -> None:
+        """Move the grid (any thread: one attribute swap, read once per `retime`)."""
         if step_ticks is not None and step_ticks < 1.0:
             raise ValueError(f"a grid step must be at least 1 tick, got {step_ticks}")
-        self.step, self.origin = step_ticks, float(origin_tick)
+        self.grid = None if step_ticks is None else (float(step_ticks), float(origin_tick))
 
     def retime(self, now: int, target: int) -> int:
-        if self.step is None:
+        grid = self.grid
+        if grid is None:
             return target
-        k = math.floor((target - self.origin) / self.step + 0.5)  # the nearest point (half up)
-        while (snapped := math.floor(self.origin + k * self.step + 0.5)) <= now:
+        step, origin = grid
+        k = math.floor((target - origin) / step + 0.5)  # the nearest point (half up)
+        while (snapped := math.floor(origin + k * step + 0.5)) <= now:
             k += 1  # a shift always moves time forward: the next point
         return snapped
 

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from .decoder import Decoder
 from .sampling import apply_mask, logits_to_probs, sample
 from .tokenizer.vocab import TokenType, Vocab
 
+C = TypeVar("C", bound=Constraint)
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
@@ -274,6 +275,12 @@ class LiveSession:
     def window_start(self) -> int:
         """Position of the first token still held (0 until the context slid)."""
         return self._base
+
+    def constraint(self, kind: type[C]) -> C | None:
+        """This session's own copy of its first constraint of `kind`, to move a setting while
+        it runs; only for settings made thread-safe for that (`BeatGrid.set`)."""
+        c = self._cs.find(kind)
+        return c if isinstance(c, kind) else None
 
     # --- scheduler-thread internals -------------------------------------------------------------
     def _clear(self) -> None:

@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 
 PartName = Literal["lead", "counter", "harmony", "bass", "drums"]
 Mode = Literal["respond", "accompany"]
+GRID_DIVISIONS = {"1/4": 1, "1/8": 2, "1/16": 4, "1/8t": 3, "1/16t": 6}  # points per beat
 
 # Limits shared by validation, `GET /v1/model` and the docs.
 MAX_FRAME_BYTES = 65_536  # a larger text frame is refused with an error (code "too_large")
@@ -94,7 +95,22 @@ class LiveParams(_Message):
         le=128.0,
         description="respond: length in beats at `tempo_bpm` (overrides response_seconds)",
     )
-    tempo_bpm: float = Field(120.0, ge=20.0, le=300.0, description="tempo for response_beats")
+    tempo_bpm: float = Field(
+        120.0, ge=20.0, le=300.0, description="tempo for response_beats and the grid"
+    )
+    beat_time: float | None = Field(
+        None,
+        ge=-1e12,
+        le=1e12,
+        description="session time (ms) of a beat of a tempo someone else keeps (the bridge sends "
+        "the DAW's MIDI clock beats); with tempo_bpm it puts generated notes on `grid`; null = "
+        "no grid, the model's own timing",
+    )
+    grid: Literal["off", "1/4", "1/8", "1/16", "1/8t", "1/16t"] = Field(
+        "1/16",
+        description="while beat_time is set: generated notes start and end on this subdivision "
+        "of the beat (t: triplets); off = the model's own timing",
+    )
     # accompany mode
     horizon_ms: int = Field(
         300,
@@ -119,6 +135,12 @@ class LiveParams(_Message):
                 f"pitch_low ({self.pitch_low}) must be <= pitch_high ({self.pitch_high})"
             )
         return self
+
+    def grid_step_ms(self) -> float | None:
+        """The grid generated notes land on (ms between points), None when there is none."""
+        if self.beat_time is None or self.grid == "off":
+            return None
+        return 60_000.0 / self.tempo_bpm / GRID_DIVISIONS[self.grid]
 
     def response_length_seconds(self) -> float:
         if self.response_beats is not None:

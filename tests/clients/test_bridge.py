@@ -83,6 +83,9 @@ async def test_bridge_accompany_follows_clock_and_stays_balanced(server, runtime
         conn = next(iter(runtime.connections))
         assert await until(lambda: conn.params.tempo_bpm != 120.0, 5)
         assert 80 < conn.params.tempo_bpm < 120, conn.params.tempo_bpm
+        # After the start, the DAW's beats on the session clock: the grid for generated notes.
+        assert await until(lambda: conn.params.beat_time is not None, 5)
+        assert 0 < conn.params.beat_time <= conn.now_ms() and conn.params.grid_step_ms()
         assert await until(lambda: note_balance(b.sent["daw in"])[0] > 0, 10)
     finally:
         bridge.request_stop()

@@ -171,26 +171,38 @@ async def test_player_silence_ends_sounding_notes():
 
 
 # --- MIDI clock ------------------------------------------------------------------------------------
-def test_tempo_follower_tracks_clock():
-    seen: list[float] = []
-    tf = TempoFollower(seen.append)
+def test_tempo_follower_tracks_clock_and_beats():
+    seen: list[tuple[float, float | None]] = []
+    tf = TempoFollower(lambda bpm, beat: seen.append((bpm, beat)))
     tf.feed("start", 0)
-    t = 0.0
-    for _ in range(48):  # two beats at 120 bpm: 24 ticks per 500 ms
+    t, clocks = 0.0, []
+    for _ in range(48):  # two beats at 120 bpm: 24 ticks per 500 ms; the first clock is beat 1
         t += 500 / 24
+        clocks.append(t)
         tf.feed("clock", t)
-    assert seen and abs(seen[-1] - 120) < 0.5
+    assert seen and abs(seen[-1][0] - 120) < 0.5
+    assert seen[0][1] == clocks[0]  # the phase from the first report on
     for _ in range(96):  # then 90 bpm
         t += 60_000 / 90 / 24
+        clocks.append(t)
         tf.feed("clock", t)
-    assert abs(seen[-1] - 90) < 0.5
+    assert abs(seen[-1][0] - 90) < 0.5
+    assert (len(clocks) - 1 - clocks.index(seen[-1][1])) < 24 * 4  # a recent beat...
+    assert clocks.index(seen[-1][1]) % 24 == 0  # ...on a beat
     n = len(seen)
-    for _ in range(48):  # steady: nothing new to report
+    for _ in range(24 * 8):  # steady: only the re-anchoring every 4 beats
+        t += 60_000 / 90 / 24
+        clocks.append(t)
+        tf.feed("clock", t)
+    assert len(seen) == n + 2 and all(abs(b - 90) < 0.5 for b, _ in seen[n:])
+    assert all(clocks.index(beat) % 96 == 0 for _, beat in seen[n:])  # on the bar
+    tf.feed("stop", t)
+    assert not tf.running and tf.bpm == seen[-1][0] and seen[-1][1] is None  # grid ends
+    tf.feed("continue", t)
+    for _ in range(48):  # continue: the song position is unknown, so no phase
         t += 60_000 / 90 / 24
         tf.feed("clock", t)
-    assert len(seen) == n
-    tf.feed("stop", t)
-    assert not tf.running and tf.bpm == seen[-1]
+    assert tf.beat_ms is None and seen[-1][1] is None
 
 
 # --- a session on ports (in process, in-memory ports) ----------------------------------------------
