@@ -207,7 +207,7 @@ def main() -> None:
         "",
         mem_line,
         "",
-        f"Machine: {machine()}, torch {torch.__version__}; shared with other jobs during the run. "
+        f"Machine: {machine()}, torch {torch.__version__}; shared during the run with a 2-process training job (both cores, nice 5). "
         f"Command: `{command_line()}`",
     ]
     if not args.no_write:

@@ -76,6 +76,8 @@ class TorchDecoder:
     ) -> None:
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, p.dtype
+        if self.device.type == "cpu" and self.dtype == torch.float32 and not compile:
+            model.use_input_major_weights()  # same values: faster MKL matmuls on CPU
         self.max_batch = max_batch
         self.max_seq = min(max_seq or model.config.max_seq_len, model.config.max_seq_len)
         self.vocab_size = model.config.vocab_size

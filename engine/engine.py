@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .context import slide_context
 from .decoder import Decoder, TorchDecoder
 from .model import Transformer
-from .sampling import apply_mask, logits_to_probs, make_generators, sample
+from .sampling import apply_mask, logits_to_probs, make_seeds, sample
 from .tokenizer.vocab import TokenizerConfig, Vocab
 
 logger = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class Engine:
         max_seq = self.config.max_seq_len
         keep = keep_len or max_seq // 2
         stops = set(stop_tokens)
-        gens = make_generators(seed, B, self.device)
+        seeds = make_seeds(seed, B)
         seqs = [list(p) for p in prompts]  # whole sequences, for the processor
         ctxs = [self._fit(p, max_seq, keep) for p in prompts]  # what the model sees
         n_new = [0] * B
@@ -244,7 +244,10 @@ class Engine:
                 mask = logits_processor(seqs, full)
                 logits = apply_mask(logits, None if mask is None else mask[active])
             probs = logits_to_probs(logits, temperature, top_k, top_p, min_p)
-            toks = sample(probs, [gens[b] for b in active]).tolist()  # the one host sync
+            # Counter-based draws: row b's token at position p depends on (seeds[b], p) only.
+            toks = sample(
+                probs, seeds=[seeds[b] for b in active], positions=[len(seqs[b]) for b in active]
+            ).tolist()  # the one host sync
             still = []
             for b, t in zip(active, toks, strict=True):
                 seqs[b].append(t)

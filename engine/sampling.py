@@ -2,17 +2,22 @@
 
     logits = apply_mask(logits, mask)                      # grammar / user constraints
     probs = logits_to_probs(logits, temperature, top_k, top_p, min_p)
-    next_ids = sample(probs, generators)                   # (B,) on the device: no host sync
+    next_ids = sample(probs, seeds=seeds, positions=positions)   # (B,), no host sync
 
-Reproducibility: each row draws its noise from its own `torch.Generator` (exponential race:
-argmax(p / q), q ~ Exp(1), which samples exactly from p), so a row's tokens depend only on its
-seed, never on which other rows share the batch: batched == one-by-one with the same seeds.
+Sampling is an exponential race: argmax(p / q), q ~ Exp(1) per token, which samples exactly
+from p. Reproducibility: row b's noise is a pure function of (seeds[b], positions[b]) (a
+counter-based generator, `counter_exponentials`), so a row's tokens depend only on its seed and
+position, never on which other rows share the batch: batched == one-by-one with the same seeds.
+No generator state, so one vectorized call draws for every row (reseeding a `torch.Generator`
+per row cost ~66 us/row). `sample(probs, generators)` (per-row `torch.Generator`s, or the
+global RNG) is kept for callers that hold generators.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -62,9 +67,64 @@ def logits_to_probs(
     return torch.where(greedy, onehot, probs)
 
 
-def sample(probs: Tensor, generators: Generators = None) -> Tensor:
-    """(B, V) probabilities -> (B,) token ids, one generator per row (None: the global RNG)."""
+_M64 = (1 << 64) - 1
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _splitmix64(x: int) -> int:
+    """One splitmix64 step: a bijective, well-mixed 64-bit hash (Steele et al., 2014)."""
+    x = (x + _GOLDEN) & _M64
+    x = ((x ^ (x >> 30)) * _MIX1) & _M64
+    x = ((x ^ (x >> 27)) * _MIX2) & _M64
+    return x ^ (x >> 31)
+
+
+def counter_exponentials(
+    seeds: Sequence[int], positions: Sequence[int], vocab_size: int
+) -> np.ndarray:
+    """(B, V) float32 Exp(1) noise; row b is a pure function of (seeds[b], positions[b]).
+
+    Row b is the splitmix64 stream keyed by hash(seed, position), one draw per token id, in
+    numpy uint64 (wrapping multiplies are defined there, unlike torch's signed int64).
+    """
+    keys = np.array(
+        [
+            _splitmix64(_splitmix64(s & _M64) ^ (p & _M64))
+            for s, p in zip(seeds, positions, strict=True)
+        ],
+        dtype=np.uint64,
+    )
+    with np.errstate(over="ignore"):
+        x = keys[:, None] + np.arange(1, vocab_size + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
+        x ^= x >> np.uint64(31)
+    # 24 bits -> u in (0, 1), never 0 or 1: q = -log(u) is finite and > 0.
+    u = ((x >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
+    return -np.log(u)  # (B, V)
+
+
+def sample(
+    probs: Tensor,
+    generators: Generators = None,
+    *,
+    seeds: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+) -> Tensor:
+    """(B, V) probabilities -> (B,) token ids, by exponential race: argmax(p / q), q ~ Exp(1).
+
+    With seeds and positions: q is `counter_exponentials(seeds, positions)`, one vectorized
+    draw for every row. Otherwise one generator per row (None: the global RNG).
+    """
     B = probs.shape[0]
+    if seeds is not None or positions is not None:
+        if seeds is None or positions is None or len(seeds) != B or len(positions) != B:
+            raise ValueError(f"need one seed and one position for each of {B} rows")
+        q = torch.from_numpy(counter_exponentials(seeds, positions, probs.shape[1]))
+        # The race, not inverse CDF: a CDF sums float error over the whole vocabulary, so
+        # float noise between two equal-in-theory paths (cached vs recompute) flips a draw
+        # ~V times more often than in the race, where only the winner's margin counts.
+        return torch.argmax(probs / q.to(probs.device), dim=-1)  # (B,)
     if generators is None or isinstance(generators, torch.Generator):
         generators = [generators] * B
     if len(generators) != B:
@@ -89,3 +149,16 @@ def make_generators(
     for s in seeds:
         gens.append(None if s is None else torch.Generator(device=device).manual_seed(int(s)))
     return gens
+
+
+def make_seeds(seeds: int | Sequence[int | None] | None, batch: int) -> list[int]:
+    """Per-row seeds for `sample(..., seeds=)`: seed s gives rows s, s+1, ...; a list gives one
+    per row; None (alone or in the list) draws one from torch's global RNG (so
+    torch.manual_seed still reproduces an unseeded run)."""
+    if isinstance(seeds, int):
+        return [seeds + b for b in range(batch)]
+    if seeds is None:
+        seeds = [None] * batch
+    if len(seeds) != batch:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {batch}")
+    return [int(torch.randint(0, 2**62, ())) if s is None else int(s) for s in seeds]

@@ -8,7 +8,7 @@ import torch
 
 from improv.engine.context import header_len, slide_context
 from improv.engine.engine import Engine
-from improv.engine.sampling import logits_to_probs, make_generators, sample
+from improv.engine.sampling import logits_to_probs, make_generators, make_seeds, sample
 from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 
 V = Vocab(TokenizerConfig())
@@ -169,3 +169,25 @@ def test_sampling_functions():
     )
     freq = (draws[:, 0] == 0).float().mean().item()  # exponential race samples from p
     assert abs(freq - torch.softmax(logits[0], -1)[0].item()) < 0.08
+
+
+def test_counter_based_sampling_is_batch_invariant_and_exact():
+    torch.manual_seed(0)
+    probs = logits_to_probs(torch.randn(5, 300) * 2, top_k=40)  # (5, 300), 260 zeros per row
+    seeds, positions = [3, 9, 9, 1, 7], [10, 10, 11, 0, 2**40]
+    toks = sample(probs, seeds=seeds, positions=positions)
+    assert toks.tolist() == sample(probs, seeds=seeds, positions=positions).tolist()
+    for b in range(5):  # a row alone draws what it draws in the batch
+        one = sample(probs[b : b + 1], seeds=seeds[b : b + 1], positions=positions[b : b + 1])
+        assert one.item() == toks[b].item()
+        assert probs[b, toks[b]] > 0
+    # Row draws over positions follow p (exponential race: exact sampling from p).
+    p = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]), -1)
+    draws = sample(p.expand(4000, 4), seeds=[5] * 4000, positions=list(range(4000)))
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert (freq - p).abs().max() < 0.03
+    assert make_seeds(4, 3) == [4, 5, 6] and make_seeds([1, 2], 2) == [1, 2]
+    torch.manual_seed(1)
+    a = make_seeds(None, 2)
+    torch.manual_seed(1)
+    assert make_seeds(None, 2) == a and a[0] != a[1]  # unseeded: from torch's global RNG
