@@ -209,22 +209,27 @@ def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine
 def test_beat_grid_puts_generated_events_on_the_grid_except_at_forced_events(engine):
     grid = {round(7 + k * 12.5 + 1e-9) for k in range(200)}  # 16ths at 120 bpm from 70 ms
     forced = {101: [V.velocity(20), V.note_on(LEAD, 60)], 183: [V.note_off(LEAD, 60)]}
-    sched = Scheduler(engine, max_sessions=1)
-    s = sched.open_session(
-        [V.BOS, V.TASK_ACCOMPANY],
-        constraints=[Parts(accompaniment_parts(V)), BeatGrid(12.5, 7)],
-        sampling=SEEDED,
-    )
-    s.generate(until_tick=2000)
-    for tick, toks in forced.items():
-        s.insert(tick, toks)
+    prompt = make_prompt(3)
+    start = sum(V.shift_ticks(t) for t in prompt)
+    sched = Scheduler(engine, max_sessions=5)
+    sessions = []
+    for seed in range(5):  # a random tiny model plays few notes: several takes
+        sp = SamplingParams(temperature=1.0, top_k=64, seed=seed)
+        s = sched.open_session(prompt, constraints=[BeatGrid(12.5, 7)], sampling=sp)
+        s.generate(until_tick=2000)
+        for tick, toks in forced.items():
+            s.insert(tick, toks)
+        sessions.append(s)
     sched.run_until_idle()
-    evs = [e for e in drain(s) if isinstance(e, Token)]
-    times = [e.tick for e in evs if V.shift_base <= e.token < V.part_base]
-    assert len(times) > 5
-    # Sampled time lands on the grid, or on a forced event / the request's end (ceilings).
-    assert set(times) <= grid | set(forced) | {2000}, sorted(set(times) - grid)
-    assert s.tick == 2000 and ConstraintSet(V).check(s.tokens()) is None
+    times = []
+    for s in sessions:
+        # Where generated notes start and end (a clipped shift may pass through an off-grid
+        # tick inside its own time tokens, but nothing happens there).
+        times += [e.tick for e in drain(s) if isinstance(e, Token) and e.token >= V.on_base]
+        assert s.tick == 2000 and ConstraintSet(V).check(s.tokens()) is None
+    assert len(times) > 10
+    # On the grid, or at a forced event (a ceiling), or where generation started.
+    assert set(times) <= grid | set(forced) | {start}, sorted(set(times) - grid)
     # The session's own copy, to move the grid while it runs (the tempo changed).
     assert s.constraint(BeatGrid).grid == (12.5, 7.0) and s.constraint(NoteDensity) is None
 
