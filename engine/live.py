@@ -48,6 +48,7 @@ C = TypeVar("C", bound=Constraint)
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
+MAX_NOTE_RETRIES = 8  # draws of a note the constraints forbid, then the masked draw
 
 
 # --- public value types ---------------------------------------------------------------------------
@@ -198,6 +199,7 @@ class LiveSession:
         self._req: _Request | None = None
         self._forced: list[tuple[int, int, list[int]]] = []  # heap of (tick, seq, tokens)
         self._forced_seq = itertools.count()
+        self._retry_at, self._retries = -1, 0  # rejected notes at a position (Scheduler._sample)
         self._clear()
         # Published state (plain attributes: atomic reads from any thread).
         self.generating = False
@@ -276,6 +278,7 @@ class LiveSession:
 
     # --- scheduler-thread internals -------------------------------------------------------------
     def _clear(self) -> None:
+        self._held: Token | None = None  # a sampled VEL, sent once its ON is accepted
         with self._state_lock:
             self._hist: list[int] = []  # tokens from position _base on
             self._ticks: list[int] = []  # token time after each of them
@@ -336,9 +339,10 @@ class LiveSession:
             if given:
                 self._given_upto, self._given_tick = self.position, self.tick
 
-    def _cut(self, position: int, keep_given: bool = False) -> None:
+    def _cut(self, position: int, keep_given: bool = False, quiet: bool = False) -> None:
         """Roll back to `position` (clamped to the window, and to the given tokens if
-        keep_given; moved back to an event boundary); emits Rollback if anything was removed."""
+        keep_given; moved back to an event boundary); emits Rollback if anything was removed
+        (unless quiet: nothing the listener saw was removed)."""
         floor = max(self._base, 1, self._given_upto if keep_given else 0)
         p = min(max(position, floor), self.position)
         while p > max(self._base, 1) and opens_pair(self._vocab, self._hist[p - 1 - self._base]):
@@ -363,7 +367,10 @@ class LiveSession:
             q = self._snap_keys[-1]
             self._cs.restore(self._snaps[q])
             self._cs.feed(self._hist[q - self._base : keep])
-        self._emit(Rollback(self.id, p, self.tick))
+            if self._held is not None and self._held.position >= p:
+                self._held = None
+        if not quiet:
+            self._emit(Rollback(self.id, p, self.tick))
 
     def _rollback_tick(self, tick: int, keep_given: bool = False) -> None:
         # tokens whose time-after is <= tick stay: ticks are non-decreasing, so bisect.
@@ -512,12 +519,43 @@ class LiveSession:
         for t in self._cs.clip(tok):  # a shift past the time ceiling ends on it
             self._push([t], given=False)
             req.n += 1
-            self._emit(Token(self.id, req.id, t, self.position - 1, self.tick))
+            ev = Token(self.id, req.id, t, self.position - 1, self.tick)
+            if self._vocab.vel_base <= t < self._vocab.on_base:
+                self._held = ev  # sent with its ON: the pair may still be rejected
+                continue
+            if self._held is not None:
+                self._emit(self._held)
+                self._held = None
+            self._emit(ev)
         if self._at_boundary():
             if req.max_tokens is not None and req.n >= req.max_tokens:
                 self._finish("max_tokens")
             elif req.until_tick is not None and self.tick >= req.until_tick:
                 self._finish("until_tick")
+
+    def _retries_here(self) -> int:
+        """Notes rejected so far at the event starting at the current position (or at the VEL
+        just sampled)."""
+        return self._retries if self._retry_at in (self.position, self.position - 1) else 0
+
+    def _draw_seed(self) -> int:
+        """The seed of this step's draw: the session's, or a fresh one for each retry of a
+        rejected note (the draw depends on (seed, position) only, so a retry with the same
+        seed would draw the same note again)."""
+        r = self._retries_here()
+        return self.seed if r == 0 else (self.seed + r * 0x9E3779B97F4A7C15) & 0x7FFFFFFFFFFFFFFF
+
+    def _reject_note(self) -> None:
+        """The ON drawn after a sampled VEL is one the constraints forbid: drop the VEL too (no
+        event was sent for it) and draw again before it (see Scheduler._sample)."""
+        with self._deliver_lock:
+            req = self._req
+            if req is None or req.id <= self._sched._cancelled_upto.get(self.id, -1):
+                return  # cancelled meanwhile: the cancel cuts the VEL
+            r = self._retries_here()
+            self._cut(self.position - 1, quiet=True)
+            req.n -= 1
+            self._retry_at, self._retries = self.position, r + 1
 
 
 # --- the scheduler ----------------------------------------------------------------------------------
@@ -561,7 +599,13 @@ class Scheduler:
         self._stop = threading.Event()
         self.steps = 0  # steps that ran a forward
         # Cumulative seconds in the step's phases and tokens sampled (benchmarks, server metrics).
-        self.stats = {"forward_s": 0.0, "mask_s": 0.0, "sample_s": 0.0, "tokens": 0}
+        self.stats = {
+            "forward_s": 0.0,
+            "mask_s": 0.0,
+            "sample_s": 0.0,
+            "tokens": 0,
+            "notes_rejected": 0,
+        }
 
     # --- lifecycle --------------------------------------------------------------------------------
     def start(self) -> Scheduler:
@@ -765,7 +809,23 @@ class Scheduler:
     def _sample(self, rows: list[LiveSession], logits: Tensor) -> None:
         """logits (B, V) of sessions with a running request -> one token each."""
         t0 = time.perf_counter()
-        masks = torch.from_numpy(np.stack([s._mask() for s in rows]))  # (B, V) bool
+        masks_np = np.stack([s._mask() for s in rows])  # (B, V) bool
+        # The ON after a sampled VEL is drawn from every ON; one the constraints forbid rejects
+        # the whole note (VEL too) and the row draws again. Masking it instead would turn the
+        # note the model meant (a melody note, under "accompaniment only") into another one:
+        # accompaniment on every melody note. Bounded: after MAX_NOTE_RETRIES, the mask.
+        # Greedy rows keep the mask: a retry would draw the same note again.
+        v = self.vocab
+        strict: dict[int, np.ndarray] = {}
+        for i, s in enumerate(rows):
+            if (
+                s._held is not None
+                and s.sampling.temperature > 0
+                and s._retries_here() < MAX_NOTE_RETRIES
+            ):
+                strict[i] = masks_np[i].copy()
+                masks_np[i, v.on_base : v.off_base] = True
+        masks = torch.from_numpy(masks_np)  # (B, V) bool
         t1 = time.perf_counter()
         logits = apply_mask(logits, masks)
         probs = torch.empty_like(logits)  # (B, V)
@@ -777,11 +837,15 @@ class Scheduler:
             probs[idx] = logits_to_probs(logits[idx], temp, top_k, top_p, min_p)
         # Counter-based draws from (seed, position): one vectorized call for every row, no
         # per-row generator to reseed (that was ~66 us/row), still batch-invariant.
-        seeds, positions = [s.seed for s in rows], [s.position for s in rows]
+        seeds, positions = [s._draw_seed() for s in rows], [s.position for s in rows]
         toks = sample(probs, seeds=seeds, positions=positions).tolist()  # the one host sync
         t2 = time.perf_counter()
-        for s, t in zip(rows, toks, strict=True):
-            s._deliver(t)
+        for i, (s, t) in enumerate(zip(rows, toks, strict=True)):
+            if i in strict and not strict[i][t]:
+                s._reject_note()
+                self.stats["notes_rejected"] += 1
+            else:
+                s._deliver(t)
         st = self.stats
         st["mask_s"] += t1 - t0 + time.perf_counter() - t2  # masks + state updates
         st["sample_s"] += t2 - t1

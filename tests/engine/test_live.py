@@ -17,6 +17,7 @@ from improv.engine.constraints import (
     Parts,
     accompaniment_parts,
 )
+from improv.engine import live
 from improv.engine.engine import Engine
 from improv.engine.live import (
     Done,
@@ -204,6 +205,41 @@ def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine
         V.name(t) for t in sampled
     ]
     assert s.tick == 1500 and ConstraintSet(V).check(s.tokens()) is None
+
+
+def _accompaniment_notes(engine, max_retries: int, monkeypatch) -> tuple[int, list[Token]]:
+    monkeypatch.setattr(live, "MAX_NOTE_RETRIES", max_retries)
+    sched = Scheduler(engine, max_sessions=4)
+    sessions = []
+    for seed in range(4):
+        s = sched.open_session(
+            [V.BOS, V.TASK_ACCOMPANY],
+            constraints=[Parts(accompaniment_parts(V))],
+            sampling=SamplingParams(temperature=1.0, seed=seed),
+        )
+        s.generate(max_tokens=300)
+        sessions.append(s)
+    sched.run_until_idle()
+    toks = [e for s in sessions for e in drain(s) if isinstance(e, Token)]
+    return sum(V.on_base <= e.token < V.off_base for e in toks), toks
+
+
+def test_a_note_the_constraints_forbid_is_not_turned_into_another_note(engine, monkeypatch):
+    """A model that mostly wants melody notes, asked for accompaniment only: the melody notes
+    it draws are rejected (VEL and ON) and drawn again, so it plays few notes, where masking
+    the ON alone would turn each of them into an accompaniment note."""
+    make = engine.new_decoder
+    lead_ons = list(range(V.note_on(LEAD, 0), V.note_on(LEAD, 127) + 1))
+    monkeypatch.setattr(
+        engine, "new_decoder", lambda *a, **k: _Opinionated(make(*a, **k), lead_ons, 6.0)
+    )
+    rejecting, toks = _accompaniment_notes(engine, 8, monkeypatch)
+    masking, _ = _accompaniment_notes(engine, 0, monkeypatch)
+    assert masking > 20 and rejecting < masking / 2, (rejecting, masking)
+    # A VEL is sent with its ON, never alone (its note may still be rejected).
+    for a, b in zip(toks, toks[1:], strict=False):
+        if V.vel_base <= a.token < V.on_base:
+            assert V.on_base <= b.token < V.off_base and b.position == a.position + 1
 
 
 def test_beat_grid_puts_generated_events_on_the_grid_except_at_forced_events(engine):
