@@ -23,13 +23,13 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def write_section(name: str, body: str) -> None:
+def write_section(name: str, body: str, path: Path = BENCHMARKS) -> None:
     """Replace the text between <!-- name:start --> and <!-- name:end --> (append if absent)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     block = f"{start}\n{body.rstrip()}\n{end}"
     text = (
-        BENCHMARKS.read_text()
-        if BENCHMARKS.exists()
+        path.read_text()
+        if path.exists()
         else "# Benchmarks\n\nFigures from one run each, side by side; the command that produced them is under each table.\n"
     )
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
@@ -38,4 +38,4 @@ def write_section(name: str, body: str) -> None:
         if pattern.search(text)
         else text.rstrip() + "\n\n" + block + "\n"
     )
-    BENCHMARKS.write_text(text)
+    path.write_text(text)

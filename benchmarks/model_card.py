@@ -3,10 +3,11 @@
 For 20 validation songs (fixed order, fixed seeds): a 20 s prompt, then a 30 s continuation
 compared with the real next 30 s; and accompaniment generated under the real melody of a 30 s
 window compared with the real accompaniment (statistics, and the share of notes that are chord
-tones of the annotated chord, against the real PIANO part). Writes JSON, piano rolls, and the
-report section of the model card.
+tones of the annotated chord, against the real PIANO part). Writes quality.json and piano
+rolls to --out, and with --card the "quality" section of the model card (the checkpoint's
+README.md, between its markers).
 
-    .venv/bin/python benchmarks/model_card.py models/default [--songs 20] [--write]
+    .venv/bin/python benchmarks/model_card.py models/default [--songs 20] [--card]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import SHARED_DATA, command_line, machine
+from common import SHARED_DATA, command_line, machine, write_section
 from music_metrics import chord_tone_share, read_chords, summary
 
 from improv.engine.tokenizer import Notes
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument(
         "--out", type=Path, default=None, help="folder for JSON + PNGs (default: the checkpoint)"
     )
+    ap.add_argument("--card", action="store_true", help="write the checkpoint's README section")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -170,6 +172,59 @@ def main() -> None:
             acc[k], tok.parts, out / f"example-accompany-{k + 1}.png", title, a_lo, a_hi
         )
     print(json.dumps(report, indent=2))
+    if args.card:
+        write_section("quality", card_section(report, len(songs)), args.checkpoint / "README.md")
+
+
+STAT_NAMES = {
+    "pitch_class_entropy": "pitch-class entropy (bits)",
+    "scale_consistency": "scale consistency",
+    "note_density": "note density (notes/s)",
+    "polyphony": "polyphony (notes sounding)",
+}
+
+
+def card_section(q: dict, n_songs: int) -> str:
+    """The model card's quality report, from the report dict."""
+
+    def table(section: str) -> str:
+        rows = [
+            "| statistic | generated | real | difference | within 20% |",
+            "|---|---|---|---|---|",
+        ]
+        for k, name in STAT_NAMES.items():
+            x = q[section][k]
+            ok = "yes" if x["rel_diff"] <= 0.2 else "no"
+            rows.append(
+                f"| {name} | {x['generated']:.3f} | {x['real']:.3f} | "
+                f"{100 * x['rel_diff']:.0f}% | {ok} |"
+            )
+        return "\n".join(rows)
+
+    ct, gs, sp = q["chord_tone_share"], q["generation_seconds"], q["sampling"]
+    return f"""{n_songs} POP909 validation songs (the first {n_songs} of splits/valid.txt, sorted), seeds
+1000 + index, temperature {sp["temperature"]}, top-p {sp["top_p"]}, through the server's own
+planners and scheduler with its defaults (the `MaxDuration` guard: no generated note longer than
+8 s). Statistics are MusPy's definitions over pitched notes (benchmarks/music_metrics.py), the
+mean over the songs. Target: each within 20% of the real music.
+
+**Continuation**: a 20 s prompt from the song's start, 30 s generated, against the real next
+30 s:
+
+{table("continuation")}
+
+**Accompaniment**: counter + harmony generated under the real melody of the song's first 30 s of
+melody, against the real BRIDGE + PIANO:
+
+{table("accompaniment")}
+
+Share of accompaniment notes that are tones of the annotated chord (chord_midi.txt): generated
+**{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%**.
+
+Generation time on this CPU (all songs batched on one scheduler): continuation
+{gs["continuation"]} s for {30 * n_songs} s of music, accompaniment {gs["accompaniment"]} s.
+
+Command: `{q["command"]}` ({q["machine"]})."""
 
 
 if __name__ == "__main__":
