@@ -154,6 +154,11 @@ class Constraint:
         `ConstraintSet(clip_time=True)`, applied by `clip` before the time ceiling."""
         return target
 
+    def onset(self, now: int) -> int:
+        """When a note start or end sampled at `now` should happen instead (>= now); as
+        `retime`."""
+        return now
+
     def get_state(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k).copy() for k in self._state_fields}
 
@@ -396,6 +401,17 @@ class BeatGrid(Constraint):
         while (snapped := math.floor(origin + k * step + 0.5)) <= now:
             k += 1  # a shift always moves time forward: the next point
         return snapped
+
+    def onset(self, now: int) -> int:
+        # Off the grid (time stopped at a request's end, or a player's event): the next point.
+        grid = self.grid
+        if grid is None:
+            return now
+        step, origin = grid
+        k = math.ceil((now - origin) / step - 1e-9)
+        while (point := math.floor(origin + k * step + 0.5)) < now:
+            k += 1
+        return point
 
 
 class ConstraintSet:
@@ -665,15 +681,30 @@ class ConstraintSet:
             logger.debug("row %d: nothing allowed, falling back", r)
         return out
 
-    def clip(self, token: int, row: int = 0) -> list[int]:
-        """The tokens a sampled `token` stands for: itself, or, for a time token, the time tokens
-        that end where the constraints move it (`retime`, e.g. a BeatGrid) but never past the
-        row's time ceiling (as of the last `allowed`): a shift that would pass it ends on it.
-        """
+    def clip(self, token: int, row: int = 0, onset_free: bool = False) -> list[int]:
+        """The tokens a sampled `token` stands for (with `clip_time`; else itself): a time token
+        becomes the time tokens that end where the constraints move it (`retime`, e.g. a
+        BeatGrid), never past the row's time ceiling (as of the last `allowed`): a shift that
+        would pass it ends on it. A `VEL` (a note starts) or `OFF` is moved to its `onset`
+        (time tokens first); if the ceiling comes before that, only the time up to the ceiling:
+        the row decides again there. `onset_free`: notes may start now whatever the constraints say (the live
+        session's "now" is a player's event: playing with the player beats the grid)."""
         v = self.vocab
-        if not (self.clip_time and v.shift_base <= token < v.part_base):
+        if not self.clip_time:
             return [token]
         now = int(self.state.tick[row])
+        if v.vel_base <= token < v.on_base or token >= v.off_base:  # a note starts or ends
+            if onset_free:
+                return [token]
+            start = max([now] + [c.onset(now) for c in self.constraints])
+            if start == now:
+                return [token]
+            end = min(start, int(self.ceiling[row]))
+            if end == now:  # at the ceiling already: the note can't move
+                return [token]
+            return v.time_tokens(end - now) + ([token] if end == start else [])
+        if not v.shift_base <= token < v.part_base:
+            return [token]
         target = want = now + self._ticks_list[token]
         for c in self.constraints:
             target = c.retime(now, target)

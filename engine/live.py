@@ -516,7 +516,9 @@ class LiveSession:
         if tok == self._vocab.EOS:
             self._finish("eos")
             return
-        for t in self._cs.clip(tok):  # a shift past the time ceiling ends on it
+        # A shift past the time ceiling ends on it; a note may move to a BeatGrid point,
+        # unless it sounds with a player's event (given tokens at this tick).
+        for t in self._cs.clip(tok, onset_free=self._given_tick == self.tick):
             self._push([t], given=False)
             req.n += 1
             ev = Token(self.id, req.id, t, self.position - 1, self.tick)

@@ -321,6 +321,21 @@ def test_beat_grid_moves_a_shift_to_the_nearest_grid_point_then_the_ceiling_clip
     assert cs.clip(V.shift(4)) == [V.shift(13)]  # never now: the next point (3 + 12.5 -> 16)
     assert cs.clip(V.shift(40)) == [V.shift(38)]  # 43 -> 3 + 3 x 12.5 = 40.5 -> 41 (rounded)
     assert cs.clip(V.long(3)) == [V.long(1), V.shift(97)]  # past the ceiling: ends on 200
+    # A note sampled off the grid starts at the next point (time tokens first), unless the
+    # caller says now is free (a player's event), or the ceiling comes first (then only time).
+    assert cs.clip(V.velocity(9)) == [V.velocity(9)]  # at 3: on the grid
+    cs.feed([V.shift(5)])  # at 8: off the grid (as after a request that stopped there)
+    cs.allowed()
+    assert cs.clip(V.velocity(9)) == [V.shift(8), V.velocity(9)]  # to 16
+    assert cs.clip(V.velocity(9), onset_free=True) == [V.velocity(9)]
+    cs.find(TimeLimit).set(12)
+    cs.allowed()
+    assert cs.clip(V.velocity(9)) == [V.shift(4)]  # the ceiling (12) before the point (16)
+    cs.find(TimeLimit).set(8)
+    cs.allowed()
+    assert cs.clip(V.velocity(9)) == [V.velocity(9)]  # at the ceiling: it can't move
+    cs.find(TimeLimit).set(200)
+    cs.allowed()
     grid_copy = cs.find(BeatGrid)
     grid_copy.set(None)  # off: shifts are the model's own again
     assert cs.clip(V.shift(4)) == [V.shift(4)]

@@ -252,11 +252,13 @@ def test_beat_grid_puts_generated_events_on_the_grid_except_at_forced_events(eng
     for seed in range(5):  # a random tiny model plays few notes: several takes
         sp = SamplingParams(temperature=1.0, top_k=64, seed=seed)
         s = sched.open_session(prompt, constraints=[BeatGrid(12.5, 7)], sampling=sp)
-        s.generate(until_tick=2000)
         for tick, toks in forced.items():
             s.insert(tick, toks)
         sessions.append(s)
-    sched.run_until_idle()
+    for horizon in [*range(90, 2000, 90), 2000]:  # lookahead requests: time stops off grid
+        for s in sessions:
+            s.generate(until_tick=horizon)
+        sched.run_until_idle()
     times = []
     for s in sessions:
         # Where generated notes start and end (a clipped shift may pass through an off-grid
