@@ -52,6 +52,7 @@ Send = Callable[[Any], Awaitable[None]]
 ACCOMPANY_TICK_S = 0.05  # how often accompany extends its sampling horizon
 MAX_ERRORS_PER_S = 20  # error replies per second; more bad frames are dropped (no amplification)
 RESPONSE_MAX_TOKENS = 4096  # safety cap on one response
+IDLE_SLIDE_MARGIN = 8  # respond: slide when idle and within max_len / this of the context's end
 
 
 @dataclass(eq=False)
@@ -91,17 +92,23 @@ class _Stats:
 
 class LeadIn(Constraint):
     """respond: no time token (and no note-off) before the response's first note-on, so the
-    response starts at the trigger; the gap before it was the player's silence.
+    response starts at its start tick; the gap before it was the player's silence.
 
     Shared, not copied, with the session's ConstraintSet: the server arms it from the event loop
-    (a bool: a plain attribute write is atomic) and the scheduler thread reads it.
+    (plain attribute writes are atomic; `start` is written before `armed`) and the scheduler
+    thread reads it.
     """
 
     def __init__(self) -> None:
         self.armed = False
+        self.start = 0  # tick the armed response starts at
 
     def __deepcopy__(self, memo: dict) -> LeadIn:
         return self
+
+    def arm(self, start: int) -> None:
+        self.start = start
+        self.armed = True
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
         if self.armed:
@@ -110,8 +117,34 @@ class LeadIn(Constraint):
             cand.end_ok[:] = False
 
     def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab) -> None:
-        if self.armed and ((tokens >= vocab.on_base) & (tokens < vocab.off_base)).any():
+        # Only a note at or after the start disarms: a rollback replays older history (the
+        # player's notes) through observe while the response is armed.
+        if not self.armed:
+            return
+        on = (tokens >= vocab.on_base) & (tokens < vocab.off_base)
+        if (on & (before.tick >= self.start)).any():
             self.armed = False
+
+
+@dataclass(eq=False)
+class _Speculation:
+    """respond: the response, sampled while the player is silent, before it is due.
+
+    It starts when the player has released every key: one ordinary response request, sampled
+    from the gap's end (`LiveSession.generate_from` writes the time up to it as sampled tokens),
+    so it is token for token the response the gap's end would start. Its events are held, not
+    sent. The gap's end commits it as it is. A `trigger` before then plays its opening (its
+    first note) at once, at the trigger's time, and the response goes on from that note (if the
+    opening is still being sampled, as soon as it is: sooner than sampling another). The player
+    playing again drops it: nothing held was ever sent, so no note can be left sounding, and the
+    engine rolls its tokens back at the player's event.
+    """
+
+    request: int
+    start: int  # tick the response starts at (the gap's end)
+    held: list[Event] = field(default_factory=list)
+    opening: list[int] | None = None  # tokens of its first event through the first note-on
+    trigger: int | None = None  # a trigger came before the opening was sampled: its tick
 
 
 class LiveConnection:
@@ -149,6 +182,8 @@ class LiveConnection:
         self._responding = False
         self._player_dirty = False  # respond: the player played since the last response
         self._gap_handle: asyncio.TimerHandle | None = None
+        self._gap_due = 0.0  # session ms the gap ends at (the response's start)
+        self._spec: _Speculation | None = None  # respond: the response sampled ahead
         self._last_player_ms = 0.0
         self._horizon_tick = -1
         # Generated notes and events.
@@ -364,9 +399,15 @@ class LiveConnection:
         self._s = await self.rt.open_session(
             prompt or [v.BOS, task], self._constraints(), self._sampling(), on_event
         )
+        if self.mode == "respond":
+            # Slide the context between exchanges, not when it overflows: an overflow could land
+            # on a response's first notes (the slide's prefill is ~1000 tokens).
+            max_len = self.rt.scheduler.max_len
+            self._s.slide_when_idle(max_len - max_len // IDLE_SLIDE_MARGIN)
         self._cancel_floor = -1
         self._request = None
         self._responding = False
+        self._spec = None
         self._horizon_tick = -1
 
     def _end_mode(self, now: float) -> None:
@@ -382,6 +423,7 @@ class LiveConnection:
             self._cancel_floor = 1 << 62
             self._s.close()
             self._s = None
+        self._spec = None  # its held events were never sent: nothing to end
         self._cut(now)
         self._open.clear()
         self._model_sounding.clear()
@@ -399,6 +441,7 @@ class LiveConnection:
         s = self._s
         if s is None:
             return
+        self._drop_spec()  # sampled with the old parameters
         if _constraint_keys(old) != _constraint_keys(new):
             # Constraints are fixed per engine session: reopen it on the same history.
             hist = s.tokens() if s.window_start == 0 else None
@@ -407,6 +450,8 @@ class LiveConnection:
             s.sampling = self._sampling()  # read by the scheduler at each step
             if new.seed is not None:
                 s.seed = new.seed
+        if self.mode == "respond" and self._gap_handle is not None:
+            self._arm_gap()  # speculate again, with the new parameters
 
     # --- the player -----------------------------------------------------------------------------
     def _player_midi(self, m: p.ClientMidi) -> None:
@@ -426,6 +471,7 @@ class LiveConnection:
             return
         # Never before what has already sounded: the model's history stays what was heard.
         t = max(t, self._last_player_ms, self._sounded_floor(now))
+        self._drop_spec()  # the player plays on: the response sampled ahead is not wanted
         interrupt_offs: list[int] = []
         if self.mode == "respond":
             if self._responding or self._sounding_later(now):
@@ -452,27 +498,124 @@ class LiveConnection:
         if self._enc.sounding or not self._player_dirty:
             return
         assert self._loop is not None
-        self._gap_handle = self._loop.call_later(self.params.gap_ms / 1000.0, self._on_gap)
+        self._gap_due = self._last_player_ms + self.params.gap_ms
+        self._speculate(self._tick(self._gap_due))
+        if self._spec is not None:
+            # Committed when its first note is due to be sent (its start tick, lookahead_ms
+            # early), like any generated event.
+            fire = self._ms(self._spec.start) - self.params.lookahead_ms
+        else:
+            fire = self._gap_due
+        delay = max(0.0, fire - self.now_ms()) / 1000.0
+        self._gap_handle = self._loop.call_later(delay, self._on_gap)
 
     def _on_gap(self) -> None:
         self._gap_handle = None
-        if self.mode == "respond" and not self._enc.sounding and self._player_dirty:
-            self._respond()
+        if self.mode != "respond" or self._enc.sounding or not self._player_dirty:
+            return
+        if self._spec is not None:
+            self._commit(self._spec)
+            return
+        wait = self._gap_due - self.now_ms()
+        if wait > 0.5:  # the speculation was dropped (e.g. `params`): wait for the gap's end
+            assert self._loop is not None
+            self._gap_handle = self._loop.call_later(wait / 1000.0, self._on_gap)
+            return
+        self._respond()
 
     # --- respond ------------------------------------------------------------------------------------
+    def _response_ticks(self) -> int:
+        return int(round(self.params.response_length_seconds() * self.vocab.ticks_per_second))
+
     def _respond(self) -> None:
+        """`trigger` (or the gap's end without a speculation): the response starts now."""
         s = self._s
         if s is None or self._responding:
             return
-        self._player_dirty = False
         now = self.now_ms()
-        start = self._tick(now)
+        # The tick at or before now (not the nearest): the first note is due at once, not up to
+        # half a tick later.
+        start = max(0, int((now - self._origin) // self.vocab.config.tick_ms))
+        spec = self._spec
+        if spec is not None:
+            if start >= spec.start:  # its start has come: it is the response
+                self._commit(spec)
+                return
+            if spec.opening is not None:  # play its first note now
+                self._commit_at(spec, start)
+            elif spec.trigger is None:  # its first note is being sampled: play it when it is
+                spec.trigger = start  # (sooner than sampling another from scratch)
+            return
+        self._player_dirty = False
         s.insert(start, [])  # time up to now: the response starts here
         assert self._lead_in is not None
-        self._lead_in.armed = True
-        length = int(round(self.params.response_length_seconds() * self.vocab.ticks_per_second))
-        self._request = s.generate(max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + length)
+        self._lead_in.arm(start)
+        self._request = s.generate(
+            max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + self._response_ticks()
+        )
         self._responding = True
+
+    def _speculate(self, start: int) -> None:
+        """The player went silent: sample the response the gap's end would start (at tick
+        `start`), holding its events (see `_Speculation`)."""
+        s, lead_in = self._s, self._lead_in
+        if s is None or lead_in is None or self._responding or self._spec is not None:
+            return
+        lead_in.arm(start)
+        rid = s.generate_from(
+            start, max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + self._response_ticks()
+        )
+        self._spec = _Speculation(rid, start)
+
+    def _drop_spec(self) -> None:
+        """Forget the speculation: no held event was sent; the engine drops its tokens at the
+        next insert (the player's event, or the response's start)."""
+        spec, self._spec = self._spec, None
+        if spec is None:
+            return
+        assert self._s is not None
+        self._s.cancel()  # first: no token sampled without the lead-in can be delivered
+        self._cancel_floor = max(self._cancel_floor, spec.request)
+        if self._lead_in is not None:
+            self._lead_in.armed = False
+
+    def _commit(self, spec: _Speculation) -> None:
+        """The gap's end: the speculation is the response, exactly as sampled."""
+        self._spec = None
+        self._player_dirty = False
+        self._request = spec.request
+        self._responding = True
+        for ev in spec.held:
+            self._dispatch_engine_event(ev)
+
+    def _commit_at(self, spec: _Speculation, start: int) -> None:
+        """A trigger before the gap's end: the speculation's first note plays at `start` (the
+        model's history records it there, as heard), and the response goes on from it."""
+        s = self._s
+        opening = spec.opening
+        assert s is not None and opening is not None
+        self._drop_spec()
+        s.insert(start, opening)  # rolls the speculation back; the opening is given at `start`
+        for tok in opening:
+            self._play(tok, start, None)  # None: given tokens are never rolled back
+        self._player_dirty = False
+        self._request = s.generate(
+            max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + self._response_ticks()
+        )
+        self._responding = True
+
+    def _hold(self, spec: _Speculation, ev: Event) -> None:
+        spec.held.append(ev)
+        if spec.opening is not None or not isinstance(ev, Token):
+            return
+        if self.vocab.type_of(ev.token) is TokenType.NOTE_ON:
+            toks = [e.token for e in spec.held if isinstance(e, Token)]
+            first = next(
+                i for i, x in enumerate(toks) if self.vocab.type_of(x) is not TokenType.TIME
+            )
+            spec.opening = toks[first:]
+            if spec.trigger is not None:
+                self._commit_at(spec, spec.trigger)
 
     def _interrupt(self, t: float) -> list[int]:
         """The player plays during a response: stop it, retract what has not sounded, note-offs
@@ -506,6 +649,13 @@ class LiveConnection:
     def _on_engine_event(self, ev: Event) -> None:
         if self._closing or self._s is None or ev.session != self._s.id:
             return  # a closed or replaced engine session
+        spec = self._spec
+        if spec is not None and not isinstance(ev, Rollback) and ev.request == spec.request:
+            self._hold(spec, ev)  # sent when committed, or dropped
+            return
+        self._dispatch_engine_event(ev)
+
+    def _dispatch_engine_event(self, ev: Event) -> None:
         try:
             if isinstance(ev, Token):
                 if ev.request > self._cancel_floor:
@@ -518,17 +668,21 @@ class LiveConnection:
             logger.exception("session %s: engine event %s failed", self.id, ev)
 
     def _on_token(self, ev: Token) -> None:
-        v, tok = self.vocab, ev.token
+        self._play(ev.token, ev.tick, ev.position)
+
+    def _play(self, tok: int, tick: int, position: int | None) -> None:
+        """A generated token at token time `tick` (position None: given, never rolled back)."""
+        v = self.vocab
         self._enc.observe([tok])  # keeps the player's PART/PROGRAM bookkeeping in step
         ty = v.type_of(tok)
-        t = self._ms(ev.tick)
+        t = self._ms(tick)
         if ty is TokenType.PART:
             self._pending_part = tok - v.part_base
         elif ty is TokenType.PROGRAM:
             part, self._pending_part = self._pending_part, None
             if part is not None and part != v.drums:
                 ch = part_channel(part, v.drums)
-                self._gen(t, [0xC0 | ch, tok - v.program_base], part, ev.position)
+                self._gen(t, [0xC0 | ch, tok - v.program_base], part, position)
         elif ty is TokenType.VELOCITY:
             self._velocity = max(1, v.bin_velocity(tok - v.vel_base))
         elif ty is TokenType.NOTE_ON:
@@ -536,18 +690,18 @@ class LiveConnection:
             key = (part, pitch)
             ch = part_channel(part, v.drums)
             if key in self._open:  # cannot happen with the grammar; keep MIDI balanced anyway
-                self._note_off(self._open.pop(key), t, ev.position)
-            on = self._gen(t, [0x90 | ch, pitch, self._velocity], part, ev.position)
+                self._note_off(self._open.pop(key), t, position)
+            on = self._gen(t, [0x90 | ch, pitch, self._velocity], part, position)
             note = _Note(key, on, drum=part == v.drums)
             self._notes.append(note)
             if note.drum:
-                self._note_off(note, t + v.config.drum_note_ms, ev.position)
+                self._note_off(note, t + v.config.drum_note_ms, position)
             else:
                 self._open[key] = note
         elif ty is TokenType.NOTE_OFF:
             note = self._open.pop(v.note_of(tok), None)
             if note is not None:  # else: a note of the player's, or one already closed
-                self._note_off(note, t, ev.position)
+                self._note_off(note, t, position)
 
     def _on_rollback(self, ev: Rollback) -> None:
         """Tokens from `ev.position` on are gone: cancel their events; a note whose ON stays but
@@ -663,7 +817,6 @@ class LiveConnection:
         return e
 
     async def _send_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 if not self._heap:
@@ -675,7 +828,7 @@ class LiveConnection:
                     continue
                 now = self.now_ms()
                 if send_at > now:
-                    await self._sleep(loop.time() + (send_at - now) / 1000.0)
+                    await self._sleep(self._t0 + send_at / 1000.0)
                     continue
                 heapq.heappop(self._heap)
                 await self._deliver(e, now)
@@ -685,15 +838,15 @@ class LiveConnection:
             logger.info("session %s: send failed (%s); closing", self.id, exc)
             asyncio.get_running_loop().create_task(self.close("disconnect"))
 
-    async def _sleep(self, when: float | None) -> None:
-        loop = asyncio.get_running_loop()
-        self._wake = fut = loop.create_future()
-        handle = None if when is None else loop.call_at(when, _resolve, fut)
+    async def _sleep(self, deadline: float | None) -> None:
+        """Until `deadline` (perf_counter seconds; the runtime's precise clock) or a new message
+        due earlier (`_enqueue` resolves `_wake`)."""
+        self._wake = fut = asyncio.get_running_loop().create_future()
+        if deadline is not None:
+            self.rt.clock.wake_at(deadline, fut)
         try:
             await fut
         finally:
-            if handle is not None:
-                handle.cancel()
             self._wake = None
 
     async def _deliver(self, e: _Out, now: float) -> None:
@@ -723,11 +876,6 @@ class LiveConnection:
             _, _, e = heapq.heappop(self._heap)
             if not e.cancelled:
                 await self._deliver(e, self.now_ms())
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _constraint_keys(pr: p.LiveParams) -> tuple:

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     # torch CPU threads for the scheduler's forward. 1: on a shared or small machine, OpenMP
     # barriers waiting on descheduled threads made each step 4-6x slower (see BENCHMARKS.md).
     threads: int = Field(1, ge=1, le=256)
+    # GIL switch interval: how long the event loop (sending, receiving) may wait for the
+    # scheduler thread's Python code, and the other way round (Python's default is 5 ms).
+    switch_interval_ms: float = Field(0.5, gt=0, le=100)
     max_sessions: int = Field(16, ge=1, le=256)  # live WebSocket sessions at once
     http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (503 beyond)
     token: SecretStr | None = None  # Bearer token for HTTP, ?token= for the WebSocket

@@ -298,3 +298,91 @@ def test_in_process_connection(runtime, mode):
     ons = sum(1 for m in midi if m.data[0] & 0xF0 == 0x90)
     offs = sum(1 for m in midi if m.data[0] & 0xF0 == 0x80)
     assert ons == offs
+
+
+# --- respond: the response sampled ahead while the player is silent -------------------------------
+
+
+def test_speculation_samples_the_response_the_gap_starts(runtime):
+    """generate_from(start) under the armed lead-in gives token for token the response that
+    insert(start) + generate gives: committing a speculation at the gap's end is exact."""
+    from improv.engine.constraints import Parts
+    from improv.engine.live import Done, SamplingParams, Token
+    from improv.server.live import LeadIn
+
+    v = runtime.vocab
+    player = [v.velocity(20), v.note_on(0, 60), v.shift(30), v.note_off(0, 60)]
+    start, until = 130, 330  # the gap's end (ticks), the response's end
+
+    def response(ahead: bool) -> list[tuple[int, int, int]]:
+        lead_in = LeadIn()
+        s = runtime.scheduler.open_session(
+            [v.BOS, v.TASK_CONTINUE], [Parts(["lead"]), lead_in], SamplingParams(seed=11)
+        )
+        try:
+            s.insert(0, player)
+            lead_in.arm(start)
+            if ahead:
+                s.generate_from(start, max_tokens=60, until_tick=until)
+            else:
+                s.insert(start, [])
+                s.generate(max_tokens=60, until_tick=until)
+            out = []
+            while not isinstance(ev := s.events.get(timeout=30), Done):
+                if isinstance(ev, Token):
+                    out.append((ev.token, ev.position, ev.tick))
+            return out
+        finally:
+            s.close()
+
+    ahead, then = response(True), response(False)
+    assert ahead == then
+    assert ahead and v.type_of(ahead[0][0]).name in ("VELOCITY", "PART") and ahead[0][2] == start
+
+
+def test_playing_on_drops_the_speculation(server, make_player):
+    """Silences shorter than the gap start speculations that the next note drops: nothing of
+    them is heard; the response comes after the last one."""
+    pl = make_player(server.ws)
+    start(pl, "respond", gap_ms=3000, response_seconds=1.0, seed=12, lookahead_ms=0)
+    for k in (60, 62, 64, 65, 67):
+        phrase(pl, (k,), dur=0.05)
+        pl.until(lambda m: False, timeout=0.15)  # a short silence: a speculation starts
+    assert not [m for m in pl.received if m["type"] == "midi"], "a dropped speculation sounded"
+    pl.send({"type": "trigger"})
+    assert pl.until(is_on, timeout=10) is not None
+    pl.until(lambda m: False, timeout=1.2)
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_trigger_plays_the_sampled_opening_at_its_time(server, make_player):
+    """A trigger before the gap's end plays the speculation's first note at the trigger's time
+    (not at the gap's end), and the response goes on from it."""
+    pl = make_player(server.ws)
+    gap_ms = 8000
+    start(pl, "respond", gap_ms=gap_ms, response_seconds=1.5, seed=13, lookahead_ms=0)
+    phrase(pl, (62, 65))
+    pl.until(lambda m: False, timeout=0.8)  # the opening is sampled meanwhile
+    pl.send({"type": "ping", "time": 0})
+    now = pl.until(lambda m: m["type"] == "pong")["server_time"]
+    pl.send({"type": "trigger"})
+    first = pl.until(is_on, timeout=10)
+    # At the trigger (its 10 ms tick), not at the gap's end.
+    assert first is not None and now - 10 <= first["time"] < now + gap_ms / 2, (now, first)
+    pl.until(lambda m: False, timeout=2.0)
+    stop(pl)
+    assert_balanced(pl)
+
+
+def test_params_change_during_the_gap_still_answers(server, make_player):
+    """A `params` message drops the speculation (sampled with the old parameters) and starts
+    another; the gap still answers, once."""
+    pl = make_player(server.ws)
+    start(pl, "respond", gap_ms=600, response_seconds=0.8, seed=14, lookahead_ms=0)
+    phrase(pl, (64,))
+    pl.send({"type": "params", "temperature": 0.5})
+    assert pl.until(is_on, timeout=10) is not None
+    pl.until(lambda m: False, timeout=1.5)
+    stop(pl)
+    assert_balanced(pl)
