@@ -154,7 +154,7 @@ class Constraint:
         `ConstraintSet(clip_time=True)`, applied by `clip` before the time ceiling."""
         return target
 
-    def onset(self, now: int) -> int:
+    def event_tick(self, now: int) -> int:
         """When a note start or end sampled at `now` should happen instead (>= now); as
         `retime`."""
         return now
@@ -402,7 +402,7 @@ class BeatGrid(Constraint):
             k += 1  # a shift always moves time forward: the next point
         return snapped
 
-    def onset(self, now: int) -> int:
+    def event_tick(self, now: int) -> int:
         # Off the grid (time stopped at a request's end, or a player's event): the next point.
         grid = self.grid
         if grid is None:
@@ -685,7 +685,7 @@ class ConstraintSet:
         """The tokens a sampled `token` stands for (with `clip_time`; else itself): a time token
         becomes the time tokens that end where the constraints move it (`retime`, e.g. a
         BeatGrid), never past the row's time ceiling (as of the last `allowed`): a shift that
-        would pass it ends on it. A `VEL` (a note starts) or `OFF` is moved to its `onset`
+        would pass it ends on it. A `VEL` (a note starts) or `OFF` is moved to its `event_tick`
         (time tokens first); if the ceiling comes before that, only the time up to the ceiling:
         the row decides again there. `onset_free`: notes may start now whatever the constraints say (the live
         session's "now" is a player's event: playing with the player beats the grid)."""
@@ -696,7 +696,7 @@ class ConstraintSet:
         if v.vel_base <= token < v.on_base or token >= v.off_base:  # a note starts or ends
             if onset_free:
                 return [token]
-            start = max([now] + [c.onset(now) for c in self.constraints])
+            start = max([now] + [c.event_tick(now) for c in self.constraints])
             if start == now:
                 return [token]
             end = min(start, int(self.ceiling[row]))

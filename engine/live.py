@@ -123,6 +123,7 @@ class _Request:
     max_tokens: int | None
     until_tick: int | None
     n: int = 0  # tokens sampled so far
+    start_tick: int | None = None  # generate_from: time tokens up to here first (then None)
 
 
 # --- small pure helpers -----------------------------------------------------------------------------
@@ -217,18 +218,38 @@ class LiveSession:
             raise ValueError(f"tick must be >= 0, got {tick}")
         self._sched._submit(self, "insert", (int(tick), self._sched._check_tokens(tokens)))
 
-    def generate(self, max_tokens: int | None = None, until_tick: int | None = None) -> int:
+    def generate(
+        self,
+        max_tokens: int | None = None,
+        until_tick: int | None = None,
+        start_tick: int | None = None,
+    ) -> int:
         """Sample up to max_tokens tokens / up to token time until_tick; returns the request id.
 
-        Replaces a running request (it ends with reason "superseded").
+        Replaces a running request (it ends with reason "superseded"). `start_tick`: sample from
+        that token time on: the time tokens up to it are appended first, in the same forward,
+        as sampled (not given) tokens without Token events, so an insert before it rolls them
+        back like the rest (the server's respond mode samples a response ahead of its start).
         """
         if max_tokens is None and until_tick is None:
             raise ValueError("generate needs max_tokens or until_tick (or both)")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if start_tick is not None and start_tick < 0:
+            raise ValueError(f"start_tick must be >= 0, got {start_tick}")
         rid = self._sched._next_request_id()
-        self._sched._submit(self, "generate", _Request(rid, max_tokens, until_tick))
+        req = _Request(rid, max_tokens, until_tick, start_tick=start_tick)
+        self._sched._submit(self, "generate", req)
         return rid
+
+    _idle_slide_len: int | None = None  # see slide_when_idle
+
+    def slide_when_idle(self, length: int | None) -> None:
+        """Slide the context as soon as the session is idle (no request, no forced event) and
+        longer than `length` tokens, rather than when it overflows, which may be in the middle
+        of a request (the slide's prefill then delays its next token). None: only on overflow.
+        A plain attribute: read by the scheduler thread at each step."""
+        self._idle_slide_len = length
 
     def cancel(self) -> None:
         """Stop the running request; no further Token of it is delivered after this returns."""
@@ -443,12 +464,21 @@ class LiveSession:
             while self._forced and (req is None or self._forced[0][0] <= self.tick):
                 tick, _, tokens = heapq.heappop(self._forced)
                 self._insert_now(max(tick, self.tick), tokens)
+            if req is not None and req.start_tick is not None:  # generate_from: time up to it
+                start, req.start_tick = req.start_tick, None
+                self._push(self._vocab.time_tokens(start - self.tick), given=False)
             if req is not None:
                 if req.until_tick is not None and self.tick >= req.until_tick:
                     self._finish("until_tick")
                 elif req.max_tokens is not None and req.n >= req.max_tokens:
                     self._finish("max_tokens")
-        if self._ctx_len() > self._sched.max_len:
+        idle_len = self._idle_slide_len
+        if self._ctx_len() > self._sched.max_len or (
+            idle_len is not None
+            and self._req is None
+            and not self._forced
+            and self._ctx_len() > idle_len
+        ):
             self._slide()
         dec = self._sched.decoder
         if self._req is not None and self._pending() == 0:

@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from improv.engine.constraints import (
+    BeatGrid,
     Candidates,
     Constraint,
     GrammarState,
@@ -131,7 +132,7 @@ class _Speculation:
     """respond: the response, sampled while the player is silent, before it is due.
 
     It starts when the player has released every key: one ordinary response request, sampled
-    from the gap's end (`LiveSession.generate_from` writes the time up to it as sampled tokens),
+    from the gap's end (`LiveSession.generate(start_tick=...)` writes the time up to it as sampled tokens),
     so it is token for token the response the gap's end would start. Its events are held, not
     sent. The gap's end commits it as it is. A `trigger` before then plays its opening (its
     first note) at once, at the trigger's time, and the response goes on from that note (if the
@@ -373,7 +374,17 @@ class LiveConnection:
         if self.mode == "respond":
             self._lead_in = LeadIn()
             cs.append(self._lead_in)
+        cs.append(BeatGrid(*self._grid()))
         return cs
+
+    def _grid(self) -> tuple[float | None, float]:
+        """The BeatGrid setting (step, origin) in engine ticks: the grid of the tempo someone
+        else keeps (beat_time + tempo_bpm, e.g. a DAW's MIDI clock), or none."""
+        step_ms = self.params.grid_step_ms()
+        if step_ms is None or self.params.beat_time is None:
+            return None, 0.0
+        tick_ms = self.vocab.config.tick_ms
+        return step_ms / tick_ms, (self.params.beat_time - self._origin) / tick_ms
 
     def _sampling(self) -> SamplingParams:
         pr = self.params
@@ -441,6 +452,11 @@ class LiveConnection:
         s = self._s
         if s is None:
             return
+        grid = s.constraint(BeatGrid)
+        if grid is not None:
+            grid.set(*self._grid())  # the DAW's tempo or beat moved: no reopen needed
+        if changes.keys() <= {"tempo_bpm", "beat_time", "grid"} and new.response_beats is None:
+            return  # only the grid moved (the bridge re-anchors every 4 beats)
         self._drop_spec()  # sampled with the old parameters
         if _constraint_keys(old) != _constraint_keys(new):
             # Constraints are fixed per engine session: reopen it on the same history.
@@ -562,8 +578,10 @@ class LiveConnection:
         if s is None or lead_in is None or self._responding or self._spec is not None:
             return
         lead_in.arm(start)
-        rid = s.generate_from(
-            start, max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + self._response_ticks()
+        rid = s.generate(
+            max_tokens=RESPONSE_MAX_TOKENS,
+            until_tick=start + self._response_ticks(),
+            start_tick=start,
         )
         self._spec = _Speculation(rid, start)
 

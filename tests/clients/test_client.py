@@ -79,14 +79,16 @@ async def test_live_client_respond(server):
         stopped = await live.stop()
         assert stopped is not None and stopped.reason == "stop"
         received = [m async for m in live]
-    sounding: set[tuple[int, int]] = set()
+    sounding: dict[tuple[int, int], float] = {}  # note -> its note-on time
     for m in [first, *received]:
-        if m.type == "midi" and m.data[0] & 0xF0 == 0x90 and m.data[2] > 0:
-            sounding.add((m.data[0] & 15, m.data[1]))
+        if m.type == "retract":  # events after `after` are cancelled: those notes never sound
+            sounding = {k: t for k, t in sounding.items() if t <= m.after}
+        elif m.type == "midi" and m.data[0] & 0xF0 == 0x90 and m.data[2] > 0:
+            sounding[(m.data[0] & 15, m.data[1])] = m.time
         elif m.type == "midi" and m.data[0] & 0xF0 in (0x80, 0x90):
-            sounding.discard((m.data[0] & 15, m.data[1]))
-    # Everything after `first` was queued; the stop's note-offs end whatever still sounded
-    # (an event between start and `first` could only be a program change).
+            sounding.pop((m.data[0] & 15, m.data[1]), None)
+    # Everything after `first` was queued; the stop's note-offs (or its retract of what had not
+    # sounded yet) end whatever still sounded (before `first` only a program change can come).
     assert not sounding
 
 

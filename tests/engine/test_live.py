@@ -10,14 +10,15 @@ import threading
 import pytest
 import torch
 
+from improv.engine import live
 from improv.engine.constraints import (
     BeatGrid,
     ConstraintSet,
+    MaxDuration,
     NoteDensity,
     Parts,
     accompaniment_parts,
 )
-from improv.engine import live
 from improv.engine.engine import Engine
 from improv.engine.live import (
     Done,
@@ -251,7 +252,8 @@ def test_beat_grid_puts_generated_events_on_the_grid_except_at_forced_events(eng
     sessions = []
     for seed in range(5):  # a random tiny model plays few notes: several takes
         sp = SamplingParams(temperature=1.0, top_k=64, seed=seed)
-        s = sched.open_session(prompt, constraints=[BeatGrid(12.5, 7)], sampling=sp)
+        cons = [BeatGrid(12.5, 7), MaxDuration(8.0)]  # as the server's live sessions
+        s = sched.open_session(prompt, constraints=cons, sampling=sp)
         for tick, toks in forced.items():
             s.insert(tick, toks)
         sessions.append(s)
