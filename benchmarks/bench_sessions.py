@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--solo-max", type=int, default=16, help="one-by-one runs up to this N")
     ap.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--load", default="", help="what else ran, for the text (e.g. a training job)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -207,8 +208,9 @@ def main() -> None:
         "",
         mem_line,
         "",
-        f"Machine: {machine()}, torch {torch.__version__}; shared during the run with a 2-process training job (both cores, nice 5). "
-        f"Command: `{command_line()}`",
+        f"Machine: {machine()}, torch {torch.__version__}"
+        + (f"; shared during the run with {args.load}. " if args.load else ". ")
+        + f"Command: `{command_line()}`",
     ]
     if not args.no_write:
         write_section("sessions", "\n".join(lines))
