@@ -126,7 +126,7 @@ def test_bridge_needs_ports():
 
 
 @pytest.mark.jack
-def test_bridge_virtual_on_jack_sigterm(server):
+def test_bridge_virtual_on_jack_sigterm(server, runtime):
     """`improv bridge --virtual` as a subprocess on JACK: a phrase into `improv bridge in`
     comes back as generated notes on `improv bridge out`; SIGTERM leaves nothing sounding."""
     with jack_server() as env:
@@ -141,10 +141,14 @@ def test_bridge_virtual_on_jack_sigterm(server):
             in_name = wait_port("input", "improv bridge in")
             rec = Recorder(wait_port("output", "improv bridge out"))
             sender = mido.Backend(env["MIDO_BACKEND"]).open_output(in_name)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and server.server.server_state.connections == set():
+            # Wait for the session to have started: the bridge drops what was played before
+            # (stale), so a phrase sent while it syncs its clock would get no answer.
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not any(
+                c.mode == "respond" for c in list(runtime.connections)
+            ):
                 time.sleep(0.05)
-            time.sleep(0.5)  # clock sync + start
+            time.sleep(0.5)  # the bridge's own start handling (it drains its inbox then)
             play_phrase(sender)
             assert rec.wait(
                 lambda ms: note_balance(ms)[0] >= 1, 30
