@@ -687,8 +687,9 @@ class ConstraintSet:
         BeatGrid), never past the row's time ceiling (as of the last `allowed`): a shift that
         would pass it ends on it. A `VEL` (a note starts) or `OFF` is moved to its `event_tick`
         (time tokens first); if the ceiling comes before that, only the time up to the ceiling:
-        the row decides again there. `onset_free`: notes may start now whatever the constraints say (the live
-        session's "now" is a player's event: playing with the player beats the grid)."""
+        the row decides again there. `onset_free`: notes may start or end now whatever the
+        constraints say (the live session's "now" is a player's event: playing with the player
+        beats the grid)."""
         v = self.vocab
         if not self.clip_time:
             return [token]

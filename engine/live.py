@@ -22,6 +22,7 @@ before a rollback (rollback then generate == fresh generation from the same pref
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -123,7 +124,7 @@ class _Request:
     max_tokens: int | None
     until_tick: int | None
     n: int = 0  # tokens sampled so far
-    start_tick: int | None = None  # generate_from: time tokens up to here first (then None)
+    start_tick: int | None = None  # generate(start_tick=): time up to here first (then None)
 
 
 # --- small pure helpers -----------------------------------------------------------------------------
@@ -201,6 +202,7 @@ class LiveSession:
         self._forced: list[tuple[int, int, list[int]]] = []  # heap of (tick, seq, tokens)
         self._forced_seq = itertools.count()
         self._retry_at, self._retries = -1, 0  # rejected notes at a position (Scheduler._sample)
+        self._idle_slide_len: int | None = None  # see slide_when_idle
         self._clear()
         # Published state (plain attributes: atomic reads from any thread).
         self.generating = False
@@ -241,8 +243,6 @@ class LiveSession:
         req = _Request(rid, max_tokens, until_tick, start_tick=start_tick)
         self._sched._submit(self, "generate", req)
         return rid
-
-    _idle_slide_len: int | None = None  # see slide_when_idle
 
     def slide_when_idle(self, length: int | None) -> None:
         """Slide the context as soon as the session is idle (no request, no forced event) and
@@ -464,7 +464,7 @@ class LiveSession:
             while self._forced and (req is None or self._forced[0][0] <= self.tick):
                 tick, _, tokens = heapq.heappop(self._forced)
                 self._insert_now(max(tick, self.tick), tokens)
-            if req is not None and req.start_tick is not None:  # generate_from: time up to it
+            if req is not None and req.start_tick is not None:  # generate(start_tick=)
                 start, req.start_tick = req.start_tick, None
                 self._push(self._vocab.time_tokens(start - self.tick), given=False)
             if req is not None:
@@ -555,8 +555,8 @@ class LiveSession:
             if self._vocab.vel_base <= t < self._vocab.on_base:
                 self._held = ev  # sent with its ON: the pair may still be rejected
                 continue
-            if self._held is not None:
-                self._emit(self._held)
+            if self._held is not None:  # its note is accepted: sent under the running request
+                self._emit(dataclasses.replace(self._held, request=req.id))
                 self._held = None
             self._emit(ev)
         if self._at_boundary():

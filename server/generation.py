@@ -205,13 +205,12 @@ class GapTimes(Constraint):
     hard = True
 
     def __init__(self, forced_ticks: Sequence[int], end_tick: int) -> None:
-        self.forced = np.array(sorted(set(forced_ticks)), dtype=np.int64)
-        self.end = end_tick
+        self.forced = np.array(sorted(t for t in set(forced_ticks) if t < end_tick), dtype=np.int64)
+        self._limits = np.append(self.forced, end_tick)  # each given event's tick, then the end
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
         i = np.searchsorted(self.forced, state.tick, side="right")  # (B,) next given event
-        nxt = np.append(self.forced, self.end)[i]  # (B,) its tick, or the gap's end
-        np.minimum(cand.ceiling, np.minimum(nxt, self.end), out=cand.ceiling)
+        np.minimum(cand.ceiling, self._limits[i], out=cand.ceiling)
 
 
 def plan_infill(

@@ -494,7 +494,7 @@ class TempoFollower:
         self.running = False
         self._count: int | None = None  # clocks since start (None: phase unknown)
         self._last_report = -1e18
-        self._reported_beat: float | None = None
+        self._phase_sent = False  # a report carried the current beat phase
 
     def feed(self, kind: str, t_ms: float) -> None:
         if kind in ("start", "continue"):
@@ -518,7 +518,7 @@ class TempoFollower:
                 if self._count % 24 == 0:
                     self.beat_ms = t_ms
                     beat = self._count // 24
-                    anchor = self._reported_beat is None or beat % self.report_beats == 0
+                    anchor = not self._phase_sent or beat % self.report_beats == 0
             if len(self.ticks) < 7:  # a quarter of a beat: enough for a first estimate
                 return
             span = self.ticks[-1] - self.ticks[0]
@@ -529,13 +529,13 @@ class TempoFollower:
             moved = self.bpm is None or abs(bpm - self.bpm) >= self.min_change
             if moved and t_ms - self._last_report >= self.min_interval_ms:
                 self._report(bpm, t_ms)
-            elif self.beat_ms is not None and (anchor or self._reported_beat is None):
+            elif self.beat_ms is not None and (anchor or not self._phase_sent):
                 self._report(self.bpm if self.bpm is not None else bpm, t_ms)
 
     def _report(self, bpm: float, t_ms: float) -> None:
         self.bpm = bpm
         self._last_report = t_ms
-        self._reported_beat = self.beat_ms
+        self._phase_sent = self.beat_ms is not None
         self.on_tempo(bpm, self.beat_ms)
 
 

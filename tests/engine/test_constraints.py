@@ -434,6 +434,14 @@ def test_unmasked_sampling_would_fail_the_checker(make_model):
     [
         ([Parts(["bass", "drums"]), NoteDensity(4), TimeLimit(2_000)], [V.BOS]),
         ([PitchRange(50, 70), Programs({"harmony": [0, 1]})], [V.BOS, V.TASK_INFILL]),
+        (
+            [
+                MaxDuration(0.2, parts=["harmony", "bass"]),
+                Parts(["harmony", "bass"]),
+                NoteDensity(8),
+            ],
+            [V.BOS, V.TASK_ACCOMPANY],
+        ),
     ],
 )
 def test_single_row_path_equals_vectorized(constraints, prompt):

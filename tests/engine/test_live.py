@@ -243,6 +243,26 @@ def test_a_note_the_constraints_forbid_is_not_turned_into_another_note(engine, m
             assert V.on_base <= b.token < V.off_base and b.position == a.position + 1
 
 
+def test_a_held_vel_is_sent_with_its_on_under_the_request_that_accepts_it(engine):
+    """A request superseded between a VEL and its ON (accompaniment renews its lookahead
+    request all the time): the pair reaches the listener together, under the new request."""
+    sched = Scheduler(engine, max_sessions=1)
+    s = sched.open_session(make_prompt(2), sampling=SEEDED)
+    s.generate(max_tokens=400)
+    for _ in range(400):
+        sched.step()
+        if s._held is not None:
+            break
+    assert s._held is not None, "no VEL sampled"
+    rid = s.generate(max_tokens=20)
+    sched.run_until_idle()
+    toks = [e for e in drain(s) if isinstance(e, Token)]
+    for a, b in zip(toks, toks[1:], strict=False):
+        if V.vel_base <= a.token < V.on_base:
+            assert V.on_base <= b.token < V.off_base and a.request == b.request
+    assert any(V.vel_base <= e.token < V.on_base and e.request == rid for e in toks)
+
+
 def test_beat_grid_puts_generated_events_on_the_grid_except_at_forced_events(engine):
     grid = {round(7 + k * 12.5 + 1e-9) for k in range(200)}  # 16ths at 120 bpm from 70 ms
     forced = {101: [V.velocity(20), V.note_on(LEAD, 60)], 183: [V.note_off(LEAD, 60)]}
