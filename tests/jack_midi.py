@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import mido
 import pytest
@@ -62,6 +63,10 @@ def jack_server() -> Iterator[dict[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # A killed jackd (or one whose clients died) leaves its shared memory behind; enough of
+        # those and the next jackd refuses to start ("Too many servers already active").
+        for leftover in Path("/dev/shm").glob(f"jack*{name}*"):
+            leftover.unlink(missing_ok=True)
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
