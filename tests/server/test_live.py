@@ -319,17 +319,17 @@ def test_accompaniment_lands_on_the_daw_grid(runtime):
             out.append(msg)
 
         def ons() -> int:
-            return sum(m.type == "midi" and m.data[0] & 0xF0 == 0x90 for m in out)
+            return sum(m.type == "midi" and m.data[0] & 0xF0 == 0x90 and m.data[2] > 0 for m in out)
 
         conn = LiveConnection(runtime, send)
         await conn.open()
         beat = conn.now_ms() + 37.0  # the DAW's beat: any phase
         await conn.handle(
-            {"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0,
+            {"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0, "drums": True,
              "tempo_bpm": 120, "beat_time": beat, "grid": "1/8"}
         )  # fmt: skip
-        for target in (6, 12):
-            for _ in range(300):
+        for target in (6, 12):  # a random tiny model plays few notes: up to 30 s each
+            for _ in range(600):
                 await asyncio.sleep(0.05)
                 if ons() >= target:
                     break
