@@ -73,6 +73,26 @@ class Example:
     ids: np.ndarray  # (L,) int64 token ids, L <= seq_len + 1
     loss: np.ndarray  # (L,) bool: predict ids[j] with loss (ids[0] never has one)
     objective: str
+    # (L,) bool: ids[j] is a wait cut short by a forced event; scored as "at least this long"
+    censor: np.ndarray | None = None
+
+
+def censored_waits(vocab: Vocab, ids: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """(L,) bool: the time tokens whose run of time tokens ends at a `stops` token.
+
+    At inference, forced events (the given lead, an infill's given parts, the gap's end) are
+    ceilings: a wait the model samples past one is cut there (`ConstraintSet.clip`). The time
+    before a forced event is therefore censored, not chosen: the model only decides that it
+    waits at least that long. Trained as a point target instead, the model learns to wait
+    exactly until the lead's next event, and at inference, where the lead does not play at
+    the time it guessed, it fills the moment with an accompaniment note (the accompaniment
+    played about 4x the real density). See `trainer.loss.token_nll`.
+    """
+    is_time = (ids >= vocab.shift_base) & (ids < vocab.part_base)
+    L = len(ids)
+    first_event = np.where(is_time, L, np.arange(L))  # (L,) the next non-time token, or L
+    nxt = np.minimum.accumulate(first_event[::-1])[::-1]
+    return is_time & np.append(stops, False)[nxt]
 
 
 # --- note-level helpers ---------------------------------------------------------------------------
@@ -197,8 +217,12 @@ class ExampleBuilder:
         owner = token_parts(v, ex.middle)  # -1: time/special, else the part
         # Given (non-target) parts' events inside the gap are forced at inference: no loss on them.
         loss[mid] = (owner < 0) | np.isin(owner, targets)
-        ids, loss = ids[:L], loss[:L]  # rare: a dense gap alone overflows; keep what fits
-        return Example(np.asarray(ids, dtype=np.int64), loss, "infill")
+        arr = np.asarray(ids, dtype=np.int64)
+        stops = np.zeros(len(arr), dtype=bool)  # the given events in the gap, and its end
+        stops[mid] = ~loss[mid] | (arr[mid] == v.FILL_END)
+        censor = censored_waits(v, arr, stops) & loss
+        n = min(len(arr), L)  # rare: a dense gap alone overflows; keep what fits
+        return Example(arr[:n], loss[:n], "infill", censor[:n])
 
     def accompany(self, rng: np.random.Generator) -> Example | None:
         """`BOS TASK_ACCOMPANY` + all parts: loss on everything but the (forced) lead's tokens."""
@@ -210,22 +234,31 @@ class ExampleBuilder:
         ids, _ = make_accompany(v, w)
         if at_end:
             ids.append(v.EOS)
-        ids = ids[:L]
-        loss = token_parts(v, ids) != v.lead
+        ids = np.asarray(ids[:L], dtype=np.int64)
+        owner = token_parts(v, ids)
+        loss = owner != v.lead
         loss[0] = False
-        return Example(np.asarray(ids, dtype=np.int64), loss, "accompany")
+        return Example(ids, loss, "accompany", censored_waits(v, ids, owner == v.lead))
 
 
 def collate(examples: Sequence[Example], seq_len: int) -> dict[str, torch.Tensor]:
-    """Examples -> inputs (B, T) and targets (B, T), padded with PAD / IGNORE."""
+    """Examples -> inputs, targets and censored-target flags, each (B, T), padded with PAD /
+    IGNORE / False."""
     B = len(examples)
     x = np.full((B, seq_len), Vocab.PAD, dtype=np.int64)
     y = np.full((B, seq_len), IGNORE, dtype=np.int64)
+    c = np.zeros((B, seq_len), dtype=bool)
     for b, ex in enumerate(examples):
         n = len(ex.ids) - 1
         x[b, :n] = ex.ids[:-1]
         y[b, :n] = np.where(ex.loss[1:], ex.ids[1:], IGNORE)
-    return {"input": torch.from_numpy(x), "target": torch.from_numpy(y)}
+        if ex.censor is not None:
+            c[b, :n] = ex.censor[1:] & ex.loss[1:]
+    return {
+        "input": torch.from_numpy(x),
+        "target": torch.from_numpy(y),
+        "censor": torch.from_numpy(c),
+    }
 
 
 class BatchSource(torch.utils.data.Dataset):

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from improv.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -32,6 +31,7 @@ from improv.engine.tokenizer.dataset import TokenDataset
 from . import state as st
 from .data import IGNORE, BatchSource, DataConfig, batch_loader, eval_chunks
 from .eval import evaluate, open_eval_data
+from .loss import token_nll
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,8 @@ class Trainer:
         loader = iter(batch_loader(source, self.step * cfg.grad_accum, cfg.workers))
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
         V = self.model.config.vocab_size
+        vocab = self.tok.vocab
+        time_ids = (vocab.shift_base, vocab.part_base)
         bar = _progress(cfg.max_steps, self.step, d.main)
         window = {"loss": 0.0, "tok": 0, "n": 0, "t": time.perf_counter()}
         last_valid: dict | None = None
@@ -352,18 +354,16 @@ class Trainer:
                 for j, m in enumerate(micro):
                     x = m["input"].to(self.device, non_blocking=True)  # (B, T)
                     y = m["target"].to(self.device, non_blocking=True)  # (B, T)
+                    c = m["censor"].to(self.device, non_blocking=True)  # (B, T)
                     n_input += int((x != 0).sum())
                     sync = d.world == 1 or j == len(micro) - 1
                     ctx = nullcontext() if sync else self.ddp.no_sync()
                     with ctx:
                         with amp:
                             logits = self.ddp(x)  # (B, T, V)
-                        loss = F.cross_entropy(
-                            logits.float().view(-1, V),
-                            y.view(-1),
-                            ignore_index=IGNORE,
-                            reduction="sum",
-                        )
+                        loss = token_nll(
+                            logits.float().view(-1, V), y.view(-1), c.view(-1), time_ids
+                        ).sum()
                         (loss / max(n_target, 1)).backward()
                     loss_sum += loss.detach().double()
                 if cfg.clip > 0:

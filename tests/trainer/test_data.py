@@ -18,6 +18,7 @@ from improv.trainer.data import (
     DataConfig,
     ExampleBuilder,
     augment,
+    censored_waits,
     collate,
     eval_chunks,
     parse_mix,
@@ -75,6 +76,65 @@ def test_accompany_masks_the_lead(builder: ExampleBuilder) -> None:
     assert ex.loss[1:][parts[1:] != v.lead].all()
 
 
+def _next_event(v, ids: list[int], j: int) -> int:
+    while v.shift_base <= ids[j] < v.part_base:
+        j += 1
+    return j
+
+
+def test_accompany_censors_the_waits_cut_by_the_lead(builder: ExampleBuilder) -> None:
+    v = builder.vocab
+    n_censored = n_free = 0
+    for seed in range(10):
+        ex = builder.accompany(np.random.default_rng(seed))
+        ids, parts = ex.ids.tolist(), token_parts(v, ex.ids.tolist())
+        for j, t in enumerate(ids[:-1]):
+            if not v.shift_base <= t < v.part_base:
+                assert not ex.censor[j]
+                continue
+            k = _next_event(v, ids, j)
+            if k == len(ids):
+                continue
+            # a wait that ends on a lead event is censored, one that ends on the model's own is not
+            assert ex.censor[j] == (parts[k] == v.lead)
+            n_censored += bool(ex.censor[j])
+            n_free += not ex.censor[j]
+    assert n_censored > 10 and n_free > 10
+
+
+def test_infill_censors_waits_before_given_events_and_the_gap_end(
+    builder: ExampleBuilder,
+) -> None:
+    v = builder.vocab
+    seen_given = False
+    for seed in range(20):
+        ex = builder.infill(np.random.default_rng(seed))
+        ids = ex.ids.tolist()
+        mid = ids.index(v.FILL_MIDDLE)
+        assert not ex.censor[: mid + 1].any()
+        for j in range(mid + 1, len(ids)):
+            if not v.shift_base <= ids[j] < v.part_base:
+                assert not ex.censor[j]
+                continue
+            k = _next_event(v, ids, j)
+            stop = ids[k] == v.FILL_END or not ex.loss[k]
+            assert ex.censor[j] == stop
+            seen_given |= stop and ids[k] != v.FILL_END
+        last = ids.index(v.FILL_END) - 1  # the wait until the gap's end (notes cut there: OFFs)
+        assert ex.censor[last] == (v.shift_base <= ids[last] < v.part_base)
+    assert seen_given
+
+
+def test_censored_waits_end_of_sequence_is_not_censored(builder: ExampleBuilder) -> None:
+    v = builder.vocab
+    ids = np.array([v.BOS, v.TASK_ACCOMPANY, v.shift(5), v.long(2), v.shift(3)])
+    stops = np.zeros(len(ids), dtype=bool)
+    assert not censored_waits(v, ids, stops).any()
+    ids = np.append(ids, v.EOS)
+    stops = np.append(stops, True)
+    assert censored_waits(v, ids, stops).tolist() == [False, False, True, True, True, False]
+
+
 def test_augment_keeps_drums_and_ranges(builder: ExampleBuilder, song) -> None:
     v = builder.vocab
     n = Notes.from_list(song(3))
@@ -101,6 +161,9 @@ def test_collate_shifts_and_masks(builder: ExampleBuilder) -> None:
     keep = torch.as_tensor(ex.loss[1:])
     assert torch.equal(y[:n][keep], torch.as_tensor(ex.ids[1:])[keep])
     assert (y[:n][~keep] == IGNORE).all() and (y[n:] == IGNORE).all()
+    c = b["censor"][0]
+    assert torch.equal(c[:n], torch.as_tensor(ex.censor[1:] & ex.loss[1:])) and c.any()
+    assert not c[n:].any()
 
 
 def test_batches_are_a_function_of_position(dataset: Path) -> None:
