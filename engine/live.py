@@ -46,6 +46,7 @@ from .sampling import apply_mask, logits_to_probs, sample
 from .tokenizer.vocab import TokenType, Vocab
 
 C = TypeVar("C", bound=Constraint)
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
@@ -752,17 +753,33 @@ class Scheduler:
                 self._release(s)
         sessions = list(self._sessions.values())
         for s in sessions:
-            s._prepare()
+            self._guarded(s, s._prepare)
         self._pack(sessions)
         t0 = time.perf_counter()
         logits, n_forwards = self._forward(sessions)
         self.stats["forward_s"] += time.perf_counter() - t0
         rows = [s for s in sessions if s._req is not None and s.id in logits]
+        t0 = time.perf_counter()
+        masks = {s.id: m for s in rows if (m := self._guarded(s, s._mask)) is not None}
+        self.stats["mask_s"] += time.perf_counter() - t0
+        rows = [s for s in rows if s.id in masks]
         if rows:
-            self._sample(rows, torch.stack([logits[s.id] for s in rows]))
+            self._sample(
+                rows, torch.stack([logits[s.id] for s in rows]), [masks[s.id] for s in rows]
+            )
         if n_forwards:
             self.steps += 1
         return bool(cmds) or n_forwards > 0
+
+    def _guarded(self, s: LiveSession, fn: Callable[..., T], *args: Any) -> T | None:
+        """fn(*args) for one session; if it raises, that session's request ends with "error"
+        (logged) and the other sessions go on. None if it raised."""
+        try:
+            return fn(*args)
+        except Exception:
+            logger.exception("session %d: step failed; its request ends", s.id)
+            s._finish("error")
+            return None
 
     def run_until_idle(self, max_steps: int = 100_000) -> int:
         """Step until nothing is left to do (tests, offline use); returns the steps taken."""
@@ -838,10 +855,11 @@ class Scheduler:
                     out[s.id] = logits[0]
         return out, n
 
-    def _sample(self, rows: list[LiveSession], logits: Tensor) -> None:
-        """logits (B, V) of sessions with a running request -> one token each."""
+    def _sample(self, rows: list[LiveSession], logits: Tensor, masks: list[np.ndarray]) -> None:
+        """logits (B, V) of sessions with a running request, and their masks (V,) -> one token
+        each."""
         t0 = time.perf_counter()
-        masks_np = np.stack([s._mask() for s in rows])  # (B, V) bool
+        masks_np = np.stack(masks)  # (B, V) bool
         # The ON after a sampled VEL is drawn from every ON; one the constraints forbid rejects
         # the whole note (VEL too) and the row draws again. Masking it instead would turn the
         # note the model meant (a melody note, under "accompaniment only") into another one:
@@ -874,10 +892,10 @@ class Scheduler:
         t2 = time.perf_counter()
         for i, (s, t) in enumerate(zip(rows, toks, strict=True)):
             if i in strict and not strict[i][t]:
-                s._reject_note()
+                self._guarded(s, s._reject_note)
                 self.stats["notes_rejected"] += 1
             else:
-                s._deliver(t)
+                self._guarded(s, s._deliver, t)
         st = self.stats
         st["mask_s"] += t1 - t0 + time.perf_counter() - t2  # masks + state updates
         st["sample_s"] += t2 - t1

@@ -493,11 +493,9 @@ class LiveConnection:
             if self._responding or self._sounding_later(now):
                 interrupt_offs = self._interrupt(t)
             # Notes a finished response left sounding in the model's view end here for it too.
-            for key, n in self._model_sounding.items():
-                off = self.vocab.note_off(*key)
-                if not n.on.cancelled and (n.on.time_ms or 0) <= t and off not in interrupt_offs:
-                    interrupt_offs.append(off)
-            self._model_sounding.clear()
+            interrupt_offs += [
+                x for x in self._model_offs(self._tick(t)) if x not in interrupt_offs
+            ]
         self._last_player_ms = t
         toks = self._enc.feed(msg, (t - self._origin) / 1000.0)
         event = [x for x in toks if self.vocab.type_of(x) is not TokenType.TIME]
@@ -563,13 +561,26 @@ class LiveConnection:
                 spec.trigger = start  # (sooner than sampling another from scratch)
             return
         self._player_dirty = False
-        s.insert(start, [])  # time up to now: the response starts here
+        # Time up to now, the response starts here; the notes an earlier response left sounding
+        # in the model's view end here for it (the player played nothing since to end them).
+        s.insert(start, self._model_offs(start))
         assert self._lead_in is not None
         self._lead_in.arm(start)
         self._request = s.generate(
             max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + self._response_ticks()
         )
         self._responding = True
+
+    def _model_offs(self, tick: int) -> list[int]:
+        """OFF tokens, at `tick`, for the notes a finished response left sounding in the model's
+        view (they ended for the listener with the response)."""
+        offs = [
+            self.vocab.note_off(*key)
+            for key, n in self._model_sounding.items()
+            if not n.on.cancelled and self._tick(n.on.time_ms or 0) <= tick
+        ]
+        self._model_sounding.clear()
+        return offs
 
     def _speculate(self, start: int) -> None:
         """The player went silent: sample the response the gap's end would start (at tick

@@ -13,6 +13,7 @@ import torch
 from improv.engine import live
 from improv.engine.constraints import (
     BeatGrid,
+    Constraint,
     ConstraintSet,
     MaxDuration,
     NoteDensity,
@@ -372,6 +373,47 @@ def test_cancel_stops_at_the_next_step_and_close_frees(engine):
     assert tokens_of(drain(s)) == []
     t = sched.open_session([V.BOS, V.TASK_CONTINUE])
     assert t.slot in (0, 1)
+
+
+class NotesOnly(Constraint):
+    """Only a note may start next (no time, no note-off): the server's respond lead-in."""
+
+    def restrict(self, cand, state, vocab) -> None:
+        cand.time_ok[:] = False
+        cand.off_ok[:] = False
+        cand.end_ok[:] = False
+
+
+class Explodes(Constraint):
+    def restrict(self, cand, state, vocab) -> None:
+        raise RuntimeError("boom")
+
+
+def test_conflicting_constraints_fall_back_without_an_error(engine):
+    """A note past its MaxDuration deadline while another constraint forbids its note-off (and
+    time): nothing is allowed, and the fallback's SHIFT_1 is sampled although the time ceiling
+    (the deadline) is behind: time goes on, the request doesn't fail (it used to raise in clip
+    and end every session's request)."""
+    sched = Scheduler(engine, max_sessions=1)
+    prompt = [V.BOS, V.TASK_CONTINUE, V.velocity(20), V.note_on(LEAD, 60)]
+    s = sched.open_session(prompt, [MaxDuration(0.5, ["lead"]), NotesOnly()], SEEDED)
+    s.generate(max_tokens=5, start_tick=200)  # 2 s after the note began: deadline passed
+    sched.run_until_idle()
+    done = [e for e in drain(s) if isinstance(e, Done)]
+    assert [d.reason for d in done] == ["max_tokens"]
+
+
+def test_a_failing_session_ends_alone(engine):
+    """One session's step raising ends its own request with "error"; the others go on."""
+    sched = Scheduler(engine, max_sessions=2)
+    good = sched.open_session(make_prompt(2), sampling=SEEDED)
+    bad = sched.open_session(make_prompt(2), [Explodes()], SEEDED)
+    rg, rb = good.generate(max_tokens=20), bad.generate(max_tokens=20)
+    sched.run_until_idle()
+    g, b = drain(good), drain(bad)
+    assert [(e.request, e.reason) for e in b if isinstance(e, Done)] == [(rb, "error")]
+    assert [(e.request, e.reason) for e in g if isinstance(e, Done)] == [(rg, "max_tokens")]
+    assert len(tokens_of(g)) == 20
 
 
 def test_context_overflow_slides_and_keeps_positions(engine):

@@ -436,3 +436,52 @@ def test_params_change_during_the_gap_still_answers(server, make_player):
     pl.until(lambda m: False, timeout=1.5)
     stop(pl)
     assert_balanced(pl)
+
+
+def test_trigger_ends_notes_an_earlier_response_left_sounding_for_the_model(runtime):
+    """Notes a finished response left sounding in the model's view (they ended for the listener
+    with it) end for the model when the next response starts on a `trigger` with no player
+    event between: their OFFs are given at the trigger's time. (Left sounding, a note passed
+    its MaxDuration deadline while the response's lead-in forbids note-offs: the constraint
+    conflict that once failed the scheduler step.)"""
+    import asyncio
+
+    from improv.server.live import LiveConnection
+
+    v = runtime.vocab
+
+    async def main() -> tuple[list[int], list[int]]:
+        async def send(msg) -> None:
+            pass
+
+        conn = LiveConnection(runtime, send)
+        await conn.open()
+        await conn.handle({"type": "start", "mode": "respond", "seed": 3, "lookahead_ms": 0,
+                           "gap_ms": 10000, "response_seconds": 0.2})  # fmt: skip
+        await conn.handle({"type": "midi", "data": [144, 60, 100]})
+        await asyncio.sleep(0.05)
+        await conn.handle({"type": "midi", "data": [128, 60, 0]})
+        left: list[int] = []
+        for _ in range(20):  # until a response leaves a note sounding (a random tiny model)
+            await conn.handle({"type": "trigger"})
+            for _ in range(400):
+                await asyncio.sleep(0.025)
+                if not conn._responding:
+                    break
+            left = [v.note_off(*k) for k in conn._model_sounding]
+            if left:
+                break
+        assert left, "no response left a note sounding: nothing to check"
+        before = len(conn._s.tokens())
+        await conn.handle({"type": "trigger"})
+        for _ in range(400):
+            await asyncio.sleep(0.025)
+            if not conn._responding:
+                break
+        after = conn._s.tokens()[before:]
+        await conn.close()
+        return left, after
+
+    left, after = asyncio.run(main())
+    first_on = next(i for i, t in enumerate(after) if v.on_base <= t < v.off_base)
+    assert set(left) <= set(after[:first_on])  # the model hears them end before it answers
