@@ -20,7 +20,8 @@ Three attention paths share the weights:
 - `cache=`: writes keys/values into a preallocated `KVCache` in place and attends over its prefix
   with a position mask, so rows of one batch may have different lengths;
 - `forward_past`: the same maths with the past cache as an input and the new keys/values as
-  outputs, no in-place writes; this is the graph exported to ONNX.
+  outputs, no in-place writes (a functional reference; the ONNX backend no longer traces it:
+  `onnx_backend.build_onnx` writes the step from these weights with onnxruntime's fused ops).
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class Transformer(nn.Module):
     def forward_past(
         self, tokens: Tensor, input_pos: Tensor, past_k: Sequence[Tensor], past_v: Sequence[Tensor]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Functional cached step (the ONNX graph): nothing is written in place.
+        """Functional cached step: nothing is written in place.
 
         tokens, input_pos (B, T); past_k[i], past_v[i] (B, Hkv, P, D): layer i's cache, of which
         row b's first `input_pos[b, 0]` positions are valid (the rest is masked out).

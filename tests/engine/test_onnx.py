@@ -8,11 +8,22 @@ import torch
 from improv.cli import main
 from improv.engine.decoder import TorchDecoder
 from improv.engine.engine import Engine
-from improv.engine.onnx_backend import OnnxDecoder, export_onnx
+from improv.engine.onnx_backend import (
+    ONNX_FILE,
+    OnnxDecoder,
+    build_onnx,
+    ensure_onnx,
+    export_onnx,
+    onnx_format,
+)
 
 pytest.importorskip("onnxruntime")
 
 PROMPTS = [[1, 3], [1, 3, 500, 600, 10, 20, 1000], [1, 4, 300]]
+
+# tiny: grouped-query (4 heads / 2 KV heads), tied embeddings; and the other layouts the graph
+# builder handles: one KV head per query head, a separate lm_head.
+CONFIGS = {"gqa": {}, "mha": {"n_kv_head": 4}, "untied": {"tie_embeddings": False}}
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +33,21 @@ def onnx_pair(tmp_path_factory, make_model):
     return model, path
 
 
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def config_pair(request, tmp_path_factory, make_model):
+    model = make_model(**CONFIGS[request.param])
+    path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return model, path
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _assert_rows_close(a: torch.Tensor, b: torch.Tensor, rows) -> None:
+    """(B, T, V) logits of padded rows: compare each row's real tokens only."""
+    for r, row in enumerate(rows):
+        assert _rel_err(a[r, : len(row)], b[r, : len(row)]) < 1e-4, f"row {r}"
 
 
 def test_logits_match_torch(onnx_pair):
@@ -35,11 +59,74 @@ def test_logits_match_torch(onnx_pair):
         pt_dec.reset()
         a = ort_dec.extend(slots, PROMPTS, all_logits=True)  # prefill, padded rows
         b = pt_dec.extend(slots, PROMPTS, all_logits=True)
-        for r, p in enumerate(PROMPTS):
-            assert _rel_err(a[r, : len(p)], b[r, : len(p)]) < 1e-4
+        _assert_rows_close(a, b, PROMPTS)
         for t in range(5):  # decode steps, rows at different lengths
             step = [[100 + 7 * t + r] for r in range(3)]
             assert _rel_err(ort_dec.extend(slots, step), pt_dec.extend(slots, step)) < 1e-4
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2], [2, 0, 1]])
+def test_prefill_decode_append_crop_match_torch(config_pair, slots):
+    """Every path of `extend` against torch: batched prefill, single-token decode, a batched
+    multi-token append after a past (run row by row), single-row append, and after a crop."""
+    model, path = config_pair
+    ort_dec = OnnxDecoder(path, model.config, max_batch=3)
+    pt_dec = TorchDecoder(model, max_batch=3)
+
+    def both(slots, rows):
+        a = ort_dec.extend(slots, rows, all_logits=True)
+        b = pt_dec.extend(slots, rows, all_logits=True)
+        _assert_rows_close(a, b, rows)
+
+    both(slots, PROMPTS)  # prefill, rows of 2, 7 and 3 tokens
+    both(slots, [[50], [51], [52]])  # decode: past lengths 2, 7, 3
+    both(slots, [[60, 61, 62], [63], [64, 65]])  # append after a past: T one-token steps
+    both(slots[:2], [[66, 67, 68, 69], [70]])  # T > B: one run per row
+    both(slots[:1], [[71, 72, 73, 74]])  # one row
+    for dec in (ort_dec, pt_dec):
+        dec.crop(slots[1], 4)  # roll back into the prompt
+        dec.crop(slots[2], 0)  # empty: this row restarts from position 0
+    assert [ort_dec.length(s) for s in slots] == [pt_dec.length(s) for s in slots] == [14, 4, 0]
+    both(slots, [[80], [81], [82]])  # decode after the crop
+    both(slots, [[90, 91], [92, 93, 94], [95]])  # append after the crop
+    a = ort_dec.extend(slots, [[5], [6], [7]])  # default: (B, V) logits after each row's last token
+    b = pt_dec.extend(slots, [[5], [6], [7]])
+    assert a.shape == (3, model.config.vocab_size)
+    assert _rel_err(a, b) < 1e-4
+
+
+def test_cache_capacity_grows_under_decode(tmp_path, make_model):
+    """Steps one token at a time across the 256-position capacity chunk: the cache buffers are
+    reallocated and the reused IO bindings must follow them."""
+    model = make_model(max_seq_len=600)
+    ort_dec = OnnxDecoder(export_onnx(model, tmp_path / ONNX_FILE), model.config, max_batch=2)
+    pt_dec = TorchDecoder(model, max_batch=2)
+    seq = torch.randint(0, 1000, (2, 270), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = [seq[0][:250], seq[1][:245]]
+    ort_dec.extend([0, 1], prompts)
+    pt_dec.extend([0, 1], prompts)
+    assert ort_dec.capacity == 256
+    for t in range(250, 270):
+        step = [[seq[0][t]], [seq[1][t]]]
+        assert _rel_err(ort_dec.extend([0, 1], step), pt_dec.extend([0, 1], step)) < 1e-4
+    assert ort_dec.capacity == 512
+
+
+def test_append_near_max_seq_matches_torch(onnx_pair):
+    """A batched append where a short row's padding would run past max_seq (torch clamps the
+    padding's positions; the onnx decoder runs such a batch row by row)."""
+    model, path = onnx_pair
+    S = model.config.max_seq_len
+    ort_dec = OnnxDecoder(path, model.config, max_batch=3)
+    pt_dec = TorchDecoder(model, max_batch=3)
+    seq = torch.randint(0, 1000, (S,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = [seq[: S - 2], seq[:10], seq[:20]]
+    ort_dec.extend([0, 1, 2], prompts)
+    pt_dec.extend([0, 1, 2], prompts)
+    rows = [[7], [8, 9, 10], [11, 12]]  # row 0's padding would sit at S - 1 and S
+    a = ort_dec.extend([0, 1, 2], rows, all_logits=True)
+    _assert_rows_close(a, pt_dec.extend([0, 1, 2], rows, all_logits=True), rows)
+    assert [ort_dec.length(s) for s in range(3)] == [S - 1, 13, 22]
 
 
 def test_capacity_growth_crop_and_move(onnx_pair):
@@ -47,7 +134,7 @@ def test_capacity_growth_crop_and_move(onnx_pair):
     ort_dec = OnnxDecoder(path, model.config, max_batch=2)
     seq = torch.randint(0, 1000, (model.config.max_seq_len,)).tolist()
     ort_dec.extend([0], [seq[:200]])
-    grown = ort_dec.extend([0], [seq[200:]], all_logits=True)  # capacity 256 -> 256+ (max_seq)
+    grown = ort_dec.extend([0], [seq[200:]], all_logits=True)  # to the full context (max_seq)
     with torch.no_grad():
         ref = model(torch.tensor([seq]))[0, 200:]
     assert _rel_err(grown[0], ref) < 1e-4
@@ -57,6 +144,44 @@ def test_capacity_growth_crop_and_move(onnx_pair):
     with torch.no_grad():
         ref = model(torch.tensor([seq[:110]]))[0, 100:]
     assert _rel_err(again[0], ref) < 1e-4
+
+
+def test_graph_is_fused(make_model):
+    """The decode step stays a handful of fused kernels per block (the traced export was ~120
+    nodes per block of shape plumbing): GroupQueryAttention does RoPE, the cache write and
+    attention; one MatMul per weight."""
+    model = make_model()
+    graph = build_onnx(model).graph
+    ops = [n.op_type for n in graph.node]
+    L = model.config.n_layer
+    assert ops.count("GroupQueryAttention") == L
+    assert ops.count("MatMul") == 4 * L + 1
+    assert len(ops) <= 11 * L + 3
+
+
+def test_unsupported_head_dim_is_refused(make_model):
+    model = make_model(n_head=8, n_kv_head=2)  # head_dim 8
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_onnx(model)
+
+
+def test_stale_export_is_refused_and_replaced(tiny_checkpoint, make_model, tmp_path):
+    """A model.onnx of another graph layout (e.g. the earlier traced export) is not run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "old", [x], [y])
+    old = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    old.ir_version = 8
+    stale = tiny_checkpoint / ONNX_FILE
+    onnx.save(old, str(stale))  # newer than the weights, but not of this format
+    with pytest.raises(ValueError, match="export it again"):
+        OnnxDecoder(stale, make_model().config)
+    assert ensure_onnx(tiny_checkpoint, make_model()) == stale
+    assert onnx_format(stale) is not None  # re-exported in place
+    OnnxDecoder(stale, make_model().config)
 
 
 def test_greedy_generation_matches_torch(onnx_pair):
