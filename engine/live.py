@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
 MAX_NOTE_RETRIES = 8  # draws of a note the constraints forbid, then the masked draw
+LOGITS_KEPT = 40  # logits kept per session: a note's retries, one per VEL drawn (32 bins)
 
 
 # --- public value types ---------------------------------------------------------------------------
@@ -301,6 +302,11 @@ class LiveSession:
     # --- scheduler-thread internals -------------------------------------------------------------
     def _clear(self) -> None:
         self._held: Token | None = None  # a sampled VEL, sent once its ON is accepted
+        # The last LOGITS_KEPT logits (V,) the model gave, by (position, token before it). A
+        # rejected note draws its VEL again from the logits before it, and the ON after a VEL
+        # drawn before comes from that VEL's logits: most retries cost no forward (the VEL is
+        # then fed with its ON). A new request samples where the last one left off.
+        self._logits: dict[tuple[int, int], Tensor] = {}
         with self._state_lock:
             self._hist: list[int] = []  # tokens from position _base on
             self._ticks: list[int] = []  # token time after each of them
@@ -336,6 +342,21 @@ class LiveSession:
         if n >= h:
             return self._hist[n - h :]
         return self._head[n:] + self._hist
+
+    def _logits_key(self) -> tuple[int, int]:
+        return self.position, self._hist[-1] if self._hist else -1
+
+    def _keep_logits(self, row: Tensor) -> Tensor:
+        """Keep the logits (V,) at the current position (a copy: a decoder may reuse its
+        output buffer), dropping the oldest beyond LOGITS_KEPT."""
+        self._logits[self._logits_key()] = row = row.clone()
+        while len(self._logits) > LOGITS_KEPT:
+            del self._logits[next(iter(self._logits))]
+        return row
+
+    def _kept_logits(self) -> Tensor | None:
+        """The logits at the current position, if kept: no forward needed to sample."""
+        return self._logits.get(self._logits_key())
 
     def _tick_at(self, position: int) -> int:
         """Token time after the first `position` tokens (position >= _base)."""
@@ -381,6 +402,10 @@ class LiveSession:
             ctx_len = self._ctx_len()
             if dec.length(self.slot) > ctx_len:
                 dec.crop(self.slot, ctx_len)
+            # Logits at q depend on the tokens before q: kept up to q = p + 1, whose key names
+            # the token at p (another token pushed there misses).
+            for k in [k for k in self._logits if k[0] > p + 1]:
+                del self._logits[k]
             # Constraint state: nearest snapshot at or before p, then replay the rest.
             i = bisect.bisect_right(self._snap_keys, p)
             for k in self._snap_keys[i:]:
@@ -482,7 +507,7 @@ class LiveSession:
         ):
             self._slide()
         dec = self._sched.decoder
-        if self._req is not None and self._pending() == 0:
+        if self._req is not None and self._pending() == 0 and self._kept_logits() is None:
             dec.crop(self.slot, dec.length(self.slot) - 1)  # re-run the last token for logits
 
     def _slide(self) -> None:
@@ -509,6 +534,7 @@ class LiveSession:
             del self._hist[:drop], self._ticks[:drop]
             self._head = new[: len(new) - kept]
             self._base = new_base
+            self._logits.clear()  # another context: other logits
         self._sched.decoder.reset(self.slot)
         logger.info(
             "session %d: context slid, window starts at position %d (%d header tokens)",
@@ -769,7 +795,7 @@ class Scheduler:
             )
         if n_forwards:
             self.steps += 1
-        return bool(cmds) or n_forwards > 0
+        return bool(cmds) or n_forwards > 0 or bool(rows)
 
     def _guarded(self, s: LiveSession, fn: Callable[..., T], *args: Any) -> T | None:
         """fn(*args) for one session; if it raises, that session's request ends with "error"
@@ -836,8 +862,12 @@ class Scheduler:
         number of forwards run."""
         out: dict[int, Tensor] = {}
         n = 0
+        for s in sessions:  # logits kept: the pending tokens are fed with the next ones
+            if s._req is not None and (kept := s._kept_logits()) is not None:
+                out[s.id] = kept
         small = sorted(
-            (s for s in sessions if 0 < s._pending() <= self.max_batch_pad), key=lambda s: s.slot
+            (s for s in sessions if 0 < s._pending() <= self.max_batch_pad and s.id not in out),
+            key=lambda s: s.slot,
         )
         slots = [s.slot for s in small]
         for a, b in contiguous_runs(slots):
@@ -845,14 +875,14 @@ class Scheduler:
             logits = self.decoder.extend(slots[a:b], [s._pending_tokens() for s in run])  # (B, V)
             n += 1
             for s, row in zip(run, logits, strict=True):
-                out[s.id] = row
+                out[s.id] = s._keep_logits(row)
         for s in sessions:
-            if s._pending() > self.max_batch_pad:
+            if s._pending() > self.max_batch_pad and s.id not in out:
                 chunk = s._pending_tokens()[: self.prefill_chunk]
                 logits = self.decoder.extend([s.slot], [chunk])  # (1, V)
                 n += 1
                 if s._pending() == 0:
-                    out[s.id] = logits[0]
+                    out[s.id] = s._keep_logits(logits[0])
         return out, n
 
     def _sample(self, rows: list[LiveSession], logits: Tensor, masks: list[np.ndarray]) -> None:

@@ -244,6 +244,35 @@ def test_a_note_the_constraints_forbid_is_not_turned_into_another_note(engine, m
             assert V.on_base <= b.token < V.off_base and b.position == a.position + 1
 
 
+def test_a_rejected_note_draws_again_from_kept_logits(engine, monkeypatch):
+    """A retry samples again from the logits the cache gave before the rejected VEL, without
+    re-running a token: the same tokens as re-running it, in fewer forwards."""
+    make = engine.new_decoder
+    lead_ons = list(range(V.note_on(LEAD, 0), V.note_on(LEAD, 127) + 1))
+    monkeypatch.setattr(
+        engine, "new_decoder", lambda *a, **k: _Opinionated(make(*a, **k), lead_ons, 3.0)
+    )
+
+    def run(kept: int) -> tuple[list[tuple[int, int]], int, int]:
+        monkeypatch.setattr(live, "LOGITS_KEPT", kept)
+        sched = Scheduler(engine, max_sessions=2)
+        s = sched.open_session(
+            [V.BOS, V.TASK_ACCOMPANY],
+            constraints=[Parts(accompaniment_parts(V))],
+            sampling=SamplingParams(temperature=1.0, seed=5),
+        )
+        s.generate(max_tokens=150)
+        sched.run_until_idle()
+        toks = [(e.token, e.position) for e in drain(s) if isinstance(e, Token)]
+        return toks, sched.steps, sched.stats["notes_rejected"]
+
+    kept, kept_steps, rejected = run(2)
+    rerun, rerun_steps, _ = run(0)
+    assert rejected > 10
+    assert kept == rerun
+    assert kept_steps < rerun_steps - rejected
+
+
 def test_a_held_vel_is_sent_with_its_on_under_the_request_that_accepts_it(engine):
     """A request superseded between a VEL and its ON (accompaniment renews its lookahead
     request all the time): the pair reaches the listener together, under the new request."""
