@@ -9,7 +9,7 @@ GIL), then measures over WebSocket:
     30 ms after the player's note-off (as fast as a player presses "answer now") and 300 ms
     after it; and the gap's end (gap_ms 300) -> first note-on;
 (b) send jitter: receive time minus intended send time (event time - lookahead), for events the
-    server scheduled ahead (an accompany session sampling 1 s ahead, no player input); the
+    server scheduled ahead (an accompany session sampling 1 s ahead after one player note); the
     client-side figure includes the loopback transfer; the server's own (Stopped.jitter_*) too;
 (c) N concurrent accompany sessions, each fed a POP909 valid song's MELODY at real time: share of
     generated events sent after their time (server count) and received after it (client).
@@ -179,6 +179,10 @@ async def bench_jitter(url: str, seconds: float) -> dict:
     await c.send({"type": "start", "mode": "accompany", "lookahead_ms": lookahead,
                   "horizon_ms": 1000, "seed": 2, "drums": True,
                   "max_notes_per_second": 8})  # fmt: skip
+    await c.wait(lambda m: m["type"] == "started")
+    # One note: the accompaniment starts with the player's first note, then plays on its own.
+    await c.send({"type": "midi", "data": [0x90, 60, 90]})
+    await c.send({"type": "midi", "data": [0x80, 60, 0]})
     await asyncio.sleep(seconds)
     st = await stop(c, task)
     # Events sent ahead of time: intended send = time - lookahead, in the future when generated.

@@ -265,12 +265,15 @@ def plan_accompany(
     v = rt.vocab
     _, events = make_accompany(v, lead, lead_parts=sorted(set(lead.part.tolist())))
     end = (events[-1].tick if events else 0) + int(round(tail_seconds * v.ticks_per_second))
+    # The accompaniment starts with the lead: an intro over the silence before it would be in
+    # a key the model can only guess (it then holds to it when the melody comes in).
+    first = events[0].tick if events else 0
     cons: list[Constraint] = [Parts(parts), MaxDuration(rt.settings.max_note_seconds, parts)]
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items() if k in parts}))
     seconds = end / v.ticks_per_second
     req = Request(
-        [v.BOS, v.TASK_ACCOMPANY],
+        [v.BOS, v.TASK_ACCOMPANY, *v.time_tokens(first)],
         end,
         cons,
         sampling,

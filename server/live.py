@@ -182,6 +182,7 @@ class LiveConnection:
         self._request: int | None = None  # respond: the running response
         self._responding = False
         self._player_dirty = False  # respond: the player played since the last response
+        self._lead_heard = False  # accompany: the player has played a note (the model waits)
         self._gap_handle: asyncio.TimerHandle | None = None
         self._gap_due = 0.0  # session ms the gap ends at (the response's start)
         self._spec: _Speculation | None = None  # respond: the response sampled ahead
@@ -342,6 +343,7 @@ class LiveConnection:
         self.mode = m.mode
         self.params = p.LiveParams.model_validate(m.model_dump(exclude={"type", "mode"}))
         self._origin = now
+        self._lead_heard = False
         self._enc = self.rt.tokenizer.stream_encoder(
             part="lead", program=self.params.player_program
         )
@@ -497,6 +499,7 @@ class LiveConnection:
                 x for x in self._model_offs(self._tick(t)) if x not in interrupt_offs
             ]
         self._last_player_ms = t
+        self._lead_heard = self._lead_heard or (msg.type == "note_on" and msg.velocity > 0)
         toks = self._enc.feed(msg, (t - self._origin) / 1000.0)
         event = [x for x in toks if self.vocab.type_of(x) is not TokenType.TIME]
         if (event or interrupt_offs) and self._s is not None:
@@ -665,7 +668,9 @@ class LiveConnection:
         """Keep the model sampling `horizon_ms` past now (a new request replaces the old one)."""
         while True:
             s = self._s
-            if s is not None:
+            # Not before the player's first note: an intro would be in a key the model can
+            # only guess, and it would hold to it when the player comes in.
+            if s is not None and self._lead_heard:
                 pr = self.params
                 horizon = max(pr.horizon_ms, pr.lookahead_ms + 50)
                 until = self._tick(self.now_ms() + horizon)

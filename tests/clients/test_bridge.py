@@ -101,6 +101,7 @@ async def test_bridge_reconnects_and_silences_on_drop(runtime, start_server, res
     task = asyncio.create_task(bridge.run())
     try:
         assert await until(bridge.connected.is_set, 10)
+        await phrase(b, (60,), dur=0.1)  # the accompaniment starts with the player
         assert await until(lambda: bool(bridge.out and bridge.out.sounding), 10)
         await asyncio.to_thread(s.stop)  # the server goes away mid-accompaniment
         assert await until(lambda: not bridge.connected.is_set(), 10)

@@ -112,7 +112,10 @@ def test_infill_one_part_forces_the_others(server):
 
 
 def test_accompany_adds_parts_and_keeps_the_melody(server):
-    melody = midi_bytes([notes_track("MELODY", [(i * 480, 400, 60 + i % 8, 90) for i in range(8)])])
+    """... and starts with the melody: no intro over the silence before it (in a key the
+    model could only guess)."""
+    notes = [((4 + i) * 480, 400, 60 + i % 8, 90) for i in range(8)]  # from 2 s
+    melody = midi_bytes([notes_track("MELODY", notes)])
     r = post(
         server,
         "/v1/accompany",
@@ -124,7 +127,10 @@ def test_accompany_adds_parts_and_keeps_the_melody(server):
     notes = r.json()["notes"]
     lead = [n for n in notes if n["part"] == "lead"]
     assert len(lead) == 8 and not any(n["generated"] for n in lead)
-    assert all(n["part"] in ("harmony", "bass") for n in notes if n["generated"])
+    generated = [n for n in notes if n["generated"]]
+    assert generated and all(n["part"] in ("harmony", "bass") for n in generated)
+    first = min(n["start"] for n in lead)
+    assert abs(first - 2.0) < 0.01 and all(n["start"] >= first - 1e-6 for n in generated)
 
 
 @pytest.mark.parametrize(

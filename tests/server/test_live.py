@@ -110,6 +110,8 @@ def test_player_interrupts_a_response(server, make_player):
 def test_accompany_plays_along_with_retracts(server, make_player):
     pl = make_player(server.ws)
     start(pl, "accompany", lookahead_ms=150, horizon_ms=400, seed=4, drums=True)
+    pl.until(lambda m: False, timeout=0.3)
+    assert not [m for m in pl.received if m["type"] == "midi"]  # it waits for the player
     for i in range(12):  # a melody at real time
         pl.note(60 + (i * 5) % 12, True)
         pl.until(lambda m: False, timeout=0.1)
@@ -328,6 +330,9 @@ def test_accompaniment_lands_on_the_daw_grid(runtime):
             {"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0, "drums": True,
              "tempo_bpm": 120, "beat_time": beat, "grid": "1/8"}
         )  # fmt: skip
+        await conn.handle({"type": "midi", "data": [144, 60, 90]})  # the model starts with it
+        await asyncio.sleep(0.2)
+        await conn.handle({"type": "midi", "data": [128, 60, 0]})
         for target in (6, 12):  # a random tiny model plays few notes: up to 30 s each
             for _ in range(600):
                 await asyncio.sleep(0.05)
