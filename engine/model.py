@@ -15,13 +15,12 @@ Choices, and why:
   tying halves it and the input/output token geometry is shared.
 - No biases: fewer ops per decode step, no measurable loss.
 
-Three attention paths share the weights:
+Two attention paths share the weights:
 - no cache: plain causal attention over the sequence (training, full recompute);
 - `cache=`: writes keys/values into a preallocated `KVCache` in place and attends over its prefix
-  with a position mask, so rows of one batch may have different lengths;
-- `forward_past`: the same maths with the past cache as an input and the new keys/values as
-  outputs, no in-place writes (a functional reference; the ONNX backend no longer traces it:
-  `onnx_backend.build_onnx` writes the step from these weights with onnxruntime's fused ops).
+  with a position mask, so rows of one batch may have different lengths.
+The ONNX backend writes the same step from these weights with onnxruntime's fused ops
+(`onnx_backend.build_onnx`).
 """
 
 from __future__ import annotations
@@ -296,55 +295,6 @@ class Transformer(nn.Module):
             return attend
 
         return [make(i) for i in range(len(self.blocks))]
-
-    def forward_past(
-        self, tokens: Tensor, input_pos: Tensor, past_k: Sequence[Tensor], past_v: Sequence[Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Functional cached step: nothing is written in place.
-
-        tokens, input_pos (B, T); past_k[i], past_v[i] (B, Hkv, P, D): layer i's cache, of which
-        row b's first `input_pos[b, 0]` positions are valid (the rest is masked out).
-        Returns logits (B, T, V), new_k and new_v (L, B, Hkv, T, D): the caller stores them.
-        """
-        cfg = self.config
-        n_rep = cfg.n_head // cfg.n_kv_head
-        P = past_k[0].shape[2]
-        x = self.tok_emb(tokens)  # (B, T, C)
-        cos, sin = self._rope(input_pos, x.dtype)
-        past_pos = torch.arange(P, device=tokens.device)
-        past_mask = past_pos[None, None, :] < input_pos[:, :1, None]  # (B, 1, P)
-        past_mask = group_mask(past_mask.expand(-1, tokens.shape[1], -1).unsqueeze(1), n_rep)
-        new_mask = (input_pos[:, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # (B, 1, T, T)
-        new_mask = group_mask(new_mask, n_rep)  # (B, 1, R*T, T)
-        # Additive masks, built once and shared by every layer (one Add per layer in the graph,
-        # not a Not + Where); finfo.min, not -inf, keeps masked scores finite.
-        neg = torch.finfo(x.dtype).min
-        past_bias = torch.zeros(past_mask.shape, dtype=x.dtype).masked_fill(~past_mask, neg)
-        new_bias = torch.zeros(new_mask.shape, dtype=x.dtype).masked_fill(~new_mask, neg)
-        scale = 1.0 / math.sqrt(cfg.head_dim)
-        new_ks: list[Tensor] = []
-        new_vs: list[Tensor] = []
-
-        def make(layer: int) -> AttendFn:
-            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
-                new_ks.append(k)
-                new_vs.append(v)
-                qg = group_queries(q, cfg.n_kv_head) * scale  # (B, Hkv, R*T, D)
-                s_past = qg @ past_k[layer].transpose(-1, -2)  # (B, Hkv, R*T, P)
-                s_new = qg @ k.transpose(-1, -2)  # (B, Hkv, R*T, T)
-                s_past = s_past + past_bias
-                s_new = s_new + new_bias
-                probs = torch.softmax(torch.cat((s_past, s_new), dim=-1), dim=-1)  # (B,Hkv,R*T,P+T)
-                y = probs[..., :P] @ past_v[layer] + probs[..., P:] @ v  # (B, Hkv, R*T, D)
-                return ungroup(y, n_rep)  # (B, T, H, D)
-
-            return attend
-
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, make(i))
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        return logits, torch.stack(new_ks), torch.stack(new_vs)  # (L, B, Hkv, T, D) each
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -59,7 +59,7 @@ CAPACITY_CHUNK = 256
 REUSE_MAX_T = 8  # IO bindings of packed rows with at most this many new tokens are kept
 MS_DOMAIN = "com.microsoft"
 # Stored in the model's metadata: a model.onnx of another graph layout (e.g. the earlier traced
-# `Transformer.forward_past` export) is re-exported by `ensure_onnx`, refused by `OnnxDecoder`.
+# torch.onnx.export of the old functional step) is re-exported by `ensure_onnx`, refused by `OnnxDecoder`.
 FORMAT_KEY, FORMAT = "improv_decode_step", "gqa-1"
 
 

@@ -71,28 +71,6 @@ def test_rows_at_different_positions_and_scattered_slots(tiny_model):
     torch.testing.assert_close(out[1, -1], ref_b, atol=1e-5, rtol=1e-5)
 
 
-@torch.no_grad()
-def test_forward_past_equals_cached(tiny_model):
-    cfg = tiny_model.config
-    x = torch.randint(0, cfg.vocab_size, (2, 12))
-    ref = tiny_model(x)
-    P = 16  # cache capacity, larger than what is valid
-    shape = (2, cfg.n_kv_head, P, cfg.head_dim)
-    pk = [torch.randn(shape) for _ in range(cfg.n_layer)]  # junk beyond the valid prefix
-    pv = [torch.randn(shape) for _ in range(cfg.n_layer)]
-    pos = torch.arange(12).expand(2, 12)
-    logits, nk, nv = tiny_model.forward_past(x[:, :7], pos[:, :7], pk, pv)
-    outs = [logits]
-    for i in range(cfg.n_layer):
-        pk[i][:, :, :7], pv[i][:, :, :7] = nk[i], nv[i]
-    for t in range(7, 12):
-        logits, nk, nv = tiny_model.forward_past(x[:, t : t + 1], pos[:, t : t + 1], pk, pv)
-        for i in range(cfg.n_layer):
-            pk[i][:, :, t : t + 1], pv[i][:, :, t : t + 1] = nk[i], nv[i]
-        outs.append(logits)
-    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-5, rtol=1e-5)
-
-
 def test_training_forward_backward(tiny_model):
     tiny_model.train()
     x = torch.randint(0, tiny_model.config.vocab_size, (2, 16))
