@@ -124,6 +124,7 @@ def main() -> None:
         rt.close()
 
     cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []
+    chord_gen_harmony = []
     for (_, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a in zip(refs, cont, acc, strict=True):
         gen = window(c, p_hi, c_hi)
         real = window(notes, p_hi, c_hi)
@@ -136,6 +137,7 @@ def main() -> None:
         acc_gen.append(summary(gen_acc, args.seconds, v.drums))
         acc_real.append(summary(real_acc, args.seconds, v.drums))
         chord_gen.append(chord_tone_share(gen_acc, chords))
+        chord_gen_harmony.append(chord_tone_share(gen_acc.select(gen_acc.part == harmony), chords))
         chord_real.append(chord_tone_share(real.select(real.part == harmony), chords))
 
     report = {
@@ -151,6 +153,7 @@ def main() -> None:
         "chord_tone_share": {
             "generated": float(np.nanmean(chord_gen)),
             "real_piano": float(np.nanmean(chord_real)),
+            "generated_harmony": float(np.nanmean(chord_gen_harmony)),
         },
         "generation_seconds": {"continuation": round(t_cont, 1), "accompaniment": round(t_acc, 1)},
         "machine": machine(),
@@ -219,7 +222,9 @@ melody, against the real BRIDGE + PIANO:
 {table("accompaniment")}
 
 Share of accompaniment notes that are tones of the annotated chord (chord_midi.txt): generated
-**{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%**.
+**{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%** (the generated harmony
+part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%; counter lines pass
+through more non-chord tones).
 
 Generation time on this CPU (all songs batched on one scheduler): continuation
 {gs["continuation"]} s for {30 * n_songs} s of music, accompaniment {gs["accompaniment"]} s.
