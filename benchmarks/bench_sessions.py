@@ -122,12 +122,13 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--load", default="", help="what else ran, for the text (e.g. a training job)")
+    ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("small")
     model = Transformer(cfg).eval()
-    engine = Engine.from_model(model, TokenizerConfig())
+    engine = Engine.from_model(model, TokenizerConfig(), backend=args.backend)
     base_rss = rss_mb()
 
     rows = []
@@ -138,14 +139,16 @@ def main() -> None:
         clock, sched = run_batched(engine, n, args.tokens)
         st = sched.stats
         if n == max(counts):
-            cache_mb = sched.decoder.cache.nbytes_per_slot() * (n + 1) / 2**20
+            dec = sched.decoder
+            per_slot = (dec.cache if hasattr(dec, "cache") else dec).nbytes_per_slot()
+            cache_mb = per_slot * (n + 1) / 2**20
             used = sum(sched.decoder.length(s) for s in range(n + 1))
             mem_line = (
                 f"Resident memory with {n} sessions open (prompts 64..448 + {args.tokens} tokens "
                 f"each, {used:,} cached positions): **{rss_mb():,.0f} MiB** process RSS "
                 f"({base_rss:,.0f} MiB before the scheduler existed). The KV cache is allocated up "
                 f"front for {n + 1} slots x {sched.max_len} positions ({cache_mb:,.0f} MiB "
-                f"nominal, {sched.decoder.cache.nbytes_per_slot() / 2**20:.0f} MiB per session "
+                f"nominal, {per_slot / 2**20:.0f} MiB per session "
                 "at full context) but zero-filled lazily (anonymous mmap), so only the pages "
                 "written so far are resident; a smaller `max_len` bounds it proportionally."
             )

@@ -90,10 +90,14 @@ class Engine:
         """Load a checkpoint folder. device "auto": CUDA when present, else CPU.
 
         dtype defaults to bf16 on CUDA, fp32 on CPU. backend "onnx" runs the decode step with
-        onnxruntime (CPU, fp32), exporting `model.onnx` next to the checkpoint if absent.
+        onnxruntime (CPU, fp32), exporting `model.onnx` next to the checkpoint if absent;
+        "auto": onnx on the CPU (its fused decode step is ~2x torch eager's speed there,
+        BENCHMARKS.md), torch on CUDA.
         `compile=True` wraps the torch forward in torch.compile (meant for CUDA; untested there).
         """
         dev = resolve_device(device)
+        if backend == "auto":
+            backend = "onnx" if dev.type == "cpu" else "torch"
         model, _, tok_cfg, meta = load_checkpoint(path, dev)
         model = model.to(dtype or default_dtype(dev))
         onnx_path = None

@@ -16,7 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--checkpoint", help="checkpoint folder (default models/default)")
     parser.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
-    parser.add_argument("--backend", choices=["torch", "onnx"], help="decode backend")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        help="decode backend (default auto: onnx on the CPU, torch on CUDA)",
+    )
     parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
     parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")

@@ -83,7 +83,7 @@ def model_info(rt: RuntimeDep) -> dict[str, Any]:
     s = rt.settings
     return {
         "checkpoint": s.checkpoint,
-        "backend": s.backend,
+        "backend": rt.engine.backend,
         "device": str(rt.engine.device),
         "config": rt.engine.config.to_dict(),
         "training": rt.engine.meta.get("training", rt.engine.meta),

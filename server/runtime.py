@@ -130,7 +130,7 @@ class Runtime:
             "loaded %s (%s, %s): %s",
             settings.checkpoint,
             engine.device,
-            settings.backend,
+            engine.backend,
             engine.config,
         )
         return cls(engine, settings)

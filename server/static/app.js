@@ -185,7 +185,9 @@ function releaseAll() { for (const k of [...state.held.keys()]) { const [from, n
 const KEYMAP = { a: 0, w: 1, s: 2, e: 3, d: 4, f: 5, t: 6, g: 7, y: 8, h: 9, u: 10, j: 11, k: 12, o: 13, l: 14, p: 15, ";": 16 };
 const kbDown = new Map();
 addEventListener("keydown", (ev) => {
-  if (ev.target.closest && ev.target.closest("select,input")) return;
+  // Only a focused select keeps the letters (its type-ahead); sliders and checkboxes don't use
+  // them, so after ticking "drums" the keys still play.
+  if (ev.target.closest && ev.target.closest("select")) return;
   const k = ev.key.toLowerCase();
   if (ev.repeat || ev.metaKey || ev.ctrlKey) return;
   if (k in KEYMAP) { const n = 12 * (state.octave + 1) + KEYMAP[k]; kbDown.set(k, n); playerOn(n, 96, "kb"); ev.preventDefault(); }
@@ -299,7 +301,8 @@ async function loadPrograms() {
     const part = sel.dataset.program;
     sel.innerHTML = Object.entries(names).map(([k, v]) => `<option value="${k}">${k} · ${v}</option>`).join("");
     sel.value = String(state.programs[part] ?? 0);
-    sel.onchange = () => { state.programs[part] = +sel.value; sendParams({ programs: startParams().programs }); };
+    // blur: the computer keyboard plays again once an instrument is chosen
+    sel.onchange = () => { state.programs[part] = +sel.value; sendParams({ programs: startParams().programs }); sel.blur(); };
   }
 }
 

@@ -330,9 +330,11 @@ def test_accompaniment_lands_on_the_daw_grid(runtime):
             {"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0, "drums": True,
              "tempo_bpm": 120, "beat_time": beat, "grid": "1/8"}
         )  # fmt: skip
-        await conn.handle({"type": "midi", "data": [144, 60, 90]})  # the model starts with it
-        await asyncio.sleep(0.2)
-        await conn.handle({"type": "midi", "data": [128, 60, 0]})
+        # The model starts with the player; notes struck with a player's event may be off the
+        # grid (they sound together): the player plays on the grid.
+        await conn.handle({"type": "midi", "data": [144, 60, 90], "time": beat})
+        await asyncio.sleep(0.3)
+        await conn.handle({"type": "midi", "data": [128, 60, 0], "time": beat + 250.0})
         for target in (6, 12):  # a random tiny model plays few notes: up to 30 s each
             for _ in range(600):
                 await asyncio.sleep(0.05)
