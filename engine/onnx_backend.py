@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -154,8 +155,17 @@ def export_onnx(model: Transformer, path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        onnx.save(build_onnx(model), str(path))
+    # Written aside, then renamed: another process loading the same checkpoint (two servers,
+    # a test beside a server) never reads a half-written file.
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            onnx.save(build_onnx(model), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     logger.info("exported ONNX decode step to %s", path)
     return path
 
