@@ -172,9 +172,11 @@ def main() -> None:
     print(mem_line)
 
     lines = [
-        "## Live sessions (batched scheduler)",
+        "## Live sessions (batched scheduler)"
+        + ("" if args.backend == "torch" else f", {args.backend} backend"),
         "",
         f"`small` preset ({num_params(model) / 1e6:.1f}M parameters), random weights, fp32, CPU, "
+        f"{args.backend} decoder, "
         f"`torch.set_num_threads({args.threads})`. Each session samples {args.tokens} tokens "
         "(seeded, grammar mask on) after a prompt of 64..448 tokens (rows at different "
         "positions). *Batched*: one `Scheduler` advances all N sessions, one forward per step. "
@@ -216,7 +218,8 @@ def main() -> None:
         + f"Command: `{command_line()}`",
     ]
     if not args.no_write:
-        write_section("sessions", "\n".join(lines))
+        write_section("sessions" if args.backend == "torch" else f"sessions-{args.backend}",
+                      "\n".join(lines))  # fmt: skip
 
 
 if __name__ == "__main__":
