@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -53,10 +54,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int, max_sessions: int) -> subprocess.Popen:
+def start_server(
+    ckpt: Path, port: int, max_sessions: int, log: Path, *extra: str
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "improv.cli", "serve", "--checkpoint", str(ckpt)]
-    cmd += ["--port", str(port), "--max-sessions", str(max_sessions), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd += ["--port", str(port), "--max-sessions", str(max_sessions), "--device", "cpu", *extra]
+    # Its log goes to a file: a pipe nobody reads fills up and then blocks the server.
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -64,7 +69,7 @@ def start_server(ckpt: Path, port: int, max_sessions: int) -> subprocess.Popen:
                 return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read()) from None
+                raise RuntimeError(log.read_text()) from None
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start")
@@ -164,6 +169,7 @@ async def bench_latency(url: str, trials: int, silence_ms: float = 30, gap_ms: i
         await asyncio.sleep(0.35)  # the response plays out
     await stop(c, task)
     a = np.array(lat)
+    logging.getLogger("bench").info("slowest trials (ms): %s", sorted(a.round(1).tolist())[-5:])
     return {
         "p50": float(np.percentile(a, 50)),
         "p99": float(np.percentile(a, 99)),
@@ -276,7 +282,11 @@ def main() -> None:
     ap.add_argument("--sessions", default="1,4,16,32")
     ap.add_argument("--seconds", type=float, default=20.0, help="melody length per session")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--log", default="", help="keep the server's log here")
+    ap.add_argument("--serve-args", default="", help="extra `improv serve` arguments")
+    ap.add_argument("--only", choices=["latency"], help="only part (a), not written")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     tmp = tempfile.TemporaryDirectory()
     ckpt = Path(args.checkpoint)
     model_note = f"`{ckpt.relative_to(ROOT) if ckpt.is_relative_to(ROOT) else ckpt}`"
@@ -285,11 +295,14 @@ def main() -> None:
         model_note = "a random-weight `small` checkpoint (models/default did not exist yet)"
     sessions = [int(x) for x in args.sessions.split(",")]
     port = free_port()
-    proc = start_server(ckpt, port, max(sessions) + 2)
+    log = Path(args.log or Path(tmp.name) / "server.log")
+    proc = start_server(ckpt, port, max(sessions) + 2, log, *args.serve_args.split())
     url = f"ws://127.0.0.1:{port}/v1/live"
     try:
         lat = asyncio.run(bench_latency(url, args.trials))
         print("latency", lat, flush=True)
+        if args.only == "latency":
+            return
         lat300 = asyncio.run(bench_latency(url, args.trials // 2, silence_ms=300))
         print("latency, trigger after 300 ms", lat300, flush=True)
         gap = asyncio.run(bench_latency(url, args.trials // 2, gap_ms=300))

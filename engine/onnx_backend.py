@@ -24,10 +24,13 @@ it (non-interleaved, i.e. rotate-half, as `model.apply_rope`) from cos/sin table
 after a past only at batch 1 (the decoder runs such a batch as T one-token steps or as B one-row
 runs, whichever is fewer).
 
-`OnnxDecoder` keeps the cache in numpy buffers (L, max_batch, Hkv, capacity, D) and binds the
+`OnnxDecoder` keeps the cache in numpy buffers (L, max_batch, Hkv, max_seq, D) and binds the
 rows' slices as both past and present (IO binding): onnxruntime reads and extends the cache
-where it lies, nothing copies it per step. Capacity grows in chunks of 256 positions (one copy
-per chunk), so a short context does not pay for reading a max_seq-long buffer.
+where it lies, nothing copies it per step. The buffers are allocated whole, once: np.zeros
+pages are zero-filled by the OS on first touch, so memory grows with what is written, and the
+step time does not depend on the buffer's length (measured: 1.47 vs 1.79 ms at batch 1, 7.99
+vs 8.22 ms at 16 rows, 2048 vs 256-768 positions). (Growing it in chunks instead copied every
+slot's cache at each chunk: 0.5-1.2 s stalls in a server with 34 slots.)
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ logger = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 OPSET = 17
-CAPACITY_CHUNK = 256
 REUSE_MAX_T = 8  # IO bindings of packed rows with at most this many new tokens are kept
 MS_DOMAIN = "com.microsoft"
 # Stored in the model's metadata: a model.onnx of another graph layout (e.g. the earlier traced
@@ -228,24 +230,10 @@ class OnnxDecoder(SlotLengths):
         self.config = config
         self.vocab_size = config.vocab_size
         self.device = torch.device("cpu")
-        self.capacity = 0
-        self.k = self.v = np.zeros(0, dtype=np.float32)
-        self._io: dict[tuple[int, int, int, int], _Binding] = {}  # packed rows' bindings
-        self._grow(CAPACITY_CHUNK)
-
-    def _grow(self, needed: int) -> None:
-        cap = min(self.max_seq, -(-needed // CAPACITY_CHUNK) * CAPACITY_CHUNK)
-        if cap <= self.capacity:
-            return
-        c = self.config
-        shape = (c.n_layer, self.max_batch, c.n_kv_head, cap, c.head_dim)
-        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        if self.capacity:
-            k[..., : self.capacity, :] = self.k
-            v[..., : self.capacity, :] = self.v
-        self.k, self.v, self.capacity = k, v, cap
-        self._io.clear()  # they point into the old buffers
-        logger.debug("onnx cache capacity -> %d", cap)
+        c = config
+        shape = (c.n_layer, self.max_batch, c.n_kv_head, self.max_seq, c.head_dim)
+        self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self._io: dict[tuple[int, int, int], _Binding] = {}  # packed rows' bindings
 
     # --- bookkeeping: crop / reset / get_seq_length come from SlotLengths ---------------------
     def length(self, slot: int) -> int:
@@ -295,16 +283,15 @@ class OnnxDecoder(SlotLengths):
         cache (it does not update self.lengths)."""
         B, T = len(toks), len(toks[0])
         total = max(lengths) + T  # every row's new tokens sit at lengths[b] .. lengths[b] + T - 1
-        self._grow(total)
         start = slots[0]
         packed = slots == list(range(start, start + B))
         reuse = packed and T <= REUSE_MAX_T
-        if packed:  # views: each layer's (B, Hkv, cap, D) slice is contiguous
+        if packed:  # views: each layer's (B, Hkv, max_seq, D) slice is contiguous
             k_rows, v_rows = self.k[:, start : start + B], self.v[:, start : start + B]
         else:  # scattered slots: gather (a copy), written back below; keep slots packed
             k_rows = np.ascontiguousarray(self.k[:, slots])  # (fancy indexing may not be)
             v_rows = np.ascontiguousarray(self.v[:, slots])
-        key = (start, B, T, self.capacity)
+        key = (start, B, T)
         io = self._io.get(key) if reuse else None
         if io is None:
             io = _Binding(self, k_rows, v_rows, T)
@@ -326,7 +313,7 @@ class OnnxDecoder(SlotLengths):
 
 class _Binding:
     """An IO binding of every input and output to numpy memory, reusable across runs: the
-    caller writes tokens/seqlens_k/total in place. Each layer's cache rows (B, Hkv, cap, D) are
+    caller writes tokens/seqlens_k/total in place. Each layer's cache rows (B, Hkv, max_seq, D) are
     bound as both past and present, so GroupQueryAttention appends to them in place."""
 
     def __init__(self, dec: OnnxDecoder, k_rows: np.ndarray, v_rows: np.ndarray, T: int) -> None:

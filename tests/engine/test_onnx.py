@@ -95,23 +95,6 @@ def test_prefill_decode_append_crop_match_torch(config_pair, slots):
     assert _rel_err(a, b) < 1e-4
 
 
-def test_cache_capacity_grows_under_decode(tmp_path, make_model):
-    """Steps one token at a time across the 256-position capacity chunk: the cache buffers are
-    reallocated and the reused IO bindings must follow them."""
-    model = make_model(max_seq_len=600)
-    ort_dec = OnnxDecoder(export_onnx(model, tmp_path / ONNX_FILE), model.config, max_batch=2)
-    pt_dec = TorchDecoder(model, max_batch=2)
-    seq = torch.randint(0, 1000, (2, 270), generator=torch.Generator().manual_seed(0)).tolist()
-    prompts = [seq[0][:250], seq[1][:245]]
-    ort_dec.extend([0, 1], prompts)
-    pt_dec.extend([0, 1], prompts)
-    assert ort_dec.capacity == 256
-    for t in range(250, 270):
-        step = [[seq[0][t]], [seq[1][t]]]
-        assert _rel_err(ort_dec.extend([0, 1], step), pt_dec.extend([0, 1], step)) < 1e-4
-    assert ort_dec.capacity == 512
-
-
 def test_append_near_max_seq_matches_torch(onnx_pair):
     """A batched append where a short row's padding would run past max_seq (torch clamps the
     padding's positions; the onnx decoder runs such a batch row by row)."""
@@ -129,7 +112,7 @@ def test_append_near_max_seq_matches_torch(onnx_pair):
     assert [ort_dec.length(s) for s in range(3)] == [S - 1, 13, 22]
 
 
-def test_capacity_growth_crop_and_move(onnx_pair):
+def test_full_context_crop_and_move(onnx_pair):
     model, path = onnx_pair
     ort_dec = OnnxDecoder(path, model.config, max_batch=2)
     seq = torch.randint(0, 1000, (model.config.max_seq_len,)).tolist()
