@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,8 @@ def main() -> None:
     log = Path(args.log or Path(tmp.name) / "server.log")
     proc = start_server(ckpt, port, max(sessions) + 2, log, *args.serve_args.split())
     url = f"ws://127.0.0.1:{port}/v1/live"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model") as r:
+        backend = json.load(r)["backend"]
     try:
         lat = asyncio.run(bench_latency(url, args.trials))
         print("latency", lat, flush=True)
@@ -322,7 +325,7 @@ def main() -> None:
     )
     body = f"""## Server (loopback, {machine()})
 
-Model: {model_note}, CPU, torch backend; server in its own process (`improv serve`), clients in
+Model: {model_note}, CPU, {backend} backend; server in its own process (`improv serve`), clients in
 another, over WebSocket on 127.0.0.1. The machine is shared: other agents' jobs may have been running.
 
 | measure | p50 | p99 | target |
