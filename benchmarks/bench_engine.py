@@ -22,7 +22,7 @@ import onnx
 import torch
 
 from improv.engine.config import ModelConfig
-from improv.engine.decoder import TorchDecoder
+from improv.engine.decoder import Decoder, TorchDecoder
 from improv.engine.model import Transformer, num_params
 from improv.engine.onnx_backend import OnnxDecoder, export_onnx
 
@@ -99,7 +99,7 @@ def weight_matmuls_ort(model: Transformer, n: int = 200) -> list[float]:
 
 
 @torch.inference_mode()
-def greedy_cached(dec: object, prompt: list[int]) -> tuple[list[int], float, float]:
+def greedy_cached(dec: Decoder, prompt: list[int]) -> tuple[list[int], float, float]:
     """Prefill + NEW_TOKENS greedy steps on a decoder: (tokens, wall s, process CPU s)."""
     t0, c0 = time.perf_counter(), time.process_time()
     logits = dec.extend([0], [prompt])
@@ -190,7 +190,7 @@ def main() -> int:
         _, cvr["onnx_cached_s"], cvr["onnx_cached_cpu"] = greedy_cached(
             OnnxDecoder(path, cfg, threads=args.threads), prompt
         )
-    kv_bytes = TorchDecoder(model).cache.nbytes_per_slot()
+    kv_bytes = TorchDecoder(model).nbytes_per_slot()
 
     cmd = "OMP_NUM_THREADS=... .venv/bin/python benchmarks/bench_engine.py " + " ".join(
         sys.argv[1:]

@@ -140,7 +140,7 @@ def main() -> None:
         st = sched.stats
         if n == max(counts):
             dec = sched.decoder
-            per_slot = (dec.cache if hasattr(dec, "cache") else dec).nbytes_per_slot()
+            per_slot = dec.nbytes_per_slot()
             cache_mb = per_slot * (n + 1) / 2**20
             used = sum(sched.decoder.length(s) for s in range(n + 1))
             mem_line = (

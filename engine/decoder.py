@@ -44,6 +44,10 @@ class Decoder(Protocol):
 
     def move(self, src: int, dst: int) -> None: ...
 
+    def nbytes_per_slot(self, seq: int | None = None) -> int:
+        """Bytes of keys + values one slot holds at `seq` positions (default: max_seq)."""
+        ...
+
 
 def pad_batch(
     lengths: Sequence[int], tokens: Sequence[Sequence[int]], max_seq: int
@@ -99,6 +103,9 @@ class TorchDecoder:
 
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
+
+    def nbytes_per_slot(self, seq: int | None = None) -> int:
+        return self.cache.nbytes_per_slot(self.max_seq if seq is None else seq)
 
     @torch.inference_mode()
     def extend(

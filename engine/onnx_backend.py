@@ -246,8 +246,8 @@ class OnnxDecoder(SlotLengths):
         self.lengths[dst], self.lengths[src] = n, 0
 
     def nbytes_per_slot(self, seq: int | None = None) -> int:
-        c = self.config
-        return 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * (seq or self.max_seq)
+        per_position = self.k[:, 0, :, 0].nbytes + self.v[:, 0, :, 0].nbytes  # (L, Hkv, D) each
+        return per_position * (self.max_seq if seq is None else seq)
 
     # --- the step -----------------------------------------------------------------------------
     def extend(
@@ -288,9 +288,9 @@ class OnnxDecoder(SlotLengths):
         reuse = packed and T <= REUSE_MAX_T
         if packed:  # views: each layer's (B, Hkv, max_seq, D) slice is contiguous
             k_rows, v_rows = self.k[:, start : start + B], self.v[:, start : start + B]
-        else:  # scattered slots: gather (a copy), written back below; keep slots packed
-            k_rows = np.ascontiguousarray(self.k[:, slots])  # (fancy indexing may not be)
-            v_rows = np.ascontiguousarray(self.v[:, slots])
+        else:  # scattered slots: gather (a copy) of the positions in use, written back below
+            k_rows = np.ascontiguousarray(self.k[:, slots, :, :total])  # (fancy indexing may
+            v_rows = np.ascontiguousarray(self.v[:, slots, :, :total])  # not be contiguous)
         key = (start, B, T)
         io = self._io.get(key) if reuse else None
         if io is None:

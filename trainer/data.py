@@ -220,7 +220,7 @@ class ExampleBuilder:
         arr = np.asarray(ids, dtype=np.int64)
         stops = np.zeros(len(arr), dtype=bool)  # the given events in the gap, and its end
         stops[mid] = ~loss[mid] | (arr[mid] == v.FILL_END)
-        censor = censored_waits(v, arr, stops) & loss
+        censor = censored_waits(v, arr, stops)
         n = min(len(arr), L)  # rare: a dense gap alone overflows; keep what fits
         return Example(arr[:n], loss[:n], "infill", censor[:n])
 
