@@ -38,6 +38,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="objective weights, NAME=W,... with NAME in continue, infill, accompany",
     )
     g.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation")
+    g.add_argument(
+        "--solo",
+        type=float,
+        default=0.0,
+        help="share of continuation windows cut to one part alone, e.g. a melody (default 0)",
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (schedule length)")
     g.add_argument(
@@ -151,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         bf16=args.bf16,
         mix=parse_mix(args.mix),
         augment=args.augment,
+        solo=args.solo,
         ckpt_every=args.ckpt_every,
         eval_every=args.eval_every,
         eval_tokens=args.eval_tokens,

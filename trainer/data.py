@@ -44,6 +44,10 @@ class DataConfig:
     infill_max_seconds: float = 8.0  # longest infill gap
     infill_subset_p: float = 0.5  # chance the gap regenerates only a subset of its parts
     pack: bool = True  # continuation: fill the rest of a short example with another piece
+    # continuation: chance a multi-part window keeps one part alone. Live call and response
+    # hands the model a melody with nothing under it; a model that has only heard full
+    # arrangements keeps reaching for the piano there.
+    solo: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(OBJECTIVES)
@@ -53,6 +57,8 @@ class DataConfig:
             raise ValueError(f"objective weights must be >= 0 with a positive sum, got {self.mix}")
         if self.seq_len < 16:
             raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
+        if not 0.0 <= self.solo <= 1.0:
+            raise ValueError(f"solo must be in [0, 1], got {self.solo}")
 
 
 def parse_mix(spec: str) -> dict[str, float]:
@@ -121,6 +127,14 @@ def augment(notes: Notes, vocab: Vocab, cfg: DataConfig, rng: np.random.Generato
     return n
 
 
+def solo(notes: Notes, rng: np.random.Generator) -> Notes:
+    """One of the parts present, chosen uniformly, alone (unchanged if only one plays)."""
+    present = np.unique(notes.part)
+    if len(present) < 2:
+        return notes
+    return notes.select(notes.part == present[int(rng.integers(len(present)))])
+
+
 # --- examples -------------------------------------------------------------------------------------
 
 
@@ -178,6 +192,8 @@ class ExampleBuilder:
         ids: list[int] = []
         while len(ids) < L:
             _, w, at_end = self._pick(rng, 1.5)  # 1.5x: local density varies, crop the excess
+            if self.cfg.solo and rng.random() < self.cfg.solo:
+                w = solo(w, rng)
             ids += [v.BOS, v.TASK_CONTINUE, *encode_events(w, v, 0)]
             if at_end:
                 ids.append(v.EOS)

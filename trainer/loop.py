@@ -58,6 +58,7 @@ class TrainConfig:
         default_factory=lambda: {"continue": 0.5, "infill": 0.25, "accompany": 0.25}
     )
     augment: bool = True  # transposition, tempo stretch, velocity scaling
+    solo: float = 0.0  # continuation windows that keep one part alone (DataConfig.solo)
     ckpt_every: int = 500  # steps between checkpoints (and at the end)
     eval_every: int = 250  # steps between validations (0: only at the end)
     eval_tokens: int = 65536  # validation budget (tokens scored)
@@ -222,7 +223,9 @@ class Trainer:
             self.valid_chunks = eval_chunks(
                 vds, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len)
             )
-        self.data_cfg = DataConfig(seq_len=cfg.seq_len, mix=cfg.mix, augment=cfg.augment)
+        self.data_cfg = DataConfig(
+            seq_len=cfg.seq_len, mix=cfg.mix, augment=cfg.augment, solo=cfg.solo
+        )
 
     def _prepare_data(self, path: str, name: str) -> str:
         """Dataset path to train on; a MIDI folder is tokenized (rank 0) into out/<name>."""
@@ -256,6 +259,7 @@ class Trainer:
             "preset": self.cfg.preset,
             "init": self.cfg.init,
             "objectives": self.cfg.mix,
+            "solo": self.cfg.solo,
             "seq_len": self.cfg.seq_len,
         }
         save_checkpoint(tmp, self.model, self.tok.config, meta)

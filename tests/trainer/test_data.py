@@ -38,6 +38,21 @@ def test_continuation_is_plain_next_token(builder: ExampleBuilder) -> None:
     assert not ex.loss[0] and ex.loss[1:].all()
 
 
+def test_solo_continuations_hold_one_part(dataset: Path) -> None:
+    b = ExampleBuilder(TokenDataset(dataset), DataConfig(seq_len=256, solo=1.0, pack=False))
+    v = b.vocab
+    rng = np.random.default_rng(0)
+    seen: set[int] = set()
+    for _ in range(30):
+        ex = b.continuation(rng)
+        parts = set(token_parts(v, ex.ids).tolist()) - {-1}
+        assert len(parts) <= 1, parts
+        seen |= parts
+    assert len(seen) > 1  # the part kept is drawn, not always the same one
+    with pytest.raises(ValueError, match="solo"):
+        DataConfig(solo=1.5)
+
+
 def test_infill_loss_only_on_generated_middle(builder: ExampleBuilder) -> None:
     v = builder.vocab
     seen_subset = False
