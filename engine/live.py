@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
 MAX_NOTE_RETRIES = 8  # draws of a note the constraints forbid, then the masked draw
 LOGITS_KEPT = 40  # logits kept per session: a note's retries, one per VEL drawn (32 bins)
+# Clock floor (LiveSession.clock): an event is due this many scheduler steps (an EMA of their
+# wall time) plus CLOCK_SLACK_S after its time token is placed: its VEL and ON are still to draw.
+CLOCK_STEPS = 2
+CLOCK_SLACK_S = 0.002
 
 
 # --- public value types ---------------------------------------------------------------------------
@@ -205,6 +209,13 @@ class LiveSession:
         self._forced_seq = itertools.count()
         self._retry_at, self._retries = -1, 0  # rejected notes at a position (Scheduler._sample)
         self._idle_slide_len: int | None = None  # see slide_when_idle
+        self._slide_once: int | None = None  # see slide_if_longer
+        # Real time, for a session that plays along with someone: the token time (ticks, a
+        # float) it is now. With it, a request never places an event before it could be heard
+        # (see _clock_floor). A plain attribute, read by the scheduler thread.
+        self.clock: Callable[[], float] | None = None
+        # Times the clock floor moved the model's time forward, and the ticks it moved in all.
+        self.lag = {"pushes": 0, "ticks": 0}
         self._clear()
         # Published state (plain attributes: atomic reads from any thread).
         self.generating = False
@@ -252,6 +263,16 @@ class LiveSession:
         of a request (the slide's prefill then delays its next token). None: only on overflow.
         A plain attribute: read by the scheduler thread at each step."""
         self._idle_slide_len = length
+
+    def slide_if_longer(self, length: int) -> None:
+        """Once: slide at the next idle moment if the context is longer than `length` tokens
+        (a quiet moment the caller knows of, e.g. right after a response, when a slide's
+        prefill delays no one's next note). `length` must be >= the kept length."""
+        if not self._sched.keep_len <= length:
+            raise ValueError(
+                f"length must be >= the kept length {self._sched.keep_len}, got {length}"
+            )
+        self._sched._submit(self, "slide", int(length))
 
     def cancel(self) -> None:
         """Stop the running request; no further Token of it is delivered after this returns."""
@@ -470,6 +491,8 @@ class LiveSession:
             self._cut(arg)
         elif name == "rollback":
             self._rollback_tick(arg)
+        elif name == "slide":
+            self._slide_once = arg
         elif name == "reset":
             self._finish("reset")
             self._forced.clear()
@@ -487,28 +510,47 @@ class LiveSession:
         """Before the step's forward: forced events due, stop conditions, overflow."""
         req = self._req
         if self._at_boundary():
-            while self._forced and (req is None or self._forced[0][0] <= self.tick):
+            floor = self._clock_floor()
+            while self._forced and (req is None or self._forced[0][0] <= floor):
                 tick, _, tokens = heapq.heappop(self._forced)
                 self._insert_now(max(tick, self.tick), tokens)
             if req is not None and req.start_tick is not None:  # generate(start_tick=)
                 start, req.start_tick = req.start_tick, None
                 self._push(self._vocab.time_tokens(start - self.tick), given=False)
+            if floor > self.tick:  # sampled as the model's own wait: a rollback undoes it
+                self.lag["pushes"] += 1
+                self.lag["ticks"] += floor - self.tick
+                self._push(self._vocab.time_tokens(floor - self.tick), given=False)
             if req is not None:
                 if req.until_tick is not None and self.tick >= req.until_tick:
                     self._finish("until_tick")
                 elif req.max_tokens is not None and req.n >= req.max_tokens:
                     self._finish("max_tokens")
-        idle_len = self._idle_slide_len
+        idle = self._req is None and not self._forced
+        limits = [n for n in (self._idle_slide_len, self._slide_once) if n is not None]
         if self._ctx_len() > self._sched.max_len or (
-            idle_len is not None
-            and self._req is None
-            and not self._forced
-            and self._ctx_len() > idle_len
+            idle and limits and self._ctx_len() > min(limits)
         ):
             self._slide()
+        if idle:
+            self._slide_once = None
         dec = self._sched.decoder
         if self._req is not None and self._pending() == 0 and self._kept_logits() is None:
             dec.crop(self.slot, dec.length(self.slot) - 1)  # re-run the last token for logits
+
+    def _clock_floor(self) -> int:
+        """The earliest token time the running request may place its next event at: the
+        clock's now plus the time to draw and send that event (never past the request's end).
+        Without it, a model behind real time (after a rollback to a player's event, or under
+        load) writes events into the past: they sound late, and its history says otherwise."""
+        req, clock = self._req, self.clock
+        if req is None or clock is None:
+            return self.tick
+        lead_s = CLOCK_STEPS * self._sched.step_s_ema + CLOCK_SLACK_S
+        floor = int(np.ceil(clock() + lead_s * self._vocab.ticks_per_second))
+        if req.until_tick is not None:
+            floor = min(floor, req.until_tick)
+        return max(floor, self.tick)
 
     def _slide(self) -> None:
         """Context overflow: header + the last keep_len tokens, prefilled from position 0."""
@@ -657,6 +699,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # steps that ran a forward
+        self.step_s_ema = 0.0  # wall time of a step that ran a forward (moving average)
         # Cumulative seconds in the step's phases and tokens sampled (benchmarks, server metrics).
         self.stats = {
             "forward_s": 0.0,
@@ -764,6 +807,7 @@ class Scheduler:
     # --- the step (scheduler thread) --------------------------------------------------------------
     def step(self) -> bool:
         """Apply queued commands, advance every session by one forward; True if work was done."""
+        t_step = time.perf_counter()
         with self._lock:
             cmds = list(self._commands)
             self._commands.clear()
@@ -795,6 +839,8 @@ class Scheduler:
             )
         if n_forwards:
             self.steps += 1
+            dt = time.perf_counter() - t_step
+            self.step_s_ema += 0.1 * (dt - self.step_s_ema)
         return bool(cmds) or n_forwards > 0 or bool(rows)
 
     def _guarded(self, s: LiveSession, fn: Callable[..., T], *args: Any) -> T | None:

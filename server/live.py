@@ -82,6 +82,8 @@ class _Stats:
     events_sent: int = 0
     late_events: int = 0
     retracts: int = 0
+    lag_pushes: int = 0  # times the engine's clock floor moved the model's time forward
+    lag_ticks: int = 0  # by this many ticks in all
     jitter_ms: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
     def jitter(self) -> dict[str, float]:
@@ -241,6 +243,7 @@ class LiveConnection:
                     events_sent=self.stats.events_sent,
                     late_events=self.stats.late_events,
                     retracts=self.stats.retracts,
+                    **self._lag(),
                     **self.stats.jitter(),
                 )
                 await self._send(stopped)
@@ -249,15 +252,27 @@ class LiveConnection:
         finally:
             self._cleanup()
 
+    def _close_engine(self) -> None:
+        s, self._s = self._s, None
+        if s is not None:
+            s.close()
+            self.stats.lag_pushes += s.lag["pushes"]
+            self.stats.lag_ticks += s.lag["ticks"]
+
+    def _lag(self) -> dict[str, float | int]:
+        st = self.stats
+        return {
+            "lag_pushes": st.lag_pushes,
+            "lag_ms": round(st.lag_ticks * self.vocab.config.tick_ms, 1),
+        }
+
     def _cleanup(self) -> None:
         for task in (self._sender, self._timer):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
         if self._gap_handle is not None:
             self._gap_handle.cancel()
-        if self._s is not None:
-            self._s.close()
-            self._s = None
+        self._close_engine()
         self._heap.clear()
         self.rt.connections.discard(self)
         if self._acquired:
@@ -395,9 +410,7 @@ class LiveConnection:
     async def _open_engine(self, prompt: list[int] | None) -> None:
         """(Re)open the engine session with the current parameters; `prompt`: the history to
         keep (a parameter change that alters the constraints), else a fresh start."""
-        if self._s is not None:
-            self._s.close()
-            self._s = None
+        self._close_engine()
         v = self.vocab
         task = v.TASK_CONTINUE if self.mode == "respond" else v.TASK_ACCOMPANY
         loop = self._loop
@@ -412,6 +425,8 @@ class LiveConnection:
         self._s = await self.rt.open_session(
             prompt or [v.BOS, task], self._constraints(), self._sampling(), on_event
         )
+        tick_ms = v.config.tick_ms
+        self._s.clock = lambda: (self.now_ms() - self._origin) / tick_ms
         if self.mode == "respond":
             # Slide the context between exchanges, not when it overflows: an overflow could land
             # on a response's first notes (the slide's prefill is ~1000 tokens).
@@ -434,8 +449,7 @@ class LiveConnection:
         if self._s is not None:
             self._s.cancel()
             self._cancel_floor = 1 << 62
-            self._s.close()
-            self._s = None
+            self._close_engine()
         self._spec = None  # its held events were never sent: nothing to end
         self._cut(now)
         self._open.clear()
@@ -775,6 +789,11 @@ class LiveConnection:
             self._note_off(note, t, None)
             self._model_sounding[key] = note
         self._open.clear()
+        # The player is listening now: the moment for a slide that would otherwise come in
+        # the middle of their next phrase and delay the answer to it.
+        sched = self.rt.scheduler
+        if self._s is not None:
+            self._s.slide_if_longer(max(sched.keep_len, sched.max_len * 3 // 4))
 
     # --- generated events -----------------------------------------------------------------------
     def _gen(self, t: float, data: list[int], part: int, position: int | None) -> _Out:

@@ -289,6 +289,12 @@ class Stopped(_Message):
     events_sent: int = Field(description="generated MIDI events sent")
     late_events: int = Field(description="of those, sent after their time")
     retracts: int = Field(description="retract messages sent")
+    lag_pushes: int = Field(
+        0,
+        description="times the model was behind real time and its next event was moved to "
+        "the earliest time it could still be sent on time",
+    )
+    lag_ms: float = Field(0.0, description="the time those moves added, in all")
     jitter_p50_ms: float | None = Field(
         None, description="send time minus intended send time, median (events that waited)"
     )

@@ -31,7 +31,7 @@ from improv.engine.live import (
     contiguous_runs,
     opens_pair,
 )
-from improv.engine.tokenizer.vocab import TokenizerConfig, Vocab
+from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 
 V = Vocab(TokenizerConfig())
 
@@ -360,6 +360,71 @@ def test_forced_events_land_at_their_ticks_and_rollback_when_late(make_model):
     assert _tick_index(toks)[i] == 250 and i >= rb[0].position
     assert s.tick == 400 and ConstraintSet(V).check(toks) is None
     assert s.window_start == 0  # no slide in this test: s.tokens() is the whole sequence
+
+
+def test_clock_floor_never_places_an_event_before_now(make_model):
+    engine = Engine.from_model(make_model(seed=1, max_seq_len=1024).double())
+    sched = Scheduler(engine, max_sessions=1)
+    acc = [Parts(accompaniment_parts(V)), NoteDensity(10.0)]
+    # seed 5: without the floor, this model answers the player's note at its own tick (120)
+    seeded = SamplingParams(temperature=1.0, top_k=64, seed=5)
+    s = sched.open_session([V.BOS, V.TASK_ACCOMPANY], constraints=acc, sampling=seeded)
+    now = {"tick": 200.0}
+    s.clock = lambda: now["tick"]
+    lead = [V.velocity(20), V.note_on(LEAD, 60)]
+    s.insert(120, lead)  # the player's event, before the clock's now: given where it was played
+    s.generate(until_tick=400)
+    sched.run_until_idle()
+    evs = drain(s)
+    toks = s.tokens()
+    at = _tick_index(toks)
+    assert at[_find(toks, lead)] == 120
+    sampled = [e for e in evs if isinstance(e, Token)]
+    events = [e for e in sampled if V.type_of(e.token) is not TokenType.TIME]
+    assert events and min(e.tick for e in events) >= 200
+    assert s.lag["pushes"] >= 1 and s.lag["ticks"] >= 200 - 120
+    assert ConstraintSet(V).check(toks) is None and s.tick == 400
+
+    # The floor moves with the clock; a rollback to a late player event undoes the waits it
+    # put in, like any sampled token.
+    now["tick"] = 500.0
+    s.generate(until_tick=600)
+    s.insert(450, [V.note_off(LEAD, 60)])
+    sched.run_until_idle()
+    evs = drain(s)
+    events = [e for e in evs if isinstance(e, Token) and V.type_of(e.token) is not TokenType.TIME]
+    assert all(
+        e.tick >= 500 for e in events if e.position > _find(s.tokens(), [V.note_off(LEAD, 60)])
+    )
+    toks = s.tokens()
+    assert _tick_index(toks)[_find(toks, [V.note_off(LEAD, 60)])] == 450
+    assert ConstraintSet(V).check(toks) is None and s.tick == 600
+
+    # No request running: the clock does nothing.
+    before = dict(s.lag)
+    now["tick"] = 5000.0
+    s.insert(650, [V.velocity(20), V.note_on(LEAD, 62)])
+    sched.run_until_idle()
+    assert s.lag == before and s.tick == 650
+
+
+def test_slide_if_longer_slides_once_at_the_next_idle_moment(engine):
+    sched = Scheduler(engine, max_sessions=1, max_len=128, keep_len=64)
+    s = sched.open_session(make_prompt(20), sampling=SEEDED)  # 84 tokens: no overflow
+    sched.run_until_idle()
+    with pytest.raises(ValueError, match="kept length"):
+        s.slide_if_longer(10)
+    s.slide_if_longer(100)  # shorter than that: nothing to do, and it is forgotten
+    sched.run_until_idle()
+    assert s.window_start == 0
+    s.append(make_prompt(6)[2:])  # 108 tokens: past 100, but the one-shot is spent
+    sched.run_until_idle()
+    assert s.window_start == 0
+    s.slide_if_longer(100)
+    sched.run_until_idle()
+    assert s.window_start > 0 and sched.decoder.length(s.slot) < 100
+    ctx = s._head + s.tokens()
+    assert ConstraintSet(V).check(ctx) is None
 
 
 def _tick_index(toks: list[int]) -> list[int]:
