@@ -243,12 +243,12 @@ def melodies(n: int, seconds: float) -> list[list[tuple[float, list[int]]]]:
     return out
 
 
-async def play(url: str, song: list[tuple[float, list[int]]], seed: int) -> dict:
+async def play(url: str, song: list[tuple[float, list[int]]], seed: int, horizon_ms: int) -> dict:
     c, task = await open_client(url)
     # A density cap like a trained model's accompaniment: random weights otherwise play ~50
     # notes/s (1,280 of the 1,586 ids are note tokens), which no CPU keeps up with.
     await c.send({"type": "start", "mode": "accompany", "lookahead_ms": 100, "seed": seed,
-                  "max_notes_per_second": 8})  # fmt: skip
+                  "max_notes_per_second": 8, "horizon_ms": horizon_ms})  # fmt: skip
     await c.wait(lambda m: m["type"] == "started")
     start = c.now() + 200
     for t, data in song:
@@ -260,12 +260,13 @@ async def play(url: str, song: list[tuple[float, list[int]]], seed: int) -> dict
     st = await stop(c, task)
     late_client = sum(1 for t, m in c.midi if t > m["time"] + 1.0)
     return {"sent": st["events_sent"], "late": st["late_events"], "retracts": st["retracts"],
-            "late_client": late_client, "received": len(c.midi)}  # fmt: skip
+            "late_client": late_client, "received": len(c.midi),
+            "lag_pushes": st.get("lag_pushes", 0), "lag_ms": st.get("lag_ms", 0.0)}  # fmt: skip
 
 
-async def bench_concurrent(url: str, n: int, seconds: float) -> dict:
+async def bench_concurrent(url: str, n: int, seconds: float, horizon_ms: int) -> dict:
     songs = melodies(n, seconds)
-    res = await asyncio.gather(*(play(url, s, i) for i, s in enumerate(songs)))
+    res = await asyncio.gather(*(play(url, s, i, horizon_ms) for i, s in enumerate(songs)))
     sent = sum(r["sent"] for r in res)
     return {
         "sessions": n,
@@ -273,6 +274,9 @@ async def bench_concurrent(url: str, n: int, seconds: float) -> dict:
         "late_pct": 100 * sum(r["late"] for r in res) / max(1, sent),
         "late_client_pct": 100 * sum(r["late_client"] for r in res) / max(1, sent),
         "retracts": sum(r["retracts"] for r in res),
+        "per_session_s": sent / n / seconds,
+        "lag_pushes": sum(r["lag_pushes"] for r in res),
+        "lag_ms_mean": sum(r["lag_ms"] for r in res) / max(1, sum(r["lag_pushes"] for r in res)),
     }
 
 
@@ -282,10 +286,15 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--sessions", default="1,4,16,32")
     ap.add_argument("--seconds", type=float, default=20.0, help="melody length per session")
+    ap.add_argument("--horizon-ms", type=int, default=300, help="accompany: horizon_ms sent")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--log", default="", help="keep the server's log here")
     ap.add_argument("--serve-args", default="", help="extra `improv serve` arguments")
-    ap.add_argument("--only", choices=["latency"], help="only part (a), not written")
+    ap.add_argument(
+        "--only",
+        choices=["latency", "jitter", "concurrent"],
+        help="only part (a), (b) or (c), not written",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     tmp = tempfile.TemporaryDirectory()
@@ -302,6 +311,17 @@ def main() -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model") as r:
         backend = json.load(r)["backend"]
     try:
+        if args.only == "concurrent":
+            for n in sessions:
+                print(
+                    "concurrent",
+                    asyncio.run(bench_concurrent(url, n, args.seconds, args.horizon_ms)),
+                    flush=True,
+                )
+            return
+        if args.only == "jitter":
+            print("jitter", asyncio.run(bench_jitter(url, 10.0)), flush=True)
+            return
         lat = asyncio.run(bench_latency(url, args.trials))
         print("latency", lat, flush=True)
         if args.only == "latency":
@@ -314,13 +334,13 @@ def main() -> None:
         print("jitter", jit, flush=True)
         conc = []
         for n in sessions:
-            conc.append(asyncio.run(bench_concurrent(url, n, args.seconds)))
+            conc.append(asyncio.run(bench_concurrent(url, n, args.seconds, args.horizon_ms)))
             print("concurrent", conc[-1], flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
     rows = "\n".join(
-        f"| {c['sessions']} | {c['events']} | {c['late_pct']:.2f}% | {c['late_client_pct']:.2f}% | {c['retracts']} |"
+        f"| {c['sessions']} | {c['events']} ({c['per_session_s']:.1f}/s per session) | {c['late_pct']:.2f}% | {c['late_client_pct']:.2f}% | {c['retracts']} | {c['lag_pushes']} ({c['lag_ms_mean']:.0f} ms) |"
         for c in conc
     )
     body = f"""## Server (loopback, {machine()})
@@ -337,12 +357,15 @@ another, over WebSocket on 127.0.0.1. The machine is shared: other agents' jobs 
 | (b) send jitter, server side (send call - intended send); {jit["late"]} of {jit["sent"]} events sampled too late to wait | {jit["server_p50"]} ms | {jit["server_p99"]} ms | |
 
 (c) Concurrent `accompany` sessions, each fed a POP909 valid song's MELODY (first {args.seconds:.0f} s) at
-real time, events stamped on arrival, lookahead 100 ms, horizon 300 ms, `max_notes_per_second: 8`
+real time, events stamped on arrival, lookahead 100 ms, horizon {args.horizon_ms} ms, `max_notes_per_second: 8`
 (a density cap; an untrained model plays ~50 notes/s). "Late" = a generated event
-sent after its own time (server count) / received after it (client clock, synced by ping):
+sent after its own time (server count) / received after it (client clock, synced by ping).
+"Clock floor": times the model was behind real time and its next event was moved to when it
+could still be sent on time (mean move in brackets); under overload the accompaniment thins
+out there instead of arriving late, so read it with the events per session:
 
-| sessions | generated events | late (server) | late (client) | retracts |
-|---|---|---|---|---|
+| sessions | generated events | late (server) | late (client) | retracts | clock floor moves |
+|---|---|---|---|---|---|
 {rows}
 
 Command: `{command_line()}` (the target for 32 sessions is < 1% late).

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
 MAX_NOTE_RETRIES = 8  # draws of a note the constraints forbid, then the masked draw
+REPORT_EVERY_S = 10.0  # the scheduler's load line in the log, while it works
 LOGITS_KEPT = 40  # logits kept per session: a note's retries, one per VEL drawn (32 bins)
 # Clock floor (LiveSession.clock): an event is due this many scheduler steps (an EMA of their
 # wall time) plus CLOCK_SLACK_S after its time token is placed: its VEL and ON are still to draw.
@@ -734,7 +735,11 @@ class Scheduler:
         self.stop()
 
     def _loop(self) -> None:
+        last_t, last = time.monotonic(), dict(self.stats, steps=self.steps)
         while not self._stop.is_set():
+            if (now := time.monotonic()) - last_t >= REPORT_EVERY_S and self.steps > last["steps"]:
+                self._report(now - last_t, last)
+                last_t, last = now, dict(self.stats, steps=self.steps)
             try:
                 busy = self.step()
             except Exception:
@@ -746,6 +751,23 @@ class Scheduler:
                 with self._wake:
                     if not self._commands and not self._stop.is_set():
                         self._wake.wait(self.idle_wait_s)
+
+    def _report(self, seconds: float, last: dict[str, float]) -> None:
+        """One log line on the scheduler's load since `last` (operators; the benchmarks)."""
+        st = self.stats
+        steps = self.steps - last["steps"]
+        tokens = st["tokens"] - last["tokens"]
+        logger.info(
+            "scheduler: %d sessions, %.0f steps/s, %.0f tokens/s, %.1f rows/step, "
+            "forward %.2f ms/step, %.0f%% busy, %d notes rejected",
+            len(self._sessions),
+            steps / seconds,
+            tokens / seconds,
+            tokens / max(steps, 1),
+            1000 * (st["forward_s"] - last["forward_s"]) / max(steps, 1),
+            100 * sum(st[k] - last[k] for k in ("forward_s", "mask_s", "sample_s")) / seconds,
+            st["notes_rejected"] - last["notes_rejected"],
+        )
 
     # --- sessions ---------------------------------------------------------------------------------
     def open_session(

@@ -534,7 +534,9 @@ def test_context_overflow_slides_and_keeps_positions(engine):
     assert len(tokens_of(drain(s))) == 80
 
 
-def test_background_thread_callbacks_and_cancel_from_another_thread(engine):
+def test_background_thread_callbacks_and_cancel_from_another_thread(engine, monkeypatch, caplog):
+    monkeypatch.setattr(live, "REPORT_EVERY_S", 0.0)  # the load line, at every loop
+    caplog.set_level("INFO", logger="improv.engine.live")
     got: list[tuple[bool, object]] = []
     cancelled = threading.Event()
     done = threading.Event()
@@ -562,3 +564,6 @@ def test_background_thread_callbacks_and_cancel_from_another_thread(engine):
     assert [ev.reason for _, ev in got if isinstance(ev, Done)] == ["cancelled"]
     for o in others:
         assert len(tokens_of(drain(o))) == 10
+    assert any(
+        "scheduler: " in r.getMessage() and "tokens/s" in r.getMessage() for r in caplog.records
+    )
