@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--load", default="", help="what else ran, for the text (e.g. a training job)")
-    ap.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default="torch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -27,6 +27,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--check", action="store_true", help="compare onnxruntime logits with torch after export"
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write the 8-bit-weight step beside it (model.int8.onnx: backend onnx-int8)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -49,6 +54,13 @@ def _run(args: argparse.Namespace) -> int:
             logger.error("ONNX logits differ from torch by %.2e (relative)", err)
             return 1
     logger.info("wrote %s", out)
+    if args.int8:
+        from .onnx_backend import INT8_FILE, quantize_int8
+
+        quantize_int8(
+            out,
+            out.with_name(INT8_FILE) if out.name == ONNX_FILE else out.with_suffix(".int8.onnx"),
+        )
     return 0
 
 

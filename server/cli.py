@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
     parser.add_argument(
         "--backend",
-        choices=["auto", "torch", "onnx"],
-        help="decode backend (default auto: onnx on the CPU, torch on CUDA)",
+        choices=["auto", "torch", "onnx", "onnx-int8"],
+        help="decode backend (default auto: onnx-int8 on the CPU, torch on CUDA)",
     )
     parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
     parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")

@@ -16,7 +16,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     checkpoint: str = "models/default"  # checkpoint folder (model.safetensors + config.json)
     device: str = "auto"  # auto: CUDA when present, else CPU
-    backend: Literal["auto", "torch", "onnx"] = "auto"  # auto: onnx on the CPU, torch on CUDA
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = (
+        "auto"  # auto: onnx-int8 on the CPU, torch on CUDA
+    )
     # torch CPU threads for the scheduler's forward. 1: on a shared or small machine, OpenMP
     # barriers waiting on descheduled threads made each step 4-6x slower (see BENCHMARKS.md).
     threads: int = Field(1, ge=1, le=256)

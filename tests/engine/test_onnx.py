@@ -9,12 +9,14 @@ from improv.cli import main
 from improv.engine.decoder import TorchDecoder
 from improv.engine.engine import Engine
 from improv.engine.onnx_backend import (
+    INT8_FILE,
     ONNX_FILE,
     OnnxDecoder,
     build_onnx,
     ensure_onnx,
     export_onnx,
     onnx_format,
+    quantize_int8,
 )
 
 pytest.importorskip("onnxruntime")
@@ -187,5 +189,43 @@ def test_load_with_onnx_backend_and_cli(tiny_checkpoint, tmp_path):
     kw = dict(temperature=0, stop_tokens=())
     assert eng.generate(PROMPTS[1], 12, **kw) == ref.generate(PROMPTS[1], 12, **kw)
     out = tmp_path / "exported.onnx"
-    assert main(["export-onnx", str(tiny_checkpoint), "-o", str(out), "--check"]) == 0
-    assert out.is_file()
+    assert main(["export-onnx", str(tiny_checkpoint), "-o", str(out), "--check", "--int8"]) == 0
+    assert out.is_file() and (tmp_path / "exported.int8.onnx").is_file()
+
+
+def test_int8_is_batch_invariant_consistent_and_close_to_fp32(config_pair, tmp_path):
+    """8-bit weights: not equal to fp32, but a row's logits must not depend on its batch mates
+    (the scheduler's batched == one-by-one), and a prefill equals the same tokens fed one by
+    one (cached == recompute)."""
+    model, path = config_pair
+    q = quantize_int8(path, tmp_path / INT8_FILE)
+    ref = OnnxDecoder(path, model.config, max_batch=3)
+    dec = OnnxDecoder(q, model.config, max_batch=3)
+    prompts = [p + [700, 800, 900] for p in PROMPTS]
+    full = dec.extend([0, 1, 2], prompts, all_logits=True)  # (3, T, V) padded prefill
+    fp32 = ref.extend([0, 1, 2], prompts, all_logits=True)
+    for r, row in enumerate(prompts):
+        assert _rel_err(full[r, : len(row)], fp32[r, : len(row)]) < 0.05, f"row {r}"
+    dec.reset()
+    for r, row in enumerate(prompts):  # one row at a time, one token at a time
+        for j, tok in enumerate(row):
+            got = dec.extend([r], [[tok]])[0]
+            assert _rel_err(got, full[r, j]) < 1e-4, (r, j)
+    nxt = [[11], [12], [13]]
+    batched = dec.extend([0, 1, 2], nxt)
+    for r in range(3):
+        dec.crop(r, dec.length(r) - 1)
+    alone = torch.stack([dec.extend([r], [nxt[r]])[0] for r in range(3)])
+    torch.testing.assert_close(batched, alone, atol=0, rtol=0)
+
+
+def test_load_with_onnx_int8_backend(tiny_checkpoint):
+    eng = Engine.load(tiny_checkpoint, backend="onnx-int8")  # exports, then quantizes, beside it
+    assert eng.onnx_path == tiny_checkpoint / INT8_FILE
+    assert (tiny_checkpoint / ONNX_FILE).is_file()
+    assert onnx_format(eng.onnx_path) is not None
+    out = eng.generate(PROMPTS[1], 12, seed=1, stop_tokens=())
+    assert len(out) == 12 and all(0 <= t < eng.config.vocab_size for t in out)
+    assert Engine.load(tiny_checkpoint, backend="auto").backend == "onnx-int8"  # CPU default
+    with pytest.raises(ValueError, match="backend"):
+        Engine.load(tiny_checkpoint, backend="int4")
