@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
-
-SWITCH_INTERVAL_S = 0.0005  # GIL handoff interval in the server process (see run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode backend (default auto: onnx-int8 on the CPU, torch on CUDA)",
     )
     parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
+    parser.add_argument(
+        "--context-tokens",
+        type=int,
+        help="tokens of context a session keeps (default: the model's, 2048 for the default "
+        "model); fewer serve more sessions in real time, each hearing less of the past",
+    )
     parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     from .ports import add_midi_arguments  # light: mido only; rtmidi loads when a port opens
@@ -44,6 +47,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "device": args.device,
             "backend": args.backend,
             "max_sessions": args.max_sessions,
+            "context_tokens": args.context_tokens,
             "token": args.token,
             "threads": args.threads,
         }.items()
@@ -79,10 +83,6 @@ def run(args: argparse.Namespace) -> int:
             settings.checkpoint,
         )
         return 2
-    # The scheduler thread runs Python (masks, sampling, events) between its forwards; with the
-    # default 5 ms switch interval the event loop and the send clock can wait that long for the
-    # GIL, which is what the live sessions' send jitter measured. 0.5 ms: a handoff is cheap.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(settings)
     from .ports import setup_midi
 

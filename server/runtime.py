@@ -101,7 +101,9 @@ class Runtime:
         # One scheduler for everything: live sessions and offline HTTP generations share its
         # batched forward; the extra slots are the HTTP ones, so HTTP never takes a live slot.
         self.scheduler = Scheduler(
-            engine, max_sessions=settings.max_sessions + settings.http_sessions
+            engine,
+            max_sessions=settings.max_sessions + settings.http_sessions,
+            max_len=settings.context_tokens,
         )
         self.scheduler.start()
         self.clock = SendClock()

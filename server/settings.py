@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     switch_interval_ms: float = Field(0.5, gt=0, le=100)
     max_sessions: int = Field(16, ge=1, le=256)  # live WebSocket sessions at once
     http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (503 beyond)
+    # Context each session keeps (None: the model's). Attention over it is most of a batched
+    # step at long contexts (BENCHMARKS.md, engine): fewer tokens serve more live sessions in
+    # real time, each hearing less of the past. Sessions slide at it (to half of it).
+    context_tokens: int | None = Field(None, ge=256, le=1 << 20)
     token: SecretStr | None = None  # Bearer token for HTTP, ?token= for the WebSocket
     # Serve a non-loopback address without a token anyway (only for a container whose port
     # publishing is decided outside it, e.g. the Docker image; logged as a warning).

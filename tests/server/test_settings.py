@@ -38,3 +38,19 @@ def test_serve_missing_checkpoint_is_a_clear_error(tmp_path, caplog):
     args = build_parser().parse_args(["serve", "--checkpoint", str(tmp_path / "nope")])
     assert args._run(args) == 2
     assert "no checkpoint" in caplog.text
+
+
+def test_context_tokens_sizes_every_session_and_is_checked(tiny_ckpt):
+    from tests.server.conftest import make_runtime
+
+    with pytest.raises(ValueError, match="greater than or equal to 256"):
+        Settings(context_tokens=100)
+    args = build_parser().parse_args(["serve", "--context-tokens", "300"])
+    from improv.server.cli import settings_from_args
+
+    assert settings_from_args(args).context_tokens == 300
+    rt = make_runtime(tiny_ckpt, max_sessions=1, http_sessions=1, context_tokens=300)
+    try:
+        assert rt.scheduler.max_len == 300 and rt.scheduler.keep_len == 150
+    finally:
+        rt.close()
