@@ -28,6 +28,7 @@ from improv.engine.constraints import (
 )
 from improv.engine.live import Done, Event, SamplingParams, Token
 from improv.engine.tokenizer import Note, Notes
+from improv.engine.tokenizer.encode import quantize
 from improv.engine.tokenizer.layouts import make_accompany, make_infill
 from improv.engine.tokenizer.vocab import TokenType, Vocab
 
@@ -186,7 +187,12 @@ def plan_continue(
     programs: dict[str, int] | None = None,
 ) -> Job:
     v, tok = rt.vocab, rt.tokenizer
-    prompt = tok.encode_notes(notes, task="continue", eos=False)
+    # The model hears the prompt from its first note (training examples open on a note, not on
+    # a file's leading silence); the output is moved back to the file's time.
+    first = int(quantize(float(notes.start.min()), v.ticks_per_second)) if len(notes) else 0
+    prompt = tok.encode_notes(
+        notes.shifted(-first / v.ticks_per_second), task="continue", eos=False
+    )
     end = time_ticks(v, prompt) + int(round(seconds * v.ticks_per_second))
     cons: list[Constraint] = [MaxDuration(rt.settings.max_note_seconds, parts)]
     if parts:
@@ -194,7 +200,7 @@ def plan_continue(
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items()}))
     req = Request(prompt, end, cons, sampling, max_tokens=_cap(seconds))
-    return Job(req, notes, NoteBuilder(v, part_programs(notes)), end)
+    return Job(req, notes, NoteBuilder(v, part_programs(notes), tick_offset=-first), end)
 
 
 class GapTimes(Constraint):
@@ -264,23 +270,26 @@ def plan_accompany(
 ) -> Job:
     v = rt.vocab
     _, events = make_accompany(v, lead, lead_parts=sorted(set(lead.part.tolist())))
-    end = (events[-1].tick if events else 0) + int(round(tail_seconds * v.ticks_per_second))
     # The accompaniment starts with the lead: an intro over the silence before it would be in
-    # a key the model can only guess (it then holds to it when the melody comes in).
+    # a key the model can only guess (it then holds to it when the melody comes in). The model
+    # hears the lead from its first note at time 0, as every training example opens on a note
+    # (a file's leading silence, seconds of it before a song's melody, is not what it learned
+    # to accompany); the output is moved back to the file's time.
     first = events[0].tick if events else 0
+    end = (events[-1].tick - first if events else 0) + int(round(tail_seconds * v.ticks_per_second))
     cons: list[Constraint] = [Parts(parts), MaxDuration(rt.settings.max_note_seconds, parts)]
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items() if k in parts}))
     seconds = end / v.ticks_per_second
     req = Request(
-        [v.BOS, v.TASK_ACCOMPANY, *v.time_tokens(first)],
+        [v.BOS, v.TASK_ACCOMPANY],
         end,
         cons,
         sampling,
-        [(e.tick, e.tokens) for e in events],
+        [(e.tick - first, e.tokens) for e in events],
         max_tokens=_cap(seconds),
     )
-    return Job(req, lead, NoteBuilder(v, {}), end)
+    return Job(req, lead, NoteBuilder(v, {}, tick_offset=-first), end)
 
 
 def _cap(seconds: float) -> int:

@@ -56,6 +56,30 @@ def test_continue_midi_keeps_the_prompt(server):
     assert max(n.end for n in out) <= prompt_end + 2.0 + 0.2
 
 
+def test_continue_a_prompt_that_starts_late_stays_in_the_file_time(server):
+    """The model hears the prompt from its first note; the output is moved back."""
+    notes = [((6 + i) * 480, 400, 60 + i % 5, 90) for i in range(8)]  # from 3 s to 6.8 s
+    generated = []
+    for seed in range(1, 6):  # a random tiny model: until one take plays something
+        r = post(
+            server,
+            "/v1/continue",
+            midi_bytes([notes_track("MELODY", notes)]),
+            {"seconds": "2", "seed": str(seed)},
+            {"Accept": "application/json"},
+        )
+        assert r.status_code == 200, r.text
+        out = r.json()["notes"]
+        given = [n for n in out if not n["generated"]]
+        assert len(given) == 8 and abs(min(n["start"] for n in given) - 3.0) < 0.01
+        last_onset = max(n["start"] for n in given)
+        generated = [n for n in out if n["generated"]]
+        assert all(last_onset - 1e-6 <= n["start"] <= 6.8 + 2.0 + 1e-6 for n in generated)
+        if generated:
+            break
+    assert generated
+
+
 def test_continue_json_and_stream(server):
     song = simple_song(2.0)
     r = post(
@@ -131,6 +155,9 @@ def test_accompany_adds_parts_and_keeps_the_melody(server):
     assert generated and all(n["part"] in ("harmony", "bass") for n in generated)
     first = min(n["start"] for n in lead)
     assert abs(first - 2.0) < 0.01 and all(n["start"] >= first - 1e-6 for n in generated)
+    # in the file's time: the model hears the lead from 0, the output is moved back
+    last = max(n["end"] for n in lead)
+    assert all(n["start"] <= last + 1.0 + 1e-6 for n in generated)
 
 
 @pytest.mark.parametrize(
