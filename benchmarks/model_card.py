@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--songs", type=int, default=20)
     ap.add_argument("--prompt-seconds", type=float, default=20.0)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--temperature", type=float, default=0.9)
+    ap.add_argument("--temperature", type=float, default=1.0)  # the defaults' value
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument(
         "--out", type=Path, default=None, help="folder for JSON + PNGs (default: the checkpoint)"
