@@ -3,7 +3,10 @@
 For 20 validation songs (fixed order, fixed seeds): a 20 s prompt, then a 30 s continuation
 compared with the real next 30 s; and accompaniment generated under the real melody of a 30 s
 window compared with the real accompaniment (statistics, and the share of notes that are chord
-tones of the annotated chord, against the real PIANO part). Writes quality.json and piano
+tones of the annotated chord, against the real PIANO part); and the respond setting: 15 s of a
+song's melody alone continued for 10 s as the lead alone, counting the notes the model drew in
+another part (rejected by the constraints and drawn again: steps a live answer waits for).
+Writes quality.json and piano
 rolls to --out, and with --card the "quality" section of the model card (the checkpoint's
 README.md, between its markers).
 
@@ -113,6 +116,15 @@ def main() -> None:
             (path, notes, p_hi, c_hi, a_lo, a_hi, read_chords(path.parent / "chord_midi.txt"))
         )
 
+    solo_jobs = []
+    for i, path in enumerate(songs):
+        notes = tok.read_notes(path)
+        lead = notes.select(notes.part == v.lead)
+        t0 = float(lead.start.min())
+        melody = window(lead, t0 + 10.0, t0 + 25.0)
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=1000 + i)
+        solo_jobs.append(plan_continue(rt, melody, 10.0, sampling, parts=["lead"]))
+
     t = time.perf_counter()
     try:
         cont = asyncio.run(_run_jobs(rt, cont_jobs))
@@ -120,8 +132,12 @@ def main() -> None:
         t = time.perf_counter()
         acc = asyncio.run(_run_jobs(rt, acc_jobs))
         t_acc = time.perf_counter() - t
+        rejected = rt.scheduler.stats["notes_rejected"]
+        solo = asyncio.run(_run_jobs(rt, solo_jobs))
+        rejected = rt.scheduler.stats["notes_rejected"] - rejected
     finally:
         rt.close()
+    solo_notes = sum(len(o) - len(j.given) for o, j in zip(solo, solo_jobs, strict=True))
 
     cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []
     chord_gen_harmony = []
@@ -154,6 +170,11 @@ def main() -> None:
             "generated": float(np.nanmean(chord_gen)),
             "real_piano": float(np.nanmean(chord_real)),
             "generated_harmony": float(np.nanmean(chord_gen_harmony)),
+        },
+        "respond_solo": {
+            "generated_notes": solo_notes,
+            "rejected_draws": rejected,
+            "rejected_per_note": rejected / max(solo_notes, 1),
         },
         "generation_seconds": {"continuation": round(t_cont, 1), "accompaniment": round(t_acc, 1)},
         "machine": machine(),
@@ -204,7 +225,12 @@ def card_section(q: dict, n_songs: int) -> str:
             )
         return "\n".join(rows)
 
-    ct, gs, sp = q["chord_tone_share"], q["generation_seconds"], q["sampling"]
+    ct, gs, sp, rs = (
+        q["chord_tone_share"],
+        q["generation_seconds"],
+        q["sampling"],
+        q["respond_solo"],
+    )
     return f"""{n_songs} POP909 validation songs (the first {n_songs} of splits/valid.txt, sorted), seeds
 1000 + index, temperature {sp["temperature"]}, top-p {sp["top_p"]}, through the server's own
 planners and scheduler with its defaults (the `MaxDuration` guard: no generated note longer than
@@ -225,6 +251,11 @@ Share of accompaniment notes that are tones of the annotated chord (chord_midi.t
 **{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%** (the generated harmony
 part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%; counter lines pass
 through more non-chord tones).
+
+**Respond setting**: 15 s of each song's melody alone, continued for 10 s as the lead alone (what
+live call and response asks): {rs["generated_notes"]} notes generated; the model drew
+{rs["rejected_draws"]} notes in another part, which the constraints rejected and drew again
+(**{rs["rejected_per_note"]:.2f} per generated note**; each is a step a live answer waits for).
 
 Generation time on this CPU (all songs batched on one scheduler): continuation
 {gs["continuation"]} s for {30 * n_songs} s of music, accompaniment {gs["accompaniment"]} s.
