@@ -170,7 +170,10 @@ async def bench_latency(url: str, trials: int, silence_ms: float = 30, gap_ms: i
         await asyncio.sleep(0.35)  # the response plays out
     await stop(c, task)
     a = np.array(lat)
-    logging.getLogger("bench").info("slowest trials (ms): %s", sorted(a.round(1).tolist())[-5:])
+    slow = np.argsort(a)[-5:]
+    logging.getLogger("bench").info(
+        "slowest trials (ms, trial index): %s", [(round(a[i], 1), int(i)) for i in slow]
+    )
     return {
         "p50": float(np.percentile(a, 50)),
         "p99": float(np.percentile(a, 99)),

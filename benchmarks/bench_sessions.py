@@ -141,16 +141,20 @@ def main() -> None:
         if n == max(counts):
             dec = sched.decoder
             per_slot = dec.nbytes_per_slot()
-            cache_mb = per_slot * (n + 1) / 2**20
-            used = sum(sched.decoder.length(s) for s in range(n + 1))
+            cache_mb = per_slot * dec.max_batch / 2**20
+            used = sum(dec.length(s) for s in range(dec.max_batch))
             mem_line = (
                 f"Resident memory with {n} sessions open (prompts 64..448 + {args.tokens} tokens "
                 f"each, {used:,} cached positions): **{rss_mb():,.0f} MiB** process RSS "
                 f"({base_rss:,.0f} MiB before the scheduler existed). The KV cache is allocated up "
-                f"front for {n + 1} slots x {sched.max_len} positions ({cache_mb:,.0f} MiB "
+                f"front for {dec.max_batch} slots x {sched.max_len} positions ({cache_mb:,.0f} MiB "
                 f"nominal, {per_slot / 2**20:.0f} MiB per session "
                 "at full context) but zero-filled lazily (anonymous mmap), so only the pages "
                 "written so far are resident; a smaller `max_len` bounds it proportionally."
+                if args.backend == "torch"
+                else "at full context); onnxruntime's GroupQueryAttention touches a slot's whole "
+                "buffer the first time it runs on it, so every slot used is resident in full; a "
+                "smaller `max_len` (`improv serve --context-tokens`) bounds it proportionally."
             )
         measured = n <= args.solo_max
         if measured:

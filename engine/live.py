@@ -115,6 +115,16 @@ Event = Token | Rollback | Done
 EventCallback = Callable[[Event], None]
 
 
+@dataclass
+class _Shadow:
+    """A session's slid context, prefilled in the scheduler's shadow slot while it plays on."""
+
+    new: list[int]  # slide_context at `start`: header + state + the window's tokens
+    kept: int  # how many of new's last tokens are the session's own tokens before `start`
+    start: int  # the session's position when it was made
+    fed: int = 0  # tokens of `_shadow_tokens()` already in the shadow slot's cache
+
+
 class SchedulerFull(RuntimeError):
     """Every session slot is taken."""
 
@@ -209,8 +219,7 @@ class LiveSession:
         self._forced: list[tuple[int, int, list[int]]] = []  # heap of (tick, seq, tokens)
         self._forced_seq = itertools.count()
         self._retry_at, self._retries = -1, 0  # rejected notes at a position (Scheduler._sample)
-        self._idle_slide_len: int | None = None  # see slide_when_idle
-        self._slide_once: int | None = None  # see slide_if_longer
+        self._shadow: _Shadow | None = None  # the slid context being prefilled beside this one
         # Real time, for a session that plays along with someone: the token time (ticks, a
         # float) it is now. With it, a request never places an event before it could be heard
         # (see _clock_floor). A plain attribute, read by the scheduler thread.
@@ -257,23 +266,6 @@ class LiveSession:
         req = _Request(rid, max_tokens, until_tick, start_tick=start_tick)
         self._sched._submit(self, "generate", req)
         return rid
-
-    def slide_when_idle(self, length: int | None) -> None:
-        """Slide the context as soon as the session is idle (no request, no forced event) and
-        longer than `length` tokens, rather than when it overflows, which may be in the middle
-        of a request (the slide's prefill then delays its next token). None: only on overflow.
-        A plain attribute: read by the scheduler thread at each step."""
-        self._idle_slide_len = length
-
-    def slide_if_longer(self, length: int) -> None:
-        """Once: slide at the next idle moment if the context is longer than `length` tokens
-        (a quiet moment the caller knows of, e.g. right after a response, when a slide's
-        prefill delays no one's next note). `length` must be >= the kept length."""
-        if not self._sched.keep_len <= length:
-            raise ValueError(
-                f"length must be >= the kept length {self._sched.keep_len}, got {length}"
-            )
-        self._sched._submit(self, "slide", int(length))
 
     def cancel(self) -> None:
         """Stop the running request; no further Token of it is delivered after this returns."""
@@ -424,6 +416,13 @@ class LiveSession:
             ctx_len = self._ctx_len()
             if dec.length(self.slot) > ctx_len:
                 dec.crop(self.slot, ctx_len)
+            if self._shadow is not None and not self._cut_shadow(p):
+                self._sched._drop_shadow(self)
+            elif self._shadow is not None:  # the shadow slot holds nothing past the cut either
+                n = len(self._shadow_tokens())
+                if self._shadow.fed > n:
+                    dec.crop(self._sched._shadow_slot, n)
+                    self._shadow.fed = n
             # Logits at q depend on the tokens before q: kept up to q = p + 1, whose key names
             # the token at p (another token pushed there misses).
             for k in [k for k in self._logits if k[0] > p + 1]:
@@ -492,16 +491,17 @@ class LiveSession:
             self._cut(arg)
         elif name == "rollback":
             self._rollback_tick(arg)
-        elif name == "slide":
-            self._slide_once = arg
+
         elif name == "reset":
             self._finish("reset")
+            self._sched._drop_shadow(self)
             self._forced.clear()
             self._clear()
             self._sched.decoder.reset(self.slot)
             self._push(self._prompt if arg is None else arg, given=True)
         elif name == "close":
             self._finish("closed")
+            self._sched._drop_shadow(self)
             self._forced.clear()
             self.closed = True
         else:  # pragma: no cover - internal
@@ -527,14 +527,8 @@ class LiveSession:
                     self._finish("until_tick")
                 elif req.max_tokens is not None and req.n >= req.max_tokens:
                     self._finish("max_tokens")
-        idle = self._req is None and not self._forced
-        limits = [n for n in (self._idle_slide_len, self._slide_once) if n is not None]
-        if self._ctx_len() > self._sched.max_len or (
-            idle and limits and self._ctx_len() > min(limits)
-        ):
+        if self._ctx_len() > self._sched.max_len:  # the slid context was not ready in time
             self._slide()
-        if idle:
-            self._slide_once = None
         dec = self._sched.decoder
         if self._req is not None and self._pending() == 0 and self._kept_logits() is None:
             dec.crop(self.slot, dec.length(self.slot) - 1)  # re-run the last token for logits
@@ -554,13 +548,56 @@ class LiveSession:
         return max(floor, self.tick)
 
     def _slide(self) -> None:
-        """Context overflow: header + the last keep_len tokens, prefilled from position 0."""
-        v, keep = self._vocab, self._sched.keep_len
+        """Context overflow: header + the last keep_len tokens, prefilled from position 0 (at
+        once: this session waits for it; the shadow prefill normally spares it that)."""
+        self._sched._drop_shadow(self)
+        self._sched.stats["blocking_slides"] += 1
+        new = slide_context(self._head + self._hist, self._vocab, self._sched.keep_len)
+        kept = kept_suffix(self._vocab, new, self._hist)
+        self._rebase(new[: len(new) - kept], self.position - kept)
+        self._sched.decoder.reset(self.slot)
+        logger.info("session %d: context full, slid at once (it waits for the prefill)", self.id)
+
+    def _start_shadow(self) -> _Shadow:
+        """The slid context as it would be now, to prefill in the scheduler's shadow slot while
+        this session goes on; tokens it adds meanwhile are fed there too (`_shadow_tokens`)."""
+        new = slide_context(self._head + self._hist, self._vocab, self._sched.keep_len)
+        self._shadow = _Shadow(new, kept_suffix(self._vocab, new, self._hist), self.position)
+        return self._shadow
+
+    def _shadow_tokens(self) -> list[int]:
+        """What the shadow slot must hold: the slid context, then every token since."""
+        sh = self._shadow
+        assert sh is not None
+        return sh.new + self._hist[sh.start - self._base :]
+
+    def _swap_in_shadow(self, shadow_slot: int) -> None:
+        """The shadow slot holds `_shadow_tokens()`: it becomes this session's context."""
+        sh = self._shadow
+        assert sh is not None
+        self._shadow = None
+        self._rebase(sh.new[: len(sh.new) - sh.kept], sh.start - sh.kept)
+        self._sched.decoder.move(shadow_slot, self.slot)
+        logger.info(
+            "session %d: slid context swapped in, window from position %d", self.id, self._base
+        )
+
+    def _cut_shadow(self, p: int) -> bool:
+        """A rollback to position p: the shadow loses what came after p too. False if it can't
+        (p is before its window): it is dropped."""
+        sh = self._shadow
+        assert sh is not None
+        if p >= sh.start:
+            return True
+        drop = sh.start - p
+        if drop > sh.kept:
+            return False
+        sh.new, sh.kept, sh.start = sh.new[: len(sh.new) - drop], sh.kept - drop, p
+        return True
+
+    def _rebase(self, head: list[int], new_base: int) -> None:
+        """The context becomes `head` + the tokens from position new_base on."""
         with self._state_lock:
-            ctx = self._head + self._hist
-            new = slide_context(ctx, v, keep)
-            kept = kept_suffix(v, new, self._hist)
-            new_base = self.position - kept
             # A snapshot at the new window start, so rollback can still reach it.
             i = bisect.bisect_right(self._snap_keys, new_base) - 1
             q = self._snap_keys[i]
@@ -575,16 +612,9 @@ class LiveSession:
             self._base_tick = self._tick_at(new_base)
             drop = new_base - self._base
             del self._hist[:drop], self._ticks[:drop]
-            self._head = new[: len(new) - kept]
+            self._head = head
             self._base = new_base
             self._logits.clear()  # another context: other logits
-        self._sched.decoder.reset(self.slot)
-        logger.info(
-            "session %d: context slid, window starts at position %d (%d header tokens)",
-            self.id,
-            new_base,
-            len(self._head),
-        )
 
     def _mask(self) -> np.ndarray:
         """(V,) bool: what the running request may sample now."""
@@ -671,14 +701,16 @@ class Scheduler:
         max_len: int | None = None,
         keep_len: int | None = None,
         prefill_chunk: int = 256,
+        shadow_chunk: int = 32,
         max_batch_pad: int = 8,
         idle_wait_s: float = 0.05,
     ) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         self.vocab: Vocab = engine.vocab
-        # One spare slot: the scratch space for swapping two sessions' slots.
-        self.decoder: Decoder = engine.new_decoder(max_sessions + 1, max_len)
+        # Two spare slots: the scratch space for swapping two sessions' slots, and the shadow,
+        # where a session's slid context is prefilled while it plays on.
+        self.decoder: Decoder = engine.new_decoder(max_sessions + 2, max_len)
         self.device = self.decoder.device
         self.max_sessions = max_sessions
         self.max_len = self.decoder.max_seq
@@ -687,7 +719,14 @@ class Scheduler:
             raise ValueError(f"keep_len must be in 8..{self.max_len - 1}, got {self.keep_len}")
         self.prefill_chunk, self.max_batch_pad = prefill_chunk, max_batch_pad
         self.idle_wait_s = idle_wait_s
-        self._scratch = max_sessions
+        self._scratch, self._shadow_slot = max_sessions, max_sessions + 1
+        self._shadow_owner: LiveSession | None = None
+        # A session past shadow_len tokens gets its slid context prefilled in the shadow slot,
+        # shadow_chunk tokens per step, then swapped in: a slide (~1,000 tokens, hundreds of ms
+        # on a CPU) never stalls it or the others. Blocking slides only on overflow.
+        self.shadow_len = max(self.keep_len + 1, self.max_len - self.max_len // 4)
+        self.shadow_urgent = self.max_len // 8
+        self.shadow_chunk = shadow_chunk
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._commands: deque[tuple[LiveSession, str, Any]] = deque()
@@ -708,6 +747,8 @@ class Scheduler:
             "sample_s": 0.0,
             "tokens": 0,
             "notes_rejected": 0,
+            "slides": 0,  # slid contexts swapped in from the shadow slot
+            "blocking_slides": 0,  # overflows before one was ready (the session waited)
         }
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -849,6 +890,7 @@ class Scheduler:
         self._pack(sessions)
         t0 = time.perf_counter()
         logits, n_forwards = self._forward(sessions)
+        n_forwards += self._shadow_step(sessions)
         self.stats["forward_s"] += time.perf_counter() - t0
         rows = [s for s in sessions if s._req is not None and s.id in logits]
         t0 = time.perf_counter()
@@ -881,6 +923,46 @@ class Scheduler:
             if not self.step():
                 return i
         raise RuntimeError(f"still busy after {max_steps} steps")
+
+    def _shadow_step(self, sessions: list[LiveSession]) -> int:
+        """Feed the shadow slot one chunk; swap it in once it holds its session's context.
+        Returns the forwards run (0 or 1)."""
+        s = self._shadow_owner
+        if s is None:
+            over = [x for x in sessions if x._ctx_len() > self.shadow_len and x._at_boundary()]
+            if not over:
+                return 0
+            s = max(over, key=lambda x: x._ctx_len())
+            self._shadow_owner = s
+            self.decoder.reset(self._shadow_slot)
+            s._start_shadow()
+        sh = s._shadow
+        assert sh is not None
+        toks = s._shadow_tokens()
+        n = 0
+        # A chunk makes this step slower for every session sampling in it (a response's first
+        # notes wait for it): feed it in steps where no one samples, or once its session is
+        # within shadow_urgent tokens of overflowing (sessions that always sample: accompany).
+        sampling = any(x._req is not None for x in sessions)
+        urgent = s._ctx_len() > self.max_len - self.shadow_urgent
+        if sh.fed < len(toks) and (urgent or not sampling):
+            chunk = toks[sh.fed : sh.fed + self.shadow_chunk]
+            self.decoder.extend([self._shadow_slot], [chunk])
+            sh.fed += len(chunk)
+            n = 1
+        if sh.fed == len(toks):  # caught up with the session: it becomes the session's cache
+            self._shadow_owner = None
+            s._swap_in_shadow(self._shadow_slot)
+            self.stats["slides"] += 1
+            self.decoder.reset(self._shadow_slot)
+        return n
+
+    def _drop_shadow(self, s: LiveSession) -> None:
+        if s._shadow is not None:
+            s._shadow = None
+            if self._shadow_owner is s:
+                self._shadow_owner = None
+                self.decoder.reset(self._shadow_slot)
 
     def _release(self, s: LiveSession) -> None:
         self.decoder.reset(s.slot)

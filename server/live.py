@@ -53,7 +53,6 @@ Send = Callable[[Any], Awaitable[None]]
 ACCOMPANY_TICK_S = 0.05  # how often accompany extends its sampling horizon
 MAX_ERRORS_PER_S = 20  # error replies per second; more bad frames are dropped (no amplification)
 RESPONSE_MAX_TOKENS = 4096  # safety cap on one response
-IDLE_SLIDE_MARGIN = 8  # respond: slide when idle and within max_len / this of the context's end
 
 
 @dataclass(eq=False)
@@ -427,11 +426,6 @@ class LiveConnection:
         )
         tick_ms = v.config.tick_ms
         self._s.clock = lambda: (self.now_ms() - self._origin) / tick_ms
-        if self.mode == "respond":
-            # Slide the context between exchanges, not when it overflows: an overflow could land
-            # on a response's first notes (the slide's prefill is ~1000 tokens).
-            max_len = self.rt.scheduler.max_len
-            self._s.slide_when_idle(max_len - max_len // IDLE_SLIDE_MARGIN)
         self._cancel_floor = -1
         self._request = None
         self._responding = False
@@ -789,11 +783,6 @@ class LiveConnection:
             self._note_off(note, t, None)
             self._model_sounding[key] = note
         self._open.clear()
-        # The player is listening now: the moment for a slide that would otherwise come in
-        # the middle of their next phrase and delay the answer to it.
-        sched = self.rt.scheduler
-        if self._s is not None:
-            self._s.slide_if_longer(max(sched.keep_len, sched.max_len * 3 // 4))
 
     # --- generated events -----------------------------------------------------------------------
     def _gen(self, t: float, data: list[int], part: int, position: int | None) -> _Out:

@@ -105,12 +105,25 @@ class Runtime:
             max_sessions=settings.max_sessions + settings.http_sessions,
             max_len=settings.context_tokens,
         )
+        self._warm_up()
         self.scheduler.start()
         self.clock = SendClock()
         self._lock = threading.Lock()
         self._live = 0
         self._http = 0
         self.connections: set[LiveConnection] = set()
+
+    def _warm_up(self) -> None:
+        """A short generation before serving: the decoder's first runs (onnxruntime plans its
+        memory per input shape) took ~50-100 ms, which the first player's first answer paid."""
+        v, sched = self.vocab, self.scheduler
+        s = sched.open_session([v.BOS, v.TASK_CONTINUE], sampling=SamplingParams(seed=0))
+        s.generate(max_tokens=8)
+        sched.run_until_idle()
+        s.close()
+        sched.run_until_idle()
+        for k in sched.stats:
+            sched.stats[k] = 0
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:

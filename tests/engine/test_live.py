@@ -408,23 +408,65 @@ def test_clock_floor_never_places_an_event_before_now(make_model):
     assert s.lag == before and s.tick == 650
 
 
-def test_slide_if_longer_slides_once_at_the_next_idle_moment(engine):
-    sched = Scheduler(engine, max_sessions=1, max_len=128, keep_len=64)
-    s = sched.open_session(make_prompt(20), sampling=SEEDED)  # 84 tokens: no overflow
-    sched.run_until_idle()
-    with pytest.raises(ValueError, match="kept length"):
-        s.slide_if_longer(10)
-    s.slide_if_longer(100)  # shorter than that: nothing to do, and it is forgotten
-    sched.run_until_idle()
-    assert s.window_start == 0
-    s.append(make_prompt(6)[2:])  # 108 tokens: past 100, but the one-shot is spent
-    sched.run_until_idle()
-    assert s.window_start == 0
-    s.slide_if_longer(100)
-    sched.run_until_idle()
-    assert s.window_start > 0 and sched.decoder.length(s.slot) < 100
+def _assert_cache_is_the_context(engine, sched, s) -> None:
+    """The session's cache == a fresh prefill of its context (head + tokens): same logits."""
     ctx = s._head + s.tokens()
-    assert ConstraintSet(V).check(ctx) is None
+    assert sched.decoder.length(s.slot) == len(ctx)
+    probe = V.shift(7)
+    got = sched.decoder.extend([s.slot], [[probe]])[0]
+    sched.decoder.crop(s.slot, len(ctx))
+    ref = engine.new_decoder(1).extend([0], [ctx + [probe]])[0]
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_shadow_slide_swaps_in_the_slid_context_without_blocking(engine):
+    sched = Scheduler(engine, max_sessions=2, max_len=128, keep_len=64, shadow_chunk=8)
+    assert sched.shadow_len == 96
+    s = sched.open_session(make_prompt(20), sampling=SEEDED)  # 84 tokens
+    s.generate(max_tokens=150)
+    sched.run_until_idle()
+    toks = [e for e in drain(s) if isinstance(e, Token)]
+    assert [e.position for e in toks] == list(range(84, 84 + 150))
+    assert sched.stats["slides"] >= 2 and sched.stats["blocking_slides"] == 0
+    assert s.window_start > 0 and sched.decoder.length(s.slot) <= 128
+    assert ConstraintSet(V).check(s._head + s.tokens()) is None
+    _assert_cache_is_the_context(engine, sched, s)
+
+
+def test_an_idle_session_past_shadow_len_slides_in_the_background(engine):
+    sched = Scheduler(engine, max_sessions=1, max_len=128, keep_len=64, shadow_chunk=8)
+    s = sched.open_session(make_prompt(25), sampling=SEEDED)  # 104 tokens, no request
+    sched.run_until_idle()
+    assert sched.stats["slides"] == 1 and sched.stats["blocking_slides"] == 0
+    assert s.window_start > 0 and s.position == 104
+    _assert_cache_is_the_context(engine, sched, s)
+
+
+@pytest.mark.parametrize("where", ["after_start", "inside_window", "before_window"])
+def test_a_rollback_during_the_shadow_prefill_keeps_it_right(engine, where):
+    sched = Scheduler(engine, max_sessions=1, max_len=128, keep_len=64, shadow_chunk=8)
+    s = sched.open_session(make_prompt(20), sampling=SEEDED)
+    s.generate(max_tokens=40)
+    while sched._shadow_owner is None:  # run until a shadow prefill is under way
+        assert sched.step()
+    sh = s._shadow
+    while sh.fed == 0:  # fed once the session nears overflow (it samples all along)
+        assert sched.step()
+    assert s._shadow is sh
+    target = {
+        "after_start": s.position - 2,
+        "inside_window": sh.start - 4,
+        "before_window": sh.start - sh.kept - 2,
+    }[where]
+    s.crop(target)
+    sched.step()
+    # cut inside the shadow's window: it is cut too; before it: dropped (made again later)
+    assert (s._shadow is None) == (where == "before_window")
+    s.generate(max_tokens=60)
+    sched.run_until_idle()
+    assert sched.stats["blocking_slides"] == 0
+    assert ConstraintSet(V).check(s._head + s.tokens()) is None
+    _assert_cache_is_the_context(engine, sched, s)
 
 
 def _tick_index(toks: list[int]) -> list[int]:
