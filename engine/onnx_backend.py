@@ -309,8 +309,19 @@ class OnnxDecoder(SlotLengths):
         lengths = [self.lengths[s] for s in slots]
         toks, _, _ = pad_batch(lengths, tokens, self.max_seq)  # checks; positions: seqlens_k
         B, T = len(toks), len(toks[0])
+        multi = [b for b, row in enumerate(tokens) if len(row) > 1]
         if B == 1 or T == 1 or not any(lengths):
             logits = self._run(slots, lengths, toks)  # (B, T, V)
+        elif len(multi) <= B // 2:
+            # Mostly one new token per row (live sessions: a sampled token each, a few with a
+            # player's event or a wait): every row's first token in one batched step, then the
+            # longer rows' other tokens one row at a time (padding every row to T would run T
+            # batched steps).
+            logits = torch.zeros(B, T, self.vocab_size)
+            logits[:, 0] = self._run(slots, lengths, [[row[0]] for row in tokens])[:, 0]
+            for b in multi:
+                row = list(tokens[b])
+                logits[b, 1 : len(row)] = self._run([slots[b]], [lengths[b] + 1], [row[1:]])[0]
         elif T <= B and max(lengths) + T <= self.max_seq:
             # GroupQueryAttention takes several new tokens after a past only at batch 1: run T
             # batched one-token steps (padding is written past a row's end, as in one run) ...

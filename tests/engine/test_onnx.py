@@ -83,18 +83,20 @@ def test_prefill_decode_append_crop_match_torch(config_pair, slots):
     both(slots, PROMPTS)  # prefill, rows of 2, 7 and 3 tokens
     both(slots, [[50], [51], [52]])  # decode: past lengths 2, 7, 3
     both(slots, [[60, 61, 62], [63], [64, 65]])  # append after a past: T one-token steps
-    both(slots[:2], [[66, 67, 68, 69], [70]])  # T > B: one run per row
+    both(slots[:2], [[66, 67, 68, 69], [70]])  # one batched step, then the long row alone
+    both(slots, [[100], [101, 102, 103], [104]])  # the same with three rows
     both(slots[:1], [[71, 72, 73, 74]])  # one row
     for dec in (ort_dec, pt_dec):
         dec.crop(slots[1], 4)  # roll back into the prompt
         dec.crop(slots[2], 0)  # empty: this row restarts from position 0
-    assert [ort_dec.length(s) for s in slots] == [pt_dec.length(s) for s in slots] == [14, 4, 0]
+    assert [ort_dec.length(s) for s in slots] == [pt_dec.length(s) for s in slots] == [15, 4, 0]
     both(slots, [[80], [81], [82]])  # decode after the crop
     both(slots, [[90, 91], [92, 93, 94], [95]])  # append after the crop
     a = ort_dec.extend(slots, [[5], [6], [7]])  # default: (B, V) logits after each row's last token
     b = pt_dec.extend(slots, [[5], [6], [7]])
     assert a.shape == (3, model.config.vocab_size)
     assert _rel_err(a, b) < 1e-4
+    both(slots[:2], [[110, 111, 112, 113], [114, 115]])  # T > B, both long: one run per row
 
 
 def test_append_near_max_seq_matches_torch(onnx_pair):
