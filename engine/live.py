@@ -747,6 +747,7 @@ class Scheduler:
             "sample_s": 0.0,
             "tokens": 0,
             "notes_rejected": 0,
+            "forwards": 0,  # decoder calls (a step runs one per contiguous run of slots)
             "slides": 0,  # slid contexts swapped in from the shadow slot
             "blocking_slides": 0,  # overflows before one was ready (the session waited)
         }
@@ -800,11 +801,12 @@ class Scheduler:
         tokens = st["tokens"] - last["tokens"]
         logger.info(
             "scheduler: %d sessions, %.0f steps/s, %.0f tokens/s, %.1f rows/step, "
-            "forward %.2f ms/step, %.0f%% busy, %d notes rejected",
+            "%.1f forwards/step, forward %.2f ms/step, %.0f%% busy, %d notes rejected",
             len(self._sessions),
             steps / seconds,
             tokens / seconds,
             tokens / max(steps, 1),
+            (st["forwards"] - last["forwards"]) / max(steps, 1),
             1000 * (st["forward_s"] - last["forward_s"]) / max(steps, 1),
             100 * sum(st[k] - last[k] for k in ("forward_s", "mask_s", "sample_s")) / seconds,
             st["notes_rejected"] - last["notes_rejected"],
@@ -891,6 +893,7 @@ class Scheduler:
         t0 = time.perf_counter()
         logits, n_forwards = self._forward(sessions)
         n_forwards += self._shadow_step(sessions)
+        self.stats["forwards"] += n_forwards
         self.stats["forward_s"] += time.perf_counter() - t0
         rows = [s for s in sessions if s._req is not None and s.id in logits]
         t0 = time.perf_counter()
