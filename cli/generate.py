@@ -197,8 +197,9 @@ def accompany_command() -> tuple[str, Callable, Callable]:
         p.add_argument("melody", help="MIDI file with the melody")
         p.add_argument(
             "--parts",
-            default="counter,harmony,bass",
-            help="accompaniment parts (default counter,harmony,bass; add drums)",
+            default="harmony",
+            help="accompaniment parts among counter, harmony, bass, drums (default harmony: the "
+            "default model's piano; it has never heard a bass)",
         )
         _common(p, seconds=False)
 

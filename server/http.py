@@ -320,7 +320,7 @@ async def accompany(
     rt: RuntimeDep,
     file: Annotated[UploadFile, File(description="a melody (or any lead part) as MIDI")],
     parts: Annotated[
-        str | None, Form(description="accompaniment parts (default counter,harmony,bass)")
+        str | None, Form(description="accompaniment parts (default harmony; drums=true adds drums)")
     ] = None,
     drums: Annotated[bool, Form(description="add drums (when parts is not given)")] = False,
     programs: Annotated[
@@ -350,9 +350,7 @@ async def accompany(
             422,
             f"the melody must be at most {rt.settings.max_accompany_seconds} s long, got {length:.1f}",
         )
-    chosen = parse_parts(parts, "parts") or (
-        ["counter", "harmony", "bass"] + (["drums"] if drums else [])
-    )
+    chosen = parse_parts(parts, "parts") or (p.ACCOMPANY_PARTS + (["drums"] if drums else []))
     if "lead" in chosen:
         raise HTTPException(
             422, "parts: the lead is given; choose from counter, harmony, bass, drums"

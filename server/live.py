@@ -375,7 +375,7 @@ class LiveConnection:
             return list(pr.parts)
         if self.mode == "respond":
             return ["lead"]
-        return ["counter", "harmony", "bass"] + (["drums"] if pr.drums else [])
+        return p.ACCOMPANY_PARTS + (["drums"] if pr.drums else [])
 
     def _constraints(self) -> list[Constraint]:
         pr, parts = self.params, self._gen_parts()

@@ -80,7 +80,7 @@ function startParams() {
     p.programs.lead = state.programs.lead;
   } else {
     const parts = ["counter", "harmony", "bass", "drums"].filter((x) => $("p-" + x).checked);
-    p.parts = parts.length ? parts : ["bass"];
+    p.parts = parts.length ? parts : ["harmony"];
     for (const x of p.parts) if (x !== "drums") p.programs[x] = state.programs[x];
   }
   return p;
