@@ -109,7 +109,9 @@ def test_player_interrupts_a_response(server, make_player):
 
 def test_accompany_plays_along_with_retracts(server, make_player):
     pl = make_player(server.ws)
-    start(pl, "accompany", lookahead_ms=150, horizon_ms=400, seed=4, drums=True)
+    # every accompaniment part: a random tiny model restricted to fewer may stay silent
+    parts = ["counter", "harmony", "bass", "drums"]
+    start(pl, "accompany", lookahead_ms=150, horizon_ms=400, seed=4, parts=parts)
     pl.until(lambda m: False, timeout=0.3)
     assert not [m for m in pl.received if m["type"] == "midi"]  # it waits for the player
     for i in range(12):  # a melody at real time
@@ -120,7 +122,7 @@ def test_accompany_plays_along_with_retracts(server, make_player):
     stopped = stop(pl)
     gen = [m for m in pl.received if m["type"] == "midi"]
     assert gen, "the model played nothing"
-    assert all(m["part"] in ("counter", "harmony", "bass", "drums") for m in gen)
+    assert all(m["part"] in parts for m in gen)
     assert stopped["events_sent"] == len(gen)
     assert_balanced(pl)
 
