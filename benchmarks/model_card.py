@@ -96,7 +96,7 @@ def main() -> None:
     v = tok.vocab
     harmony, counter = v.part_index["harmony"], v.part_index["counter"]
     songs = song_paths(args.data, args.songs)
-    cont_jobs, acc_jobs, refs = [], [], []
+    cont_jobs, acc_jobs, solo_jobs, refs = [], [], [], []
     for i, path in enumerate(songs):
         notes = tok.read_notes(path)
         t0 = float(notes.start.min())
@@ -115,15 +115,9 @@ def main() -> None:
         refs.append(
             (path, notes, p_hi, c_hi, a_lo, a_hi, read_chords(path.parent / "chord_midi.txt"))
         )
-
-    solo_jobs = []
-    for i, path in enumerate(songs):
-        notes = tok.read_notes(path)
-        lead = notes.select(notes.part == v.lead)
-        t0 = float(lead.start.min())
-        melody = window(lead, t0 + 10.0, t0 + 25.0)
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=1000 + i)
-        solo_jobs.append(plan_continue(rt, melody, 10.0, sampling, parts=["lead"]))
+        # the respond setting: 15 s of the melody alone, continued as the lead alone
+        solo = window(lead, a_lo + 10.0, a_lo + 25.0)
+        solo_jobs.append(plan_continue(rt, solo, 10.0, sampling, parts=["lead"]))
 
     t = time.perf_counter()
     try:

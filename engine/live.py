@@ -57,6 +57,7 @@ LOGITS_KEPT = 40  # logits kept per session: a note's retries, one per VEL drawn
 # wall time) plus CLOCK_SLACK_S after its time token is placed: its VEL and ON are still to draw.
 CLOCK_STEPS = 2
 CLOCK_SLACK_S = 0.002
+MAX_STEP_S = 0.1  # a longer step counts as this long in the step-time average
 
 
 # --- public value types ---------------------------------------------------------------------------
@@ -419,7 +420,7 @@ class LiveSession:
             if self._shadow is not None and not self._cut_shadow(p):
                 self._sched._drop_shadow(self)
             elif self._shadow is not None:  # the shadow slot holds nothing past the cut either
-                n = len(self._shadow_tokens())
+                n = self._shadow_len()
                 if self._shadow.fed > n:
                     dec.crop(self._sched._shadow_slot, n)
                     self._shadow.fed = n
@@ -491,7 +492,6 @@ class LiveSession:
             self._cut(arg)
         elif name == "rollback":
             self._rollback_tick(arg)
-
         elif name == "reset":
             self._finish("reset")
             self._sched._drop_shadow(self)
@@ -535,7 +535,7 @@ class LiveSession:
 
     def _clock_floor(self) -> int:
         """The earliest token time the running request may place its next event at: the
-        clock's now plus the time to draw and send that event (never past the request's end).
+        clock's now plus the time to draw and send that event (before the request's end).
         Without it, a model behind real time (after a rollback to a player's event, or under
         load) writes events into the past: they sound late, and its history says otherwise."""
         req, clock = self._req, self.clock
@@ -543,8 +543,8 @@ class LiveSession:
             return self.tick
         lead_s = CLOCK_STEPS * self._sched.step_s_ema + CLOCK_SLACK_S
         floor = int(np.ceil(clock() + lead_s * self._vocab.ticks_per_second))
-        if req.until_tick is not None:
-            floor = min(floor, req.until_tick)
+        if req.until_tick is not None:  # room for one event: a response is never pushed empty
+            floor = min(floor, req.until_tick - 1)
         return max(floor, self.tick)
 
     def _slide(self) -> None:
@@ -565,11 +565,16 @@ class LiveSession:
         self._shadow = _Shadow(new, kept_suffix(self._vocab, new, self._hist), self.position)
         return self._shadow
 
-    def _shadow_tokens(self) -> list[int]:
-        """What the shadow slot must hold: the slid context, then every token since."""
+    def _shadow_tokens(self, lo: int = 0, hi: int | None = None) -> list[int]:
+        """What the shadow slot must hold, [lo:hi]: the slid context, then every token since."""
         sh = self._shadow
         assert sh is not None
-        return sh.new + self._hist[sh.start - self._base :]
+        return (sh.new + self._hist[sh.start - self._base :])[lo:hi]
+
+    def _shadow_len(self) -> int:
+        sh = self._shadow
+        assert sh is not None
+        return len(sh.new) + self.position - sh.start
 
     def _swap_in_shadow(self, shadow_slot: int) -> None:
         """The shadow slot holds `_shadow_tokens()`: it becomes this session's context."""
@@ -739,7 +744,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # steps that ran a forward
-        self.step_s_ema = 0.0  # wall time of a step that ran a forward (moving average)
+        self.step_s_ema = 0.0  # wall time of a decode step (moving average; see step)
         # Cumulative seconds in the step's phases and tokens sampled (benchmarks, server metrics).
         self.stats = {
             "forward_s": 0.0,
@@ -891,8 +896,9 @@ class Scheduler:
             self._guarded(s, s._prepare)
         self._pack(sessions)
         t0 = time.perf_counter()
-        logits, n_forwards = self._forward(sessions)
-        n_forwards += self._shadow_step(sessions)
+        logits, n_forwards, prefilled = self._forward(sessions)
+        shadow = self._shadow_step(sessions)
+        n_forwards += shadow
         self.stats["forwards"] += n_forwards
         self.stats["forward_s"] += time.perf_counter() - t0
         rows = [s for s in sessions if s._req is not None and s.id in logits]
@@ -906,7 +912,11 @@ class Scheduler:
             )
         if n_forwards:
             self.steps += 1
-            dt = time.perf_counter() - t_step
+        if n_forwards and not prefilled and not shadow:
+            # Decode steps only, each counted at most MAX_STEP_S: the clock floor reads this as
+            # the time to the next event, and one prefill or stall must not hold every
+            # session's events back for the many steps the average takes to forget it.
+            dt = min(time.perf_counter() - t_step, MAX_STEP_S)
             self.step_s_ema += 0.1 * (dt - self.step_s_ema)
         return bool(cmds) or n_forwards > 0 or bool(rows)
 
@@ -941,19 +951,19 @@ class Scheduler:
             s._start_shadow()
         sh = s._shadow
         assert sh is not None
-        toks = s._shadow_tokens()
+        total = s._shadow_len()
         n = 0
         # A chunk makes this step slower for every session sampling in it (a response's first
         # notes wait for it): feed it in steps where no one samples, or once its session is
         # within shadow_urgent tokens of overflowing (sessions that always sample: accompany).
         sampling = any(x._req is not None for x in sessions)
         urgent = s._ctx_len() > self.max_len - self.shadow_urgent
-        if sh.fed < len(toks) and (urgent or not sampling):
-            chunk = toks[sh.fed : sh.fed + self.shadow_chunk]
+        if sh.fed < total and (urgent or not sampling):
+            chunk = s._shadow_tokens(sh.fed, sh.fed + self.shadow_chunk)
             self.decoder.extend([self._shadow_slot], [chunk])
             sh.fed += len(chunk)
             n = 1
-        if sh.fed == len(toks):  # caught up with the session: it becomes the session's cache
+        if sh.fed == total:  # caught up with the session: it becomes the session's cache
             self._shadow_owner = None
             s._swap_in_shadow(self._shadow_slot)
             self.stats["slides"] += 1
@@ -1010,9 +1020,9 @@ class Scheduler:
                 s.slot = j
                 by_slot[j] = s
 
-    def _forward(self, sessions: list[LiveSession]) -> tuple[dict[int, Tensor], int]:
-        """Feed every session's pending tokens: logits (V,) of sessions now fully fed, and the
-        number of forwards run."""
+    def _forward(self, sessions: list[LiveSession]) -> tuple[dict[int, Tensor], int, bool]:
+        """Feed every session's pending tokens: logits (V,) of sessions now fully fed, the
+        number of forwards run, and whether one was a long append's prefill chunk."""
         out: dict[int, Tensor] = {}
         n = 0
         for s in sessions:  # logits kept: the pending tokens are fed with the next ones
@@ -1029,14 +1039,15 @@ class Scheduler:
             n += 1
             for s, row in zip(run, logits, strict=True):
                 out[s.id] = s._keep_logits(row)
+        prefilled = False
         for s in sessions:
             if s._pending() > self.max_batch_pad and s.id not in out:
                 chunk = s._pending_tokens()[: self.prefill_chunk]
                 logits = self.decoder.extend([s.slot], [chunk])  # (1, V)
-                n += 1
+                n, prefilled = n + 1, True
                 if s._pending() == 0:
                     out[s.id] = s._keep_logits(logits[0])
-        return out, n
+        return out, n, prefilled
 
     def _sample(self, rows: list[LiveSession], logits: Tensor, masks: list[np.ndarray]) -> None:
         """logits (B, V) of sessions with a running request, and their masks (V,) -> one token

@@ -309,7 +309,7 @@ class OnnxDecoder(SlotLengths):
         lengths = [self.lengths[s] for s in slots]
         toks, _, _ = pad_batch(lengths, tokens, self.max_seq)  # checks; positions: seqlens_k
         B, T = len(toks), len(toks[0])
-        multi = [b for b, row in enumerate(tokens) if len(row) > 1]
+        multi = [] if T == 1 else [b for b, row in enumerate(tokens) if len(row) > 1]
         if B == 1 or T == 1 or not any(lengths):
             logits = self._run(slots, lengths, toks)  # (B, T, V)
         elif len(multi) <= B // 2:
