@@ -243,8 +243,7 @@ melody, against the real BRIDGE + PIANO:
 
 Share of accompaniment notes that are tones of the annotated chord (chord_midi.txt): generated
 **{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%** (the generated harmony
-part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%; counter lines pass
-through more non-chord tones).
+part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%).
 
 **Respond setting**: 15 s of each song's melody alone, continued for 10 s as the lead alone (what
 live call and response asks): {rs["generated_notes"]} notes generated; the model drew

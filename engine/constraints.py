@@ -92,6 +92,7 @@ class Candidates:
     # (B,) int64: the latest tick time may reach (NO_LIMIT: none). Constraints lower it instead of
     # masking time tokens, so the set can clip a sampled shift rather than bias the draw.
     ceiling: np.ndarray
+    wait_ceiling: np.ndarray | None = None  # (B,) the same without passable TimeLimits
 
 
 class GrammarState:
@@ -353,14 +354,17 @@ class TimeLimit(Constraint):
     """A row's time may not pass `max_tick` (absolute ticks of token time): a time ceiling.
 
     Hard: still applied when a row falls back. `set(max_tick, rows)` moves the limit; the live
-    scheduler uses one to stop the model exactly at the next forced event.
+    scheduler uses one to stop the model exactly at the next forced event. `passable`: a wait
+    drawn may still pass it when asked (`ConstraintSet.clip(pass_end=True)`): the end of a live
+    request, where the model's time is its own to choose.
     """
 
     hard = True
     _state_fields = ("max_tick",)
 
-    def __init__(self, max_tick: int | None = None) -> None:
+    def __init__(self, max_tick: int | None = None, passable: bool = False) -> None:
         self.initial = NO_LIMIT if max_tick is None else int(max_tick)
+        self.passable = passable
 
     def bind(self, vocab: Vocab, n_rows: int) -> None:
         self.max_tick = np.full(n_rows, self.initial, dtype=np.int64)  # (B,)
@@ -430,6 +434,7 @@ class ConstraintSet:
         self.vocab, self.n_rows, self.allow_end = vocab, n_rows, allow_end
         self.clip_time = clip_time
         self.ceiling = np.full(n_rows, NO_LIMIT, dtype=np.int64)  # (B,) as of the last mask
+        self.wait_ceiling = self.ceiling.copy()  # (B,) the same, passable limits passed
         self.constraints: list[Constraint] = [copy.deepcopy(c) for c in constraints]
         for c in self.constraints:
             c.bind(vocab, n_rows)
@@ -559,9 +564,13 @@ class ConstraintSet:
             end_ok=np.full(b, self.allow_end, dtype=bool),
             ceiling=np.full(b, NO_LIMIT, dtype=np.int64),
         )
+        passable = [c for c in self.constraints if getattr(c, "passable", False)]
         for c in self.constraints:
-            if c.hard or not hard_only:
+            if (c.hard or not hard_only) and c not in passable:
                 c.restrict(cand, s, v)
+        cand.wait_ceiling = cand.ceiling.copy()
+        for c in passable:
+            c.restrict(cand, s, v)
         room = cand.ceiling - s.tick  # (B,) ticks time may still advance
         if self.clip_time:  # any shift will do while there is room: `clip` shortens it
             cand.time_ok &= (room > 0)[:, None]
@@ -656,7 +665,7 @@ class ConstraintSet:
     def allowed(self) -> np.ndarray:
         """(B, V) bool: tokens each row may sample now. Never an all-False row."""
         cand = self._candidates()
-        self.ceiling = cand.ceiling
+        self.ceiling, self.wait_ceiling = cand.ceiling, cand.wait_ceiling
         mask = self._assemble_one(cand) if self.n_rows == 1 else self._assemble(cand)
         empty = ~mask.any(axis=1)
         if empty.any():
@@ -681,7 +690,9 @@ class ConstraintSet:
             logger.debug("row %d: nothing allowed, falling back", r)
         return out
 
-    def clip(self, token: int, row: int = 0, onset_free: bool = False) -> list[int]:
+    def clip(
+        self, token: int, row: int = 0, onset_free: bool = False, pass_end: bool = False
+    ) -> list[int]:
         """The tokens a sampled `token` stands for (with `clip_time`; else itself): a time token
         becomes the time tokens that end where the constraints move it (`retime`, e.g. a
         BeatGrid), never past the row's time ceiling (as of the last `allowed`): a shift that
@@ -689,7 +700,7 @@ class ConstraintSet:
         (time tokens first); if the ceiling comes before that, only the time up to the ceiling:
         the row decides again there. `onset_free`: notes may start or end now whatever the
         constraints say (the live session's "now" is a player's event: playing with the player
-        beats the grid)."""
+        beats the grid). `pass_end`: a time token may pass passable limits (`TimeLimit`)."""
         v = self.vocab
         if not self.clip_time:
             return [token]
@@ -709,7 +720,8 @@ class ConstraintSet:
         target = want = now + self._ticks_list[token]
         for c in self.constraints:
             target = c.retime(now, target)
-        target = min(target, int(self.ceiling[row]))
+        ceiling = self.wait_ceiling if pass_end else self.ceiling
+        target = min(target, int(ceiling[row]))
         if target == want or target <= now:
             # target <= now: the fallback's SHIFT_1 when the constraints conflict (a deadline
             # already past that another constraint won't let a note-off meet): time goes on.

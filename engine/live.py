@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .constraints import Constraint, ConstraintSet, TimeLimit
+from .constraints import Constraint, ConstraintSet, Parts, TimeLimit
 from .context import slide_context
 from .decoder import Decoder
 from .sampling import apply_mask, logits_to_probs, sample
@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY = 16  # constraint-state snapshots every N positions (at event boundaries)
 MAX_NOTE_RETRIES = 8  # draws of a note the constraints forbid, then the masked draw
+MAX_BACKOFFS = 8  # times a wait is drawn longer at one position, then the masked draw
 REPORT_EVERY_S = 10.0  # the scheduler's load line in the log, while it works
 LOGITS_KEPT = 40  # logits kept per session: a note's retries, one per VEL drawn (32 bins)
 # Clock floor (LiveSession.clock): an event is due this many scheduler steps (an EMA of their
@@ -202,13 +203,23 @@ class LiveSession:
         self.events: queue.Queue[Event] = queue.Queue()
         self._on_event = on_event
         self._prompt = prompt
-        self._limit = TimeLimit()
+        self._limit = TimeLimit(passable=True)  # the running request's end
+        self._next_forced = TimeLimit()
         # clip_time: a shift past the next forced event / the request's end is shortened to land
         # on it instead of being masked (masking would push the model into playing notes).
         self._cs = ConstraintSet(
-            self._vocab, [*constraints, self._limit], allow_end=allow_end, clip_time=True
+            self._vocab,
+            [*constraints, self._next_forced, self._limit],
+            allow_end=allow_end,
+            clip_time=True,
         )
-        self._limit = self._cs.constraints[-1]  # the bound copy
+        self._next_forced, self._limit = self._cs.constraints[-2:]  # the bound copies
+        # (P,) parts this session's requests never play (a player's, or none): their events are
+        # what a wait may have been waiting for (`_back_off`).
+        self._foreign = np.zeros(self._vocab.n_parts, dtype=bool)
+        for c in self._cs.constraints:
+            if isinstance(c, Parts):
+                self._foreign |= ~c._mask
         self._state_lock = threading.Lock()  # guards the token lists against tokens() readers
         # Held while a token is checked and delivered, and by cancel(): once cancel() returns,
         # no Token of the cancelled request is delivered. Re-entrant: callbacks may cancel.
@@ -316,7 +327,15 @@ class LiveSession:
 
     # --- scheduler-thread internals -------------------------------------------------------------
     def _clear(self) -> None:
-        self._held: Token | None = None  # a sampled VEL, sent once its ON is accepted
+        # Sampled tokens not sent yet: a VEL until its ON is accepted, a wait (time tokens) until
+        # the event after it is (either may still be drawn again: `_back_off`).
+        self._held: list[Token] = []
+        # (p, ticks): the token at position p is a wait of `ticks` the model chose (drawn, or
+        # the clock floor's push), nothing sent after it; it is the latest token, or a held VEL
+        # follows it. The event drawn after it may send the wait back (`_back_off`).
+        self._backoff: tuple[int, int] | None = None
+        # (p, ticks, n): the draw at position p must wait at least `ticks` (its n-th back-off).
+        self._min_wait: tuple[int, int, int] | None = None
         # The last LOGITS_KEPT logits (V,) the model gave, by (position, token before it). A
         # rejected note draws its VEL again from the logits before it, and the ON after a VEL
         # drawn before comes from that VEL's logits: most retries cost no forward (the VEL is
@@ -436,8 +455,8 @@ class LiveSession:
             q = self._snap_keys[-1]
             self._cs.restore(self._snaps[q])
             self._cs.feed(self._hist[q - self._base : keep])
-            if self._held is not None and self._held.position >= p:
-                self._held = None
+            self._held = [h for h in self._held if h.position < p]
+            self._backoff = self._min_wait = None
         if not quiet:
             self._emit(Rollback(self.id, p, self.tick))
 
@@ -454,7 +473,17 @@ class LiveSession:
             return
         req, self._req = self._req, None
         self.generating = False
-        self._emit(Done(self.id, req.id, reason, self.position, self.tick))
+        if reason == "cancelled":
+            self._held = []  # nothing of a cancelled request is sent
+        elif reason != "superseded":  # (the next request sends them with its first event)
+            for h in self._held:
+                if not self._vocab.vel_base <= h.token < self._vocab.on_base:
+                    self._emit(h)
+            self._held = []
+        tick = self.tick
+        if reason == "until_tick" and req.until_tick is not None:
+            tick = min(tick, req.until_tick)  # the last wait drawn may pass the end (_deliver)
+        self._emit(Done(self.id, req.id, reason, self.position, tick))
 
     def _insert_now(self, tick: int, tokens: list[int]) -> None:
         """At an event boundary with time <= tick: time tokens up to tick, then the tokens."""
@@ -518,10 +547,18 @@ class LiveSession:
             if req is not None and req.start_tick is not None:  # generate(start_tick=)
                 start, req.start_tick = req.start_tick, None
                 self._push(self._vocab.time_tokens(start - self.tick), given=False)
-            if floor > self.tick:  # sampled as the model's own wait: a rollback undoes it
+            mw = self._min_wait
+            if floor > self.tick and not (mw is not None and mw[0] == self.position):
+                # The model's own wait (a rollback undoes it; the event drawn after it may still
+                # send it back to be drawn longer). Not while a wait is being drawn again here:
+                # that one is longer than the push it replaces.
+                gap = floor - self.tick
                 self.lag["pushes"] += 1
-                self.lag["ticks"] += floor - self.tick
-                self._push(self._vocab.time_tokens(floor - self.tick), given=False)
+                self.lag["ticks"] += gap
+                wait = self._vocab.time_tokens(gap)
+                self._push(wait, given=False)
+                if len(wait) == 1:
+                    self._backoff = (self.position - 1, gap)
             if req is not None:
                 if req.until_tick is not None and self.tick >= req.until_tick:
                     self._finish("until_tick")
@@ -625,10 +662,19 @@ class LiveSession:
         """(V,) bool: what the running request may sample now."""
         req = self._req
         assert req is not None
-        nxt = self._forced[0][0] if self._forced else None
-        limits = [t for t in (req.until_tick, nxt) if t is not None]
-        self._limit.set(min(limits) if limits else None)
+        self._limit.set(req.until_tick)
+        self._next_forced.set(self._forced[0][0] if self._forced else None)
         m = self._cs.allowed()[0]
+        mw = self._min_wait
+        if mw is not None and mw[0] == self.position:  # a wait sent back: drawn longer
+            # (a SHIFT: at most a second more at a time, so an accompaniment stays ready)
+            v = self._vocab
+            longer = np.zeros_like(m)
+            longer[v.shift_base : v.long_base] = m[v.shift_base : v.long_base] & (
+                self._cs._time_ticks[: v.long_base - v.shift_base] >= mw[1]
+            )
+            if longer.any():
+                m = longer
         if req.max_tokens is not None and req.max_tokens - req.n == 1:
             # The last token must not open a pair (the request would end mid-event).
             v = self._vocab
@@ -651,19 +697,34 @@ class LiveSession:
         if tok == self._vocab.EOS:
             self._finish("eos")
             return
+        v = self._vocab
         # A shift past the time ceiling ends on it; a note may move to a BeatGrid point,
         # unless it sounds with a player's event (given tokens at this tick).
-        for t in self._cs.clip(tok, onset_free=self._given_tick == self.tick):
+        onset_free = self._given_tick == self.tick
+        toks = self._cs.clip(tok, onset_free=onset_free)
+        is_wait = v.shift_base <= tok < v.part_base
+        if v.shift_base <= tok < v.long_base and req.until_tick is not None and toks != [tok]:
+            # A wait cut at the request's end would leave the model at a time it did not choose
+            # (the next request draws there: a live accompaniment's horizon moves every 50 ms);
+            # a SHIFT drawn goes past the end instead (not past the next forced event, or a
+            # note's deadline; a LONG wait is still cut: a model's time never runs more than a
+            # second past its request). A player's event before its end rolls it back, as for
+            # any token sampled ahead.
+            if self.tick + sum(v.shift_ticks(t) for t in toks) == req.until_tick:
+                toks = self._cs.clip(tok, onset_free=onset_free, pass_end=True)
+        for t in toks:
             self._push([t], given=False)
             req.n += 1
             ev = Token(self.id, req.id, t, self.position - 1, self.tick)
-            if self._vocab.vel_base <= t < self._vocab.on_base:
-                self._held = ev  # sent with its ON: the pair may still be rejected
+            if v.vel_base <= t < v.on_base or v.shift_base <= t < v.part_base:
+                self._held.append(ev)  # sent with the event after it: it may be drawn again
                 continue
-            if self._held is not None:  # its note is accepted: sent under the running request
-                self._emit(dataclasses.replace(self._held, request=req.id))
-                self._held = None
+            for h in self._held:  # accepted: sent under the running request
+                self._emit(dataclasses.replace(h, request=req.id))
+            self._held = []
             self._emit(ev)
+        if is_wait and len(toks) == 1 and v.shift_base <= toks[0] < v.part_base:
+            self._backoff = (self.position - 1, v.shift_ticks(toks[0]))
         if self._at_boundary():
             if req.max_tokens is not None and req.n >= req.max_tokens:
                 self._finish("max_tokens")
@@ -682,17 +743,63 @@ class LiveSession:
         r = self._retries_here()
         return self.seed if r == 0 else (self.seed + r * 0x9E3779B97F4A7C15) & 0x7FFFFFFFFFFFFFFF
 
-    def _reject_note(self) -> None:
-        """The ON drawn after a sampled VEL is one the constraints forbid: drop the VEL too (no
-        event was sent for it) and draw again before it (see Scheduler._sample)."""
+    def _vel_held(self) -> bool:
+        """The last token is a sampled VEL, not sent yet (its ON is drawn next)."""
+        if not self._held:
+            return False
+        last = self._held[-1]
+        v = self._vocab
+        return last.position == self.position - 1 and v.vel_base <= last.token < v.on_base
+
+    def _reject_note(self, tok: int) -> None:
+        """The event drawn (`tok`) is one the constraints forbid (an ON after a sampled VEL, or
+        an OFF after a wait). If a wait came before it and it is another part's event, or a
+        note that sounds already (the model lost track of it: nothing new would be heard),
+        draw the wait again (`_back_off`); else drop the VEL too (no event was sent for it)
+        and draw again before it (Scheduler._sample)."""
         with self._deliver_lock:
             req = self._req
             if req is None or req.id <= self._sched._cancelled_upto.get(self.id, -1):
                 return  # cancelled meanwhile: the cancel cuts the VEL
+            vel = self._vel_held()
+            part, pitch = self._vocab.note_of(tok)
+            waited = self._foreign[part] or self._cs.state.sounding[0, part, pitch]
+            if waited and self._can_back_off(self.position - 1 if vel else self.position):
+                self._back_off()
+                return
+            if not vel:  # pragma: no cover - strict draws are set up only for these two cases
+                return
             r = self._retries_here()
             self._cut(self.position - 1, quiet=True)
             req.n -= 1
             self._retry_at, self._retries = self.position, r + 1
+
+    def _can_back_off(self, at: int) -> bool:
+        """The event drawn at position `at` directly follows a wait that may be drawn again."""
+        b, mw = self._backoff, self._min_wait
+        if b is None or b[0] + 1 != at or b[1] >= self._vocab.config.max_shift_ticks:
+            return False
+        return (mw[2] if mw is not None and mw[0] == b[0] else 0) < MAX_BACKOFFS
+
+    def _back_off(self) -> None:
+        """The event drawn after a wait is one the constraints forbid (a melody note, under
+        "accompaniment only"): the model waited for that event. It did not come, so the wait
+        is drawn again, longer. Drawing another event in its place instead (the mask) would
+        turn every melody note the model expects into an accompaniment note; waiting longer
+        thins the melody out of the model's stream (competing events: the accompaniment's next
+        event is later than the melody's the model expected). Nothing after the wait was sent
+        (held), so the cut is quiet, unless the wait itself was (an earlier request ended
+        with it)."""
+        assert self._backoff is not None
+        p, ticks = self._backoff
+        mw = self._min_wait
+        n = mw[2] + 1 if mw is not None and mw[0] == p else 1
+        removed = self.position - p
+        self._cut(p, quiet=any(h.position == p for h in self._held))
+        self._min_wait = (p, ticks + 1, n)
+        if self._req is not None:
+            self._req.n = max(0, self._req.n - removed)
+        self._sched.stats["backoffs"] += 1
 
 
 # --- the scheduler ----------------------------------------------------------------------------------
@@ -752,6 +859,7 @@ class Scheduler:
             "sample_s": 0.0,
             "tokens": 0,
             "notes_rejected": 0,
+            "backoffs": 0,
             "forwards": 0,  # decoder calls (a step runs one per contiguous run of slots)
             "slides": 0,  # slid contexts swapped in from the shadow slot
             "blocking_slides": 0,  # overflows before one was ready (the session waited)
@@ -1060,15 +1168,20 @@ class Scheduler:
         # accompaniment on every melody note. Bounded: after MAX_NOTE_RETRIES, the mask.
         # Greedy rows keep the mask: a retry would draw the same note again.
         v = self.vocab
+        # Likewise the event after a wait may end a note of a forbidden part (the melody note
+        # the model expects to end): then the wait is drawn again, longer (_back_off).
         strict: dict[int, np.ndarray] = {}
         for i, s in enumerate(rows):
-            if (
-                s._held is not None
-                and s.sampling.temperature > 0
-                and s._retries_here() < MAX_NOTE_RETRIES
-            ):
+            if s.sampling.temperature <= 0:
+                continue
+            if s._vel_held() and s._retries_here() < MAX_NOTE_RETRIES:
                 strict[i] = masks_np[i].copy()
                 masks_np[i, v.on_base : v.off_base] = True
+            elif s._foreign.any() and s._can_back_off(s.position) and s._cs.at_boundary():
+                strict[i] = masks_np[i].copy()
+                foreign = s._foreign & ~s._cs.drums_mask  # (P,)
+                sounding = s._cs.state.sounding[0] & foreign[:, None]  # (P, 128)
+                masks_np[i, v.off_base :] |= sounding.reshape(-1)
         masks = torch.from_numpy(masks_np)  # (B, V) bool
         t1 = time.perf_counter()
         logits = apply_mask(logits, masks)
@@ -1086,7 +1199,7 @@ class Scheduler:
         t2 = time.perf_counter()
         for i, (s, t) in enumerate(zip(rows, toks, strict=True)):
             if i in strict and not strict[i][t]:
-                self._guarded(s, s._reject_note)
+                self._guarded(s, s._reject_note, t)
                 self.stats["notes_rejected"] += 1
             else:
                 self._guarded(s, s._deliver, t)

@@ -86,7 +86,13 @@ async def test_bridge_accompany_follows_clock_and_stays_balanced(server, runtime
         # After the start, the DAW's beats on the session clock: the grid for generated notes.
         assert await until(lambda: conn.params.beat_time is not None, 5)
         assert 0 < conn.params.beat_time <= conn.now_ms() and conn.params.grid_step_ms()
-        assert await until(lambda: note_balance(b.sent["daw in"])[0] > 0, 10)
+        # The player plays on until the (random) model answers: its waits may be long, and
+        # each note of the player's rolls them back.
+        for _ in range(20):
+            if await until(lambda: note_balance(b.sent["daw in"])[0] > 0, 0.5):
+                break
+            await phrase(b, (62, 65, 69), dur=0.1)
+        assert note_balance(b.sent["daw in"])[0] > 0
     finally:
         bridge.request_stop()
         await asyncio.wait_for(task, 10)
