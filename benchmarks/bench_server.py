@@ -290,6 +290,9 @@ def main() -> None:
     ap.add_argument("--sessions", default="1,4,16,32")
     ap.add_argument("--seconds", type=float, default=20.0, help="melody length per session")
     ap.add_argument("--horizon-ms", type=int, default=300, help="accompany: horizon_ms sent")
+    ap.add_argument(
+        "--jitter-seconds", type=float, default=30.0, help="(b): how long the model plays"
+    )
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--log", default="", help="keep the server's log here")
     ap.add_argument("--serve-args", default="", help="extra `improv serve` arguments")
@@ -323,7 +326,7 @@ def main() -> None:
                 )
             return
         if args.only == "jitter":
-            print("jitter", asyncio.run(bench_jitter(url, 10.0)), flush=True)
+            print("jitter", asyncio.run(bench_jitter(url, args.jitter_seconds)), flush=True)
             return
         lat = asyncio.run(bench_latency(url, args.trials))
         print("latency", lat, flush=True)
@@ -333,7 +336,7 @@ def main() -> None:
         print("latency, trigger after 300 ms", lat300, flush=True)
         gap = asyncio.run(bench_latency(url, args.trials // 2, gap_ms=300))
         print("latency, gap", gap, flush=True)
-        jit = asyncio.run(bench_jitter(url, 10.0))
+        jit = asyncio.run(bench_jitter(url, args.jitter_seconds))
         print("jitter", jit, flush=True)
         conc = []
         for n in sessions:

@@ -667,11 +667,13 @@ class LiveSession:
         m = self._cs.allowed()[0]
         mw = self._min_wait
         if mw is not None and mw[0] == self.position:  # a wait sent back: drawn longer
-            # (a SHIFT: at most a second more at a time, so an accompaniment stays ready)
+            # (a SHIFT: at most a second more at a time, so an accompaniment stays ready; and
+            # not ending before the clock floor, which has moved on meanwhile)
             v = self._vocab
+            need = max(mw[1], self._clock_floor() - self.tick)
             longer = np.zeros_like(m)
             longer[v.shift_base : v.long_base] = m[v.shift_base : v.long_base] & (
-                self._cs._time_ticks[: v.long_base - v.shift_base] >= mw[1]
+                self._cs._time_ticks[: v.long_base - v.shift_base] >= need
             )
             if longer.any():
                 m = longer
