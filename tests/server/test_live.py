@@ -329,7 +329,8 @@ def test_accompaniment_lands_on_the_daw_grid(runtime):
         await conn.open()
         beat = conn.now_ms() + 37.0  # the DAW's beat: any phase
         await conn.handle(
-            {"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0, "drums": True,
+            {"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0,
+             "parts": ["counter", "harmony", "bass", "drums"],
              "tempo_bpm": 120, "beat_time": beat, "grid": "1/8"}
         )  # fmt: skip
         # The model starts with the player; notes struck with a player's event may be off the
@@ -337,12 +338,12 @@ def test_accompaniment_lands_on_the_daw_grid(runtime):
         await conn.handle({"type": "midi", "data": [144, 60, 90], "time": beat})
         await asyncio.sleep(0.3)
         await conn.handle({"type": "midi", "data": [128, 60, 0], "time": beat + 250.0})
-        for target in (6, 12):  # a random tiny model plays few notes: up to 30 s each
+        for target in (5, 10):  # a random tiny model plays few notes: up to 30 s each
             for _ in range(600):
                 await asyncio.sleep(0.05)
                 if ons() >= target:
                     break
-            if target == 6:
+            if target == 5:
                 moved = conn.now_ms()
                 await conn.handle({"type": "params", "beat_time": beat + 100.0})
         await conn.close()
@@ -351,7 +352,7 @@ def test_accompaniment_lands_on_the_daw_grid(runtime):
     out, beat, moved = asyncio.run(main())
     t0 = next(m for m in out if m.type == "started").server_time
     notes = [m for m in out if m.type == "midi" and m.data[0] & 0xF0 == 0x90 and m.data[2] > 0]
-    assert len(notes) >= 10, "too few notes to judge"
+    assert len(notes) >= 8, "too few notes to judge"
     for m in notes:
         if m.time <= t0 + 1.0 or moved < m.time < moved + 600:  # the start; sampled before
             continue
