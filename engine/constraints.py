@@ -198,14 +198,14 @@ class Parts(Constraint):
 
     def __init__(self, allowed: Iterable[str | int]) -> None:
         self.allowed = list(allowed)
-        self._mask: np.ndarray | None = None
+        self.part_mask: np.ndarray | None = None  # (P,) bool once bound: the parts allowed
 
     def bind(self, vocab: Vocab, n_rows: int) -> None:
-        self._mask = np.zeros(vocab.n_parts, dtype=bool)  # (P,)
-        self._mask[_part_indices(vocab, self.allowed)] = True
+        self.part_mask = np.zeros(vocab.n_parts, dtype=bool)  # (P,)
+        self.part_mask[_part_indices(vocab, self.allowed)] = True
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
-        m = self._mask
+        m = self.part_mask
         cand.on_ok &= m[None, :, None]
         cand.off_ok &= m[None, :, None]
         cand.part_ok &= m[None, :]
@@ -438,6 +438,9 @@ class ConstraintSet:
         self.constraints: list[Constraint] = [copy.deepcopy(c) for c in constraints]
         for c in self.constraints:
             c.bind(vocab, n_rows)
+        # Applied last, after the ceiling without them is noted (`wait_ceiling`).
+        self._passable = [c for c in self.constraints if getattr(c, "passable", False)]
+        self._firm = [c for c in self.constraints if c not in self._passable]
         self.state = GrammarState(vocab, n_rows)
         self._build_tables()
 
@@ -564,12 +567,11 @@ class ConstraintSet:
             end_ok=np.full(b, self.allow_end, dtype=bool),
             ceiling=np.full(b, NO_LIMIT, dtype=np.int64),
         )
-        passable = [c for c in self.constraints if getattr(c, "passable", False)]
-        for c in self.constraints:
-            if (c.hard or not hard_only) and c not in passable:
+        for c in self._firm:
+            if c.hard or not hard_only:
                 c.restrict(cand, s, v)
         cand.wait_ceiling = cand.ceiling.copy()
-        for c in passable:
+        for c in self._passable:  # TimeLimits: hard
             c.restrict(cand, s, v)
         room = cand.ceiling - s.tick  # (B,) ticks time may still advance
         if self.clip_time:  # any shift will do while there is room: `clip` shortens it

@@ -218,8 +218,11 @@ class LiveSession:
         # what a wait may have been waiting for (`_back_off`).
         self._foreign = np.zeros(self._vocab.n_parts, dtype=bool)
         for c in self._cs.constraints:
-            if isinstance(c, Parts):
-                self._foreign |= ~c._mask
+            if isinstance(c, Parts) and c.part_mask is not None:
+                self._foreign |= ~c.part_mask
+        # (P,) the foreign parts whose notes end with an OFF (not drums), or None if none
+        off_parts = self._foreign & ~self._cs.drums_mask
+        self._foreign_offs = off_parts if off_parts.any() else None
         self._state_lock = threading.Lock()  # guards the token lists against tokens() readers
         # Held while a token is checked and delivered, and by cancel(): once cancel() returns,
         # no Token of the cancelled request is delivered. Re-entrant: callbacks may cancel.
@@ -725,7 +728,7 @@ class LiveSession:
                 self._emit(dataclasses.replace(h, request=req.id))
             self._held = []
             self._emit(ev)
-        if is_wait and len(toks) == 1 and v.shift_base <= toks[0] < v.part_base:
+        if is_wait and len(toks) == 1:  # (a time token clips to time tokens)
             self._backoff = (self.position - 1, v.shift_ticks(toks[0]))
         if self._at_boundary():
             if req.max_tokens is not None and req.n >= req.max_tokens:
@@ -1179,10 +1182,11 @@ class Scheduler:
             if s._vel_held() and s._retries_here() < MAX_NOTE_RETRIES:
                 strict[i] = masks_np[i].copy()
                 masks_np[i, v.on_base : v.off_base] = True
-            elif s._foreign.any() and s._can_back_off(s.position) and s._cs.at_boundary():
+            elif (
+                s._foreign_offs is not None and s._can_back_off(s.position) and s._cs.at_boundary()
+            ):
                 strict[i] = masks_np[i].copy()
-                foreign = s._foreign & ~s._cs.drums_mask  # (P,)
-                sounding = s._cs.state.sounding[0] & foreign[:, None]  # (P, 128)
+                sounding = s._cs.state.sounding[0] & s._foreign_offs[:, None]  # (P, 128)
                 masks_np[i, v.off_base :] |= sounding.reshape(-1)
         masks = torch.from_numpy(masks_np)  # (B, V) bool
         t1 = time.perf_counter()

@@ -255,9 +255,12 @@ class _Fixed(_Opinionated):
     """A decoder whose logits are always `logits` (V,): a model whose every choice the test
     sets (the cache still works underneath)."""
 
+    def __init__(self, inner, logits: torch.Tensor) -> None:
+        self.inner, self.logits = inner, logits
+
     def extend(self, slots, tokens, all_logits: bool = False):
         out = self.inner.extend(slots, tokens, all_logits)
-        return self.token.to(out.dtype).expand_as(out).clone()
+        return self.logits.to(out.dtype).expand_as(out).clone()
 
 
 def _under_a_melody(engine, monkeypatch, logits: torch.Tensor, backoffs: int) -> int:
@@ -265,7 +268,7 @@ def _under_a_melody(engine, monkeypatch, logits: torch.Tensor, backoffs: int) ->
     model whose logits are `logits`."""
     monkeypatch.setattr(live, "MAX_BACKOFFS", backoffs)
     make = engine.new_decoder
-    monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), logits, 0))
+    monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), logits))
     sched = Scheduler(engine, max_sessions=4)
     sessions = _accompanists(sched)
     for s in sessions:
@@ -316,7 +319,7 @@ def test_a_note_drawn_while_it_sounds_after_a_wait_draws_the_wait_again(engine, 
     def notes(backoffs: int) -> list[tuple[int, int]]:
         monkeypatch.setattr(live, "MAX_BACKOFFS", backoffs)
         make = engine.new_decoder
-        monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), x, 0))
+        monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), x))
         sched = Scheduler(engine, max_sessions=1)
         s = sched.open_session([V.BOS, V.TASK_CONTINUE], sampling=SEEDED)
         s.generate(until_tick=1000)
