@@ -44,6 +44,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of continuation windows cut to one part alone, e.g. a melody (default 0)",
     )
+    g.add_argument(
+        "--swap",
+        type=float,
+        default=0.0,
+        help="share of accompaniment examples whose accompaniment plays another stretch's notes "
+        "for 2-8 s, without loss there (default 0)",
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (schedule length)")
     g.add_argument(
@@ -158,6 +165,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         mix=parse_mix(args.mix),
         augment=args.augment,
         solo=args.solo,
+        swap=args.swap,
         ckpt_every=args.ckpt_every,
         eval_every=args.eval_every,
         eval_tokens=args.eval_tokens,

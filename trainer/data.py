@@ -48,6 +48,13 @@ class DataConfig:
     # hands the model a melody with nothing under it; a model that has only heard full
     # arrangements keeps reaching for the piano there.
     solo: float = 0.0
+    # accompaniment: chance an example's accompaniment plays, over a stretch of `swap_seconds`,
+    # what the same window's accompaniment plays elsewhere (in key, in style, on the wrong
+    # chords), without loss there. Taught only on real histories, the model leans on its own
+    # accompaniment more than on the melody: sampled freely, it drifts off the chords and stays
+    # off. After a swapped stretch, the real accompaniment goes back to following the melody.
+    swap: float = 0.0
+    swap_seconds: tuple[float, float] = (2.0, 8.0)
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(OBJECTIVES)
@@ -59,6 +66,11 @@ class DataConfig:
             raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
         if not 0.0 <= self.solo <= 1.0:
             raise ValueError(f"solo must be in [0, 1], got {self.solo}")
+        if not 0.0 <= self.swap <= 1.0:
+            raise ValueError(f"swap must be in [0, 1], got {self.swap}")
+        lo, hi = self.swap_seconds
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"swap_seconds must be (lo, hi) with 0 < lo <= hi, got {lo, hi}")
 
 
 def parse_mix(spec: str) -> dict[str, float]:
@@ -135,6 +147,30 @@ def solo(notes: Notes, rng: np.random.Generator) -> Notes:
     return notes.select(notes.part == present[int(rng.integers(len(present)))])
 
 
+def swap_stretch(
+    notes: Notes, vocab: Vocab, seconds: float, rng: np.random.Generator
+) -> tuple[Notes, float, float] | None:
+    """The accompaniment (pitched parts but the lead) of a random stretch [a, b) of `seconds`
+    replaced by that of another stretch of the same notes, moved there and ended before b.
+    Returns (notes, a, b); None if the notes are too short for two stretches a second apart."""
+    span = float(notes.end.max()) if len(notes) else 0.0
+    tick = 1.0 / vocab.ticks_per_second
+    if span < seconds + 1.0:
+        return None
+    a, src = rng.uniform(0.0, span - seconds, size=2)
+    if abs(a - src) < 1.0:
+        src = a + 1.0 if a + 1.0 <= span - seconds else a - 1.0
+    b = a + seconds
+    acc = (notes.part != vocab.lead) & (notes.part != vocab.drums)
+
+    def stretch(lo: float) -> np.ndarray:  # notes whose onset tick is inside [lo, lo + seconds)
+        return acc & (notes.start >= lo) & (notes.start < lo + seconds - tick)
+
+    moved = notes.select(stretch(src)).shifted(a - src)
+    moved.end = np.maximum(np.minimum(moved.end, b - tick), moved.start + tick / 2)
+    return Notes.concat([notes.select(~stretch(a)), moved]).sorted(), float(a), float(b)
+
+
 # --- examples -------------------------------------------------------------------------------------
 
 
@@ -155,6 +191,8 @@ class ExampleBuilder:
         names = [k for k in OBJECTIVES if cfg.mix.get(k, 0) > 0]
         w = np.array([cfg.mix[k] for k in names])
         self.objectives, self.objective_p = names, w / w.sum()
+        v = self.vocab
+        self.ticks_of = np.array([v.shift_ticks(t) for t in range(v.size)], dtype=np.int64)
 
     def _pick(self, rng: np.random.Generator, seconds_for: float) -> tuple[int, Notes, bool]:
         """A random file and a window of about `seconds_for` x (seq_len worth of time).
@@ -247,6 +285,11 @@ class ExampleBuilder:
         is_lead = w.part == v.lead
         if not is_lead.any() or is_lead.all():
             return None  # drums-only or lead-only file: nothing to accompany
+        swapped = None
+        if self.cfg.swap and rng.random() < self.cfg.swap:
+            swapped = swap_stretch(w, v, rng.uniform(*self.cfg.swap_seconds), rng)
+            if swapped is not None:
+                w = swapped[0]
         ids, _ = make_accompany(v, w)
         if at_end:
             ids.append(v.EOS)
@@ -254,6 +297,10 @@ class ExampleBuilder:
         owner = token_parts(v, ids)
         loss = owner != v.lead
         loss[0] = False
+        if swapped is not None:  # no loss inside the stretch: those are not the notes to learn
+            tick = np.cumsum(self.ticks_of[ids])  # (L,) time after each token
+            lo, hi = (round(x * v.ticks_per_second) for x in swapped[1:])
+            loss &= (tick < lo) | (tick >= hi)
         return Example(ids, loss, "accompany", censored_waits(v, ids, owner == v.lead))
 
 

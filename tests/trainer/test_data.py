@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from improv.engine.tokenizer import Note, Tokenizer
 from improv.engine.tokenizer.dataset import TokenDataset
 from improv.engine.tokenizer.layouts import token_parts
 from improv.engine.tokenizer.notes import Notes
@@ -22,6 +23,7 @@ from improv.trainer.data import (
     collate,
     eval_chunks,
     parse_mix,
+    swap_stretch,
 )
 
 
@@ -115,6 +117,63 @@ def test_accompany_censors_the_waits_cut_by_the_lead(builder: ExampleBuilder) ->
             n_censored += bool(ex.censor[j])
             n_free += not ex.censor[j]
     assert n_censored > 10 and n_free > 10
+
+
+def test_swap_stretch_moves_another_stretchs_accompaniment() -> None:
+    v = Tokenizer().vocab
+    H = v.part_index["harmony"]
+    rows = []  # a harmony note of its own pitch every half second, under a lead and drums
+    for i in range(40):
+        t = 0.5 * i
+        rows += [(t, t + 0.4, 72, 90, v.lead, 0), (t, t + 1.0, 30 + i, 60, H, 0)]
+        rows += [(t, t + 0.1, 36, 100, v.drums, 0)]
+    notes = Notes.from_list([Note(*r) for r in rows])
+    for seed in range(10):
+        out, a, b = swap_stretch(notes, v, 3.0, np.random.default_rng(seed))
+        assert b == pytest.approx(a + 3.0)
+        for part in (v.lead, v.drums):  # only the accompaniment's pitched parts move
+            same = notes.select(notes.part == part)
+            got = out.select(out.part == part)
+            assert np.array_equal(got.start, same.start) and np.array_equal(got.pitch, same.pitch)
+        h = out.select(out.part == H)
+        tick = 1.0 / v.ticks_per_second  # the stretch: onset ticks a .. b - 1
+        inside = (h.start >= a) & (h.start < b - tick)
+        orig = notes.select(notes.part == H)
+        keep = (orig.start < a) | (orig.start >= b - tick)
+        assert np.array_equal(h.select(~inside).pitch, orig.select(keep).pitch)
+        moved = h.select(inside)
+        assert len(moved) >= 4
+        # the pitches of another stretch, at least a second (2 notes) away, ended before b
+        offset = moved.pitch - (30 + np.rint(moved.start / 0.5))
+        assert len(set(offset.tolist())) == 1 and abs(offset[0]) >= 2
+        assert (moved.end < b).all() and (moved.end > moved.start).all()
+
+
+def test_swapped_accompaniment_has_no_loss_inside_its_stretch(dataset: Path) -> None:
+    plain = ExampleBuilder(TokenDataset(dataset), DataConfig(seq_len=512))
+    swap = ExampleBuilder(TokenDataset(dataset), DataConfig(seq_len=512, swap=1.0))
+    v = swap.vocab
+    n_swapped = 0
+    for seed in range(10):
+        ex = plain.accompany(np.random.default_rng(seed))
+        owner = token_parts(v, ex.ids)
+        assert ex.loss[1:][owner[1:] != v.lead].all()  # no swap: loss on all but the lead
+        ex = swap.accompany(np.random.default_rng(seed))
+        owner = token_parts(v, ex.ids)
+        tick = np.cumsum(swap.ticks_of[ex.ids])
+        off = np.flatnonzero(~ex.loss & (owner != v.lead))[1:]  # [0]: BOS
+        if len(off) == 0:
+            continue
+        n_swapped += 1
+        lo, hi = tick[off].min(), tick[off].max()
+        assert hi - lo <= 8 * v.ticks_per_second
+        # one stretch of time: inside it nothing but the lead's tokens has loss, outside all do
+        inside = (tick >= lo) & (tick <= hi)
+        assert not ex.loss[inside].any()
+        assert ex.loss[1:][~inside[1:] & (owner[1:] != v.lead)].all()
+    assert n_swapped >= 5
+    with pytest.raises(ValueError, match="swap"):
+        DataConfig(swap=2.0)
 
 
 def test_infill_censors_waits_before_given_events_and_the_gap_end(
