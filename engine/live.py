@@ -54,10 +54,15 @@ MAX_NOTE_RETRIES = 8  # draws of a note the constraints forbid, then the masked 
 MAX_BACKOFFS = 8  # times a wait is drawn longer at one position, then the masked draw
 REPORT_EVERY_S = 10.0  # the scheduler's load line in the log, while it works
 LOGITS_KEPT = 40  # logits kept per session: a note's retries, one per VEL drawn (32 bins)
-# Clock floor (LiveSession.clock): an event is due this many scheduler steps (an EMA of their
-# wall time) plus CLOCK_SLACK_S after its time token is placed: its VEL and ON are still to draw.
+# Clock floor (LiveSession.clock): an event is due this long after the floor is checked, plus
+# CLOCK_SLACK_S (the send): the EVENT_LEAD_Q quantile of that time as measured over the last
+# EVENT_LEAD_N events of every clocked session, and at least CLOCK_STEPS scheduler steps (an EMA
+# of their wall time: its VEL and ON are still to draw). The quantile counts what the average
+# step misses: a rollback's prefill in the same step, redrawn notes, a PART/PROGRAM pair first.
 CLOCK_STEPS = 2
 CLOCK_SLACK_S = 0.002
+EVENT_LEAD_Q = 0.95
+EVENT_LEAD_N = 256
 MAX_STEP_S = 0.1  # a longer step counts as this long in the step-time average
 
 
@@ -337,6 +342,9 @@ class LiveSession:
         # the clock floor's push), nothing sent after it; it is the latest token, or a held VEL
         # follows it. The event drawn after it may send the wait back (`_back_off`).
         self._backoff: tuple[int, int] | None = None
+        # When the clock floor was last checked (Scheduler.now), until the next ON or OFF goes
+        # out: that wait is the event lead the floor must allow for.
+        self._floor_at: float | None = None
         # (p, ticks, n): the draw at position p must wait at least `ticks` (its n-th back-off).
         self._min_wait: tuple[int, int, int] | None = None
         # The last LOGITS_KEPT logits (V,) the model gave, by (position, token before it). A
@@ -544,6 +552,8 @@ class LiveSession:
         req = self._req
         if self._at_boundary():
             floor = self._clock_floor()
+            if req is not None and self.clock is not None:
+                self._floor_at = self._sched.now()
             while self._forced and (req is None or self._forced[0][0] <= floor):
                 tick, _, tokens = heapq.heappop(self._forced)
                 self._insert_now(max(tick, self.tick), tokens)
@@ -581,7 +591,8 @@ class LiveSession:
         req, clock = self._req, self.clock
         if req is None or clock is None:
             return self.tick
-        lead_s = CLOCK_STEPS * self._sched.step_s_ema + CLOCK_SLACK_S
+        sched = self._sched
+        lead_s = max(CLOCK_STEPS * sched.step_s_ema, sched.event_lead_s) + CLOCK_SLACK_S
         floor = int(np.ceil(clock() + lead_s * self._vocab.ticks_per_second))
         if req.until_tick is not None:  # room for one event: a response is never pushed empty
             floor = min(floor, req.until_tick - 1)
@@ -728,6 +739,9 @@ class LiveSession:
                 self._emit(dataclasses.replace(h, request=req.id))
             self._held = []
             self._emit(ev)
+            if self._floor_at is not None and t >= v.on_base:  # an ON or OFF: a sound
+                self._sched._event_out(self._sched.now() - self._floor_at)
+                self._floor_at = None
         if is_wait and len(toks) == 1:  # (a time token clips to time tokens)
             self._backoff = (self.position - 1, v.shift_ticks(toks[0]))
         if self._at_boundary():
@@ -856,7 +870,12 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # steps that ran a forward
+        self.now = time.perf_counter  # the wall clock of step and event timings (tests: fake)
         self.step_s_ema = 0.0  # wall time of a decode step (moving average; see step)
+        # The clock floor's event lead (seconds; see EVENT_LEAD_Q) and the waits it is taken of.
+        self.event_lead_s = 0.0
+        self._event_waits: deque[float] = deque(maxlen=EVENT_LEAD_N)
+        self._event_new = 0
         # Cumulative seconds in the step's phases and tokens sampled (benchmarks, server metrics).
         self.stats = {
             "forward_s": 0.0,
@@ -919,7 +938,8 @@ class Scheduler:
         tokens = st["tokens"] - last["tokens"]
         logger.info(
             "scheduler: %d sessions, %.0f steps/s, %.0f tokens/s, %.1f rows/step, "
-            "%.1f forwards/step, forward %.2f ms/step, %.0f%% busy, %d notes rejected",
+            "%.1f forwards/step, forward %.2f ms/step, %.0f%% busy, %d notes rejected, "
+            "event lead %.1f ms",
             len(self._sessions),
             steps / seconds,
             tokens / seconds,
@@ -928,6 +948,7 @@ class Scheduler:
             1000 * (st["forward_s"] - last["forward_s"]) / max(steps, 1),
             100 * sum(st[k] - last[k] for k in ("forward_s", "mask_s", "sample_s")) / seconds,
             st["notes_rejected"] - last["notes_rejected"],
+            1000 * self.event_lead_s,
         )
 
     # --- sessions ---------------------------------------------------------------------------------
@@ -990,7 +1011,7 @@ class Scheduler:
     # --- the step (scheduler thread) --------------------------------------------------------------
     def step(self) -> bool:
         """Apply queued commands, advance every session by one forward; True if work was done."""
-        t_step = time.perf_counter()
+        t_step = self.now()
         with self._lock:
             cmds = list(self._commands)
             self._commands.clear()
@@ -1029,9 +1050,24 @@ class Scheduler:
             # Decode steps only, each counted at most MAX_STEP_S: the clock floor reads this as
             # the time to the next event, and one prefill or stall must not hold every
             # session's events back for the many steps the average takes to forget it.
-            dt = min(time.perf_counter() - t_step, MAX_STEP_S)
+            dt = min(self.now() - t_step, MAX_STEP_S)
             self.step_s_ema += 0.1 * (dt - self.step_s_ema)
         return bool(cmds) or n_forwards > 0 or bool(rows)
+
+    def _event_out(self, wait_s: float) -> None:
+        """A clocked session's ON or OFF went out `wait_s` after its clock floor's check."""
+        self._event_waits.append(wait_s)
+        self._event_new += 1
+        if self._event_new >= 16 or len(self._event_waits) < 16:
+            self._event_new = 0
+            self.event_lead_s = float(np.quantile(self._event_waits, EVENT_LEAD_Q))
+
+    def reset_timing(self) -> None:
+        """Forget step and event timings (after a warm-up: first runs are slow, not what the
+        clock floor should expect)."""
+        self.step_s_ema = self.event_lead_s = 0.0
+        self._event_waits.clear()
+        self._event_new = 0
 
     def _guarded(self, s: LiveSession, fn: Callable[..., T], *args: Any) -> T | None:
         """fn(*args) for one session; if it raises, that session's request ends with "error"

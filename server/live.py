@@ -66,6 +66,7 @@ class _Out:
     sent: bool = False
     cancelled: bool = False
     enqueued: float = 0.0  # session ms
+    at_once: bool = False  # a note-off sent the moment it is decided (stop, interrupt): never late
 
 
 @dataclass(eq=False)
@@ -195,6 +196,9 @@ class LiveConnection:
         self._notes: list[_Note] = []  # notes whose note-off is not yet sent
         self._model_sounding: dict[tuple[int, int], _Note] = {}  # closed for the listener only
         self._pending_part: int | None = None
+        # part -> (program, token position): a generated program change, sent with the part's
+        # next note-on (see _play)
+        self._program_due: dict[int, tuple[int, int | None]] = {}
         self._velocity = 64
 
     # --- clock ------------------------------------------------------------------------------------
@@ -723,8 +727,10 @@ class LiveConnection:
         elif ty is TokenType.PROGRAM:
             part, self._pending_part = self._pending_part, None
             if part is not None and part != v.drums:
-                ch = part_channel(part, v.drums)
-                self._gen(t, [0xC0 | ch, tok - v.program_base], part, position)
+                # Sent with the part's next note, at its time: alone it sounds nothing, and at
+                # its own token's time it went out late whenever the clock floor moved the note
+                # after it.
+                self._program_due[part] = (tok - v.program_base, position)
         elif ty is TokenType.VELOCITY:
             self._velocity = max(1, v.bin_velocity(tok - v.vel_base))
         elif ty is TokenType.NOTE_ON:
@@ -733,6 +739,8 @@ class LiveConnection:
             ch = part_channel(part, v.drums)
             if key in self._open:  # cannot happen with the grammar; keep MIDI balanced anyway
                 self._note_off(self._open.pop(key), t, position)
+            if (due := self._program_due.pop(part, None)) is not None:
+                self._gen(t, [0xC0 | ch, due[0]], part, due[1])
             on = self._gen(t, [0x90 | ch, pitch, self._velocity], part, position)
             note = _Note(key, on, drum=part == v.drums)
             self._notes.append(note)
@@ -763,6 +771,9 @@ class LiveConnection:
                 n.off = None
                 self._open[n.key] = n
         self._pending_part = None
+        self._program_due = {
+            k: d for k, d in self._program_due.items() if d[1] is None or d[1] < ev.position
+        }
         if any_sent or any(e.sent and e.time_ms > after for e in self._events if not e.cancelled):
             self._send_retract(after)
 
@@ -792,11 +803,12 @@ class LiveConnection:
         self._events.append(e)
         return e
 
-    def _note_off(self, note: _Note, t: float, position: int | None) -> None:
+    def _note_off(self, note: _Note, t: float, position: int | None, at_once: bool = False) -> None:
         ch = part_channel(note.key[0], self.vocab.drums)
         note.off = self._gen(
             max(t, note.on.time_ms or t), [0x80 | ch, note.key[1], 0], note.key[0], position
         )
+        note.off.at_once = at_once
 
     def _sounding_later(self, now: float) -> bool:
         """A generated event is still to sound (a response generated ahead of real time)."""
@@ -822,7 +834,7 @@ class LiveConnection:
             if n.on.cancelled:
                 self._notes.remove(n)
             elif n.off is None or n.off.cancelled:
-                self._note_off(n, t, None)
+                self._note_off(n, t, None, at_once=True)
                 closed.append(n)
         self._open = {k: n for k, n in self._open.items() if n.off is None}
         return closed
@@ -840,6 +852,7 @@ class LiveConnection:
                 again = self._enqueue(
                     e.msg, e.time_ms - self.params.lookahead_ms, e.time_ms, e.position
                 )
+                again.at_once = e.at_once
                 self._events.append(again)
                 for n in self._notes:
                     if n.off is e:
@@ -895,8 +908,12 @@ class LiveConnection:
         e.sent = True
         if e.time_ms is not None:
             self.stats.events_sent += 1
-            if now > e.time_ms + 0.5:  # sounds late (0.5 ms: the clock's own rounding)
+            if now > e.time_ms + 0.5 and not e.at_once:  # late (0.5 ms: the clock's rounding)
                 self.stats.late_events += 1
+                logger.debug(
+                    "session %s: late by %.1f ms (queued %.1f ms after its time): %s",
+                    self.id, now - e.time_ms, e.enqueued - e.time_ms, e.msg,
+                )  # fmt: skip
             if e.send_at > e.enqueued:  # it waited for its send time: the jitter counts
                 self.stats.jitter_ms.append(now - e.send_at)
             cutoff = now - 2000.0  # forget events long past (rollback can't reach them)

@@ -124,7 +124,7 @@ class Runtime:
         sched.run_until_idle()
         for k in sched.stats:
             sched.stats[k] = 0
-        sched.step_s_ema = 0.0  # first runs are slow: not what the clock floor should expect
+        sched.reset_timing()  # first runs are slow: not what the clock floor should expect
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:

@@ -124,6 +124,10 @@ def test_accompany_plays_along_with_retracts(server, make_player):
     assert gen, "the model played nothing"
     assert all(m["part"] in parts for m in gen)
     assert stopped["events_sent"] == len(gen)
+    # A program change goes out with its part's note, at its time (retracts may send it again)
+    ons = {(m["data"][0] & 0x0F, m["time"]) for m in gen if is_on(m)}
+    changes = [m for m in gen if m["data"][0] & 0xF0 == 0xC0]
+    assert changes and all((m["data"][0] & 0x0F, m["time"]) in ons for m in changes)
     assert_balanced(pl)
 
 
