@@ -27,30 +27,31 @@ CONTEXTS = (64, 300)
 SHOWN = ("GroupQueryAttention", "MatMulNBits", "MatMul")
 
 
-def profile(engine, path: Path, rows: int, ctx: int, steps: int) -> tuple[float, dict[str, float]]:
-    """(ms per step unprofiled, {op type: ms per step}) for `rows` rows at context `ctx`."""
-    import onnxruntime as ort
+def _decoder(path: Path, engine, rows: int, ctx: int, profile: bool = False):  # noqa: ANN001, ANN202
+    """An onnxruntime decoder of `rows` rows, each with `ctx` cached random tokens (the cost
+    does not depend on which)."""
+    from improv.engine.onnx_backend import OnnxDecoder
 
-    dec = engine.new_decoder(rows, 2048)
+    prefix = "/tmp/improv-profile-step" if profile else None
+    dec = OnnxDecoder(path, engine.config, rows, 2048, threads=1, profile_prefix=prefix)
     rng = np.random.default_rng(0)
-    slots = list(range(rows))
-    for s in slots:  # random tokens: the cost does not depend on which
+    for s in range(rows):
         for c in range(0, ctx, 256):
             dec.extend([s], [rng.integers(300, 900, size=min(256, ctx - c)).tolist()])
-    step = [[500]] * rows
+    return dec
+
+
+def profile(engine, path: Path, rows: int, ctx: int, steps: int) -> tuple[float, dict[str, float]]:
+    """(ms per step unprofiled, {op type: ms per step}) for `rows` rows at context `ctx`."""
+    slots, step = list(range(rows)), [[500]] * rows
+    dec = _decoder(path, engine, rows, ctx)
     for _ in range(5):
         dec.extend(slots, step)
     t = time.perf_counter()
     for _ in range(steps):
         dec.extend(slots, step)
     ms = (time.perf_counter() - t) / steps * 1000
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.enable_profiling = True
-    opts.profile_file_prefix = "/tmp/improv-profile-step"
-    dec.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    dec._io.clear()  # bindings belong to the old session
+    dec = _decoder(path, engine, rows, ctx, profile=True)
     for _ in range(steps):
         dec.extend(slots, step)
     trace = Path(dec.session.end_profiling())

@@ -261,11 +261,15 @@ class OnnxDecoder(SlotLengths):
         max_batch: int = 1,
         max_seq: int | None = None,
         threads: int | None = None,
+        profile_prefix: str | None = None,
     ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_prefix is not None:  # onnxruntime's per-node trace (session.end_profiling())
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         # Default: torch's intra-op thread count, not onnxruntime's one-per-core. The decode
         # step's kernels are small; extra threads spin against other processes on a shared CPU
         # (docs/engine-live.md, "CPU note").
