@@ -365,7 +365,9 @@ another, over WebSocket on 127.0.0.1. The machine is shared: other agents' jobs 
 (c) Concurrent `accompany` sessions, each fed a POP909 valid song's MELODY (first {args.seconds:.0f} s) at
 real time, events stamped on arrival, lookahead 100 ms, horizon {args.horizon_ms} ms, `max_notes_per_second: 8`
 (a density cap; an untrained model plays ~50 notes/s). "Late" = a generated event
-sent after its own time (server count) / received after it (client clock, synced by ping).
+sent after its own time (server count; the note-offs sent at the stop, which have no earlier
+time, are not counted) / received after it by more than 1 ms (client clock, synced by ping;
+every event).
 "Clock floor": times the model was behind real time and its next event was moved to when it
 could still be sent on time (mean move in brackets); under overload the accompaniment thins
 out there instead of arriving late, so read it with the events per session:
