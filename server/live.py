@@ -67,6 +67,8 @@ class _Out:
     cancelled: bool = False
     enqueued: float = 0.0  # session ms
     at_once: bool = False  # a note-off sent the moment it is decided (stop, interrupt): never late
+    # a program change: (part, program, position of its PROGRAM token); it goes with a note
+    program: tuple[int, int, int | None] | None = None
 
 
 @dataclass(eq=False)
@@ -181,7 +183,7 @@ class LiveConnection:
         self._enc: Any = None  # StreamEncoder for the player
         self._lead_in: LeadIn | None = None
         self._cancel_floor = -1  # Tokens of requests <= this are dropped (cancelled)
-        self._request: int | None = None  # respond: the running response
+        self._request: int | None = None  # the running response; accompany: the latest request
         self._responding = False
         self._player_dirty = False  # respond: the player played since the last response
         self._lead_heard = False  # accompany: the player has played a note (the model waits)
@@ -683,13 +685,33 @@ class LiveConnection:
             # Not before the player's first note: an intro would be in a key the model can
             # only guess, and it would hold to it when the player comes in.
             if s is not None and self._lead_heard:
-                pr = self.params
-                horizon = max(pr.horizon_ms, pr.lookahead_ms + 50)
-                until = self._tick(self.now_ms() + horizon)
-                if until > self._horizon_tick:
-                    self._horizon_tick = until
-                    s.generate(until_tick=until)
+                pr, now = self.params, self.now_ms()
+                if (
+                    pr.rest_ms is not None
+                    and not self._enc.sounding
+                    and now - self._last_player_ms >= pr.rest_ms
+                ):
+                    self._rest(s, now)
+                else:
+                    horizon = max(pr.horizon_ms, pr.lookahead_ms + 50)
+                    until = self._tick(now + horizon)
+                    if until > self._horizon_tick:
+                        self._horizon_tick = until
+                        self._request = s.generate(until_tick=until)
             await asyncio.sleep(ACCOMPANY_TICK_S)
+
+    def _rest(self, s: LiveSession, now: float) -> None:
+        """The player stopped (`rest_ms`): the accompaniment ends now, its notes off for the
+        listener and the model (what it sampled past now was never heard), and waits for the
+        player's next note, as at the start."""
+        s.cancel()
+        if self._request is not None:  # its tokens already on their way to the loop: dropped
+            self._cancel_floor = max(self._cancel_floor, self._request)
+        self._request = None
+        closed = self._cut(now)
+        s.insert(self._tick(now), [self.vocab.note_off(*n.key) for n in closed if not n.drum])
+        self._lead_heard = False
+        self._horizon_tick = -1
 
     # --- engine events (loop thread) ------------------------------------------------------------
     def _on_engine_event(self, ev: Event) -> None:
@@ -740,7 +762,9 @@ class LiveConnection:
             if key in self._open:  # cannot happen with the grammar; keep MIDI balanced anyway
                 self._note_off(self._open.pop(key), t, position)
             if (due := self._program_due.pop(part, None)) is not None:
-                self._gen(t, [0xC0 | ch, due[0]], part, due[1])
+                # the note's position: if the note is rolled back, so is the change (_on_rollback)
+                pc = self._gen(t, [0xC0 | ch, due[0]], part, position)
+                pc.program = (part, *due)
             on = self._gen(t, [0x90 | ch, pitch, self._velocity], part, position)
             note = _Note(key, on, drum=part == v.drums)
             self._notes.append(note)
@@ -758,10 +782,17 @@ class LiveConnection:
         whose OFF went is sounding again (the regenerated stream will end it)."""
         after = self._ms(ev.tick)
         any_sent = False
+        self._program_due = {
+            k: d for k, d in self._program_due.items() if d[1] is None or d[1] < ev.position
+        }
         for e in self._events:
             if e.position is not None and e.position >= ev.position and not e.cancelled:
                 e.cancelled = True
                 any_sent |= e.sent
+                prog = e.program
+                if prog is not None and (prog[2] is None or prog[2] < ev.position):
+                    # its note is gone, its PROGRAM token stays: it goes with the part's next note
+                    self._program_due.setdefault(prog[0], prog[1:])
         for n in list(self._notes):
             if n.on.cancelled:
                 self._notes.remove(n)
@@ -771,9 +802,6 @@ class LiveConnection:
                 n.off = None
                 self._open[n.key] = n
         self._pending_part = None
-        self._program_due = {
-            k: d for k, d in self._program_due.items() if d[1] is None or d[1] < ev.position
-        }
         if any_sent or any(e.sent and e.time_ms > after for e in self._events if not e.cancelled):
             self._send_retract(after)
 
@@ -831,8 +859,10 @@ class LiveConnection:
             self._send_retract(t)
         closed = []
         for n in list(self._notes):
-            if n.on.cancelled:
+            if n.on.cancelled:  # never heard: the model's OFF for it must find nothing open
                 self._notes.remove(n)
+                if self._open.get(n.key) is n:
+                    del self._open[n.key]
             elif n.off is None or n.off.cancelled:
                 self._note_off(n, t, None, at_once=True)
                 closed.append(n)
@@ -852,7 +882,7 @@ class LiveConnection:
                 again = self._enqueue(
                     e.msg, e.time_ms - self.params.lookahead_ms, e.time_ms, e.position
                 )
-                again.at_once = e.at_once
+                again.at_once, again.program = e.at_once, e.program
                 self._events.append(again)
                 for n in self._notes:
                     if n.off is e:

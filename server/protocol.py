@@ -123,6 +123,14 @@ class LiveParams(_Message):
         description="accompany: how far past now the model samples, assuming what the player "
         "will do; raised to lookahead_ms + 50 if smaller",
     )
+    rest_ms: int | None = Field(
+        6_000,
+        ge=500,
+        le=600_000,
+        description="accompany: after the player has released every key and been silent this "
+        "long, the accompaniment ends (its notes off) and waits for the player's next note; "
+        "null = it plays on",
+    )
 
     @field_validator("programs")
     @classmethod

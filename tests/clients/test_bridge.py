@@ -103,7 +103,8 @@ async def test_bridge_accompany_follows_clock_and_stays_balanced(server, runtime
 @pytest.mark.asyncio
 async def test_bridge_reconnects_and_silences_on_drop(runtime, start_server, restart_server):
     s = start_server(runtime)
-    bridge, b = make_bridge(s.url, mode="accompany", seed=13)
+    # rest_ms None: the player plays one note; the (random) model may take a while to answer
+    bridge, b = make_bridge(s.url, mode="accompany", seed=13, rest_ms=None)
     task = asyncio.create_task(bridge.run())
     try:
         assert await until(bridge.connected.is_set, 10)

@@ -124,10 +124,36 @@ def test_accompany_plays_along_with_retracts(server, make_player):
     assert gen, "the model played nothing"
     assert all(m["part"] in parts for m in gen)
     assert stopped["events_sent"] == len(gen)
-    # A program change goes out with its part's note, at its time (retracts may send it again)
+    # A program change (when the model writes one) goes out with its part's note, at its time
     ons = {(m["data"][0] & 0x0F, m["time"]) for m in gen if is_on(m)}
     changes = [m for m in gen if m["data"][0] & 0xF0 == 0xC0]
-    assert changes and all((m["data"][0] & 0x0F, m["time"]) in ons for m in changes)
+    assert all((m["data"][0] & 0x0F, m["time"]) in ons for m in changes)
+    assert_balanced(pl)
+
+
+def test_accompany_rests_when_the_player_stops(server, make_player):
+    pl = make_player(server.ws)
+    parts = ["counter", "harmony", "bass", "drums"]
+    start(pl, "accompany", lookahead_ms=100, seed=7, parts=parts, rest_ms=600)
+
+    def melody(n: int) -> float:
+        for i in range(n):
+            pl.note(60 + i % 5, True)
+            pl.until(lambda m: False, timeout=0.1)
+            pl.note(60 + i % 5, False)
+            pl.until(lambda m: False, timeout=0.05)
+        pl.send({"type": "ping", "time": 0})
+        return pl.until(lambda m: m["type"] == "pong")["server_time"]  # ~ the last note-off
+
+    last = melody(6)
+    pl.until(lambda m: False, timeout=2.0)  # silence: the accompaniment ends after 600 ms
+    assert any(is_on(m) and m["time"] < last for m in pl.queue), "it played nothing"
+    assert not [m for m in pl.queue if is_on(m) and m["time"] > last + 1000]
+    assert not pl.sounding()
+    again = melody(4)  # the player comes back: so does the accompaniment
+    pl.until(lambda m: False, timeout=0.5)
+    assert any(is_on(m) and m["time"] > again - 1000 for m in pl.queue)
+    stop(pl)
     assert_balanced(pl)
 
 
@@ -332,10 +358,11 @@ def test_accompaniment_lands_on_the_daw_grid(runtime):
         conn = LiveConnection(runtime, send)
         await conn.open()
         beat = conn.now_ms() + 37.0  # the DAW's beat: any phase
+        # rest_ms None: the accompaniment plays on after the player's one note
         await conn.handle(
             {"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0,
              "parts": ["counter", "harmony", "bass", "drums"],
-             "tempo_bpm": 120, "beat_time": beat, "grid": "1/8"}
+             "tempo_bpm": 120, "beat_time": beat, "grid": "1/8", "rest_ms": None}
         )  # fmt: skip
         # The model starts with the player; notes struck with a player's event may be off the
         # grid (they sound together): the player plays on the grid.
