@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--temperature", type=float, default=1.0)  # the defaults' value
     ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=1000, help="song i samples with seed + i")
     ap.add_argument(
         "--out", type=Path, default=None, help="folder for JSON + PNGs (default: the checkpoint)"
     )
@@ -102,7 +103,7 @@ def main() -> None:
         t0 = float(notes.start.min())
         p_lo, p_hi, c_hi = t0, t0 + args.prompt_seconds, t0 + args.prompt_seconds + args.seconds
         prompt = window(notes, p_lo, p_hi)
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=1000 + i)
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed + i)
         cont_jobs.append(plan_continue(rt, prompt, args.seconds, sampling))
         # accompaniment: the first `seconds` of the melody
         a_lo = float(notes.start[notes.part == v.lead].min())
@@ -156,7 +157,7 @@ def main() -> None:
         "sampling": {
             "temperature": args.temperature,
             "top_p": args.top_p,
-            "seeds": "1000 + song index",
+            "seeds": f"{args.seed} + song index",
         },
         "continuation": compare(mean_stats(cont_gen), mean_stats(cont_real)),
         "accompaniment": compare(mean_stats(acc_gen), mean_stats(acc_real)),
@@ -226,7 +227,7 @@ def card_section(q: dict, n_songs: int) -> str:
         q["respond_solo"],
     )
     return f"""{n_songs} POP909 validation songs (the first {n_songs} of splits/valid.txt, sorted), seeds
-1000 + index, temperature {sp["temperature"]}, top-p {sp["top_p"]}, through the server's own
+{sp["seeds"].replace(" + song index", "")} + index, temperature {sp["temperature"]}, top-p {sp["top_p"]}, through the server's own
 planners and scheduler with its defaults (the `MaxDuration` guard: no generated note longer than
 8 s). Statistics are MusPy's definitions over pitched notes (benchmarks/music_metrics.py), the
 mean over the songs. Target: each within 20% of the real music.
