@@ -188,9 +188,10 @@ async def bench_jitter(url: str, seconds: float) -> dict:
     # and events sent late (at once, when sampled) would count as jitter.
     await c.send({"type": "start", "mode": "accompany", "lookahead_ms": lookahead,
                   "horizon_ms": 1000, "seed": 2, "drums": True,
-                  "max_notes_per_second": 8})  # fmt: skip
+                  "max_notes_per_second": 8, "rest_ms": None})  # fmt: skip
     await c.wait(lambda m: m["type"] == "started")
-    # One note: the accompaniment starts with the player's first note, then plays on its own.
+    # One note: the accompaniment starts with the player's first note, then plays on its own
+    # (rest_ms None: it does not stop when the player does).
     await c.send({"type": "midi", "data": [0x90, 60, 90]})
     await c.send({"type": "midi", "data": [0x80, 60, 0]})
     await asyncio.sleep(seconds)
@@ -250,8 +251,10 @@ async def play(url: str, song: list[tuple[float, list[int]]], seed: int, horizon
     c, task = await open_client(url)
     # A density cap like a trained model's accompaniment: random weights otherwise play ~50
     # notes/s (1,280 of the 1,586 ids are note tokens), which no CPU keeps up with.
+    # rest_ms None: the load stays on through a melody's long rests (comparable across runs).
     await c.send({"type": "start", "mode": "accompany", "lookahead_ms": 100, "seed": seed,
-                  "max_notes_per_second": 8, "horizon_ms": horizon_ms})  # fmt: skip
+                  "max_notes_per_second": 8, "horizon_ms": horizon_ms,
+                  "rest_ms": None})  # fmt: skip
     await c.wait(lambda m: m["type"] == "started")
     start = c.now() + 200
     for t, data in song:
@@ -363,7 +366,7 @@ another, over WebSocket on 127.0.0.1. The machine is shared: other agents' jobs 
 | (b) send jitter, server side (send call - intended send); {jit["late"]} of {jit["sent"]} events sampled too late to wait | {jit["server_p50"]} ms | {jit["server_p99"]} ms | |
 
 (c) Concurrent `accompany` sessions, each fed a POP909 valid song's MELODY (first {args.seconds:.0f} s) at
-real time, events stamped on arrival, lookahead 100 ms, horizon {args.horizon_ms} ms, `max_notes_per_second: 8`
+real time, events stamped on arrival, lookahead 100 ms, horizon {args.horizon_ms} ms, `rest_ms: null`, `max_notes_per_second: 8`
 (a density cap; an untrained model plays ~50 notes/s). "Late" = a generated event
 sent after its own time (server count; the note-offs sent at the stop, which have no earlier
 time, are not counted) / received after it by more than 1 ms (client clock, synced by ping;

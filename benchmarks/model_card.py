@@ -103,7 +103,9 @@ def main() -> None:
         t0 = float(notes.start.min())
         p_lo, p_hi, c_hi = t0, t0 + args.prompt_seconds, t0 + args.prompt_seconds + args.seconds
         prompt = window(notes, p_lo, p_hi)
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed + i)
+        sampling = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed + i
+        )
         cont_jobs.append(plan_continue(rt, prompt, args.seconds, sampling))
         # accompaniment: the first `seconds` of the melody
         a_lo = float(notes.start[notes.part == v.lead].min())
