@@ -454,8 +454,14 @@ class Trainer:
         dist.all_gather_object(out, mine)
         return out
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
         if dist.is_initialized():
+            if finished:
+                # Together: a rank that tore its group down while the other was still writing
+                # left the other's gloo threads to die at exit (SIGABRT, "terminate called
+                # without an active exception"; seen in CI, rarely). Not after an error: the
+                # other rank may never come.
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -482,11 +488,13 @@ def _progress(total: int, initial: int, enabled: bool):  # noqa: ANN202 - tqdm t
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training; returns a summary (rank 0's view)."""
     trainer = Trainer(cfg)
+    finished = False
     try:
         result = trainer.fit()
         digests = trainer.param_digest()
         result["param_sha256"] = digests
         trainer.metrics.write(step=trainer.step, event="end", param_sha256=digests)
+        finished = True
         return result
     finally:
-        trainer.close()
+        trainer.close(finished)
