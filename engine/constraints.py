@@ -448,7 +448,7 @@ class ConstraintSet:
     def _build_tables(self) -> None:
         v = self.vocab
         self.type_table = np.array([v.type_of(t) for t in range(v.size)], dtype=np.int8)  # (V,)
-        self.ticks_table = np.array([v.shift_ticks(t) for t in range(v.size)], dtype=np.int64)
+        self.ticks_table = v.ticks_table
         self._time_ticks = self.ticks_table[v.shift_base : v.part_base]  # (T,)
         self._type_list = [TokenType(x) for x in self.type_table.tolist()]
         self._ticks_list = self.ticks_table.tolist()

@@ -664,8 +664,9 @@ class LiveConnection:
                 self._commit_at(spec, spec.trigger)
 
     def _interrupt(self, t: float) -> list[int]:
-        """The player plays during a response: stop it, retract what has not sounded, note-offs
-        now. Returns the OFF tokens that tell the model those notes ended."""
+        """Stop the running request (the player plays during a response; accompany rests),
+        retract what has not sounded, note-offs now. Returns the OFF tokens that tell the model
+        those notes ended."""
         assert self._s is not None
         self._s.cancel()  # no Token of the response is delivered after this returns
         if self._request is not None:
@@ -704,12 +705,7 @@ class LiveConnection:
         """The player stopped (`rest_ms`): the accompaniment ends now, its notes off for the
         listener and the model (what it sampled past now was never heard), and waits for the
         player's next note, as at the start."""
-        s.cancel()
-        if self._request is not None:  # its tokens already on their way to the loop: dropped
-            self._cancel_floor = max(self._cancel_floor, self._request)
-        self._request = None
-        closed = self._cut(now)
-        s.insert(self._tick(now), [self.vocab.note_off(*n.key) for n in closed if not n.drum])
+        s.insert(self._tick(now), self._interrupt(now))
         self._lead_heard = False
         self._horizon_tick = -1
 

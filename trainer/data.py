@@ -191,8 +191,6 @@ class ExampleBuilder:
         names = [k for k in OBJECTIVES if cfg.mix.get(k, 0) > 0]
         w = np.array([cfg.mix[k] for k in names])
         self.objectives, self.objective_p = names, w / w.sum()
-        v = self.vocab
-        self.ticks_of = np.array([v.shift_ticks(t) for t in range(v.size)], dtype=np.int64)
 
     def _pick(self, rng: np.random.Generator, seconds_for: float) -> tuple[int, Notes, bool]:
         """A random file and a window of about `seconds_for` x (seq_len worth of time).
@@ -298,7 +296,7 @@ class ExampleBuilder:
         loss = owner != v.lead
         loss[0] = False
         if swapped is not None:  # no loss inside the stretch: those are not the notes to learn
-            tick = np.cumsum(self.ticks_of[ids])  # (L,) time after each token
+            tick = np.cumsum(v.ticks_table[ids])  # (L,) time after each token
             lo, hi = (round(x * v.ticks_per_second) for x in swapped[1:])
             loss &= (tick < lo) | (tick >= hi)
         return Example(ids, loss, "accompany", censored_waits(v, ids, owner == v.lead))

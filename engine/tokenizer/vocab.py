@@ -21,6 +21,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
+from functools import cached_property
+
+import numpy as np
 
 # Non-GM drum notes seen in real kits (Roland TD-11 in Groove MIDI) folded to the GM drum class
 # that sounds like them, so the model learns one token per drum sound.
@@ -137,6 +140,11 @@ class Vocab:
         self.on_base = self.vel_base + config.velocity_bins
         self.off_base = self.on_base + 128 * self.n_parts
         self.size = self.off_base + 128 * self.n_parts
+
+    @cached_property
+    def ticks_table(self) -> np.ndarray:
+        """(V,) int64: the ticks each token advances (`shift_ticks`; 0 for non-time tokens)."""
+        return np.array([self.shift_ticks(t) for t in range(self.size)], dtype=np.int64)
 
     # --- constructors -------------------------------------------------------------------------
     def shift(self, ticks: int) -> int:

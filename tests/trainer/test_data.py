@@ -160,7 +160,7 @@ def test_swapped_accompaniment_has_no_loss_inside_its_stretch(dataset: Path) -> 
         assert ex.loss[1:][owner[1:] != v.lead].all()  # no swap: loss on all but the lead
         ex = swap.accompany(np.random.default_rng(seed))
         owner = token_parts(v, ex.ids)
-        tick = np.cumsum(swap.ticks_of[ex.ids])
+        tick = np.cumsum(v.ticks_table[ex.ids])
         off = np.flatnonzero(~ex.loss & (owner != v.lead))[1:]  # [0]: BOS
         if len(off) == 0:
             continue
