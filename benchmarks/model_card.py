@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from common import SHARED_DATA, command_line, machine, write_section
-from music_metrics import chord_tone_share, read_chords, summary
+from music_metrics import chord_tone_share, summary
 
 from improv.engine.tokenizer import Notes
+from improv.trainer.chords import read_chords
 
 log = logging.getLogger("model_card")
 STATS = ("pitch_class_entropy", "scale_consistency", "note_density", "polyphony")

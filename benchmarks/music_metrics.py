@@ -3,37 +3,13 @@ POP909's chord annotations. Pitched notes only: drums are left out of every stat
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import numpy as np
 
 from improv.engine.tokenizer import Notes
+from improv.trainer.chords import Chord
 
 MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
 MINOR = np.array([0, 2, 3, 5, 7, 8, 10])
-CHORD_TONES: dict[str, tuple[int, ...]] = {
-    "maj": (0, 4, 7),
-    "min": (0, 3, 7),
-    "sus2": (0, 2, 7),
-    "sus4": (0, 5, 7),
-    "7": (0, 4, 7, 10),
-    "maj7": (0, 4, 7, 11),
-    "min7": (0, 3, 7, 10),
-    "maj6": (0, 4, 7, 9),
-    "min6": (0, 3, 7, 9),
-    "dim": (0, 3, 6),
-    "dim7": (0, 3, 6, 9),
-    "hdim7": (0, 3, 6, 10),
-    "aug": (0, 4, 8),
-    "minmaj7": (0, 3, 7, 11),
-    "sus4(b7)": (0, 5, 7, 10),
-    "9": (0, 4, 7, 10, 2),
-    "maj9": (0, 4, 7, 11, 2),
-    "min9": (0, 3, 7, 10, 2),
-}
-ROOTS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
-DEGREES = {"1": 0, "2": 2, "3": 4, "4": 5, "5": 7, "6": 9, "7": 11, "9": 2, "11": 5, "13": 9}
 
 
 def pitched(notes: Notes, drums: int) -> Notes:
@@ -82,44 +58,16 @@ def polyphony(notes: Notes, step: float = 0.01) -> float:
     return float(sounding[on].mean()) if on.any() else float("nan")
 
 
-def parse_chord(label: str) -> tuple[int, ...] | None:
-    """Harte label ('A:min7', 'C:maj/5', 'N') -> pitch classes, None for no chord."""
-    if label in ("N", "X", ""):
-        return None
-    root_s, _, rest = label.partition(":")
-    root = ROOTS[root_s[0]] + root_s[1:].count("#") - root_s[1:].count("b")
-    quality, _, bass = (rest or "maj").partition("/")
-    tones = set(
-        CHORD_TONES.get(quality, CHORD_TONES["min" if quality.startswith("min") else "maj"])
-    )
-    if bass:
-        m = re.fullmatch(r"([b#]*)(\d+)", bass)
-        if m:
-            tones.add(DEGREES.get(m.group(2), 0) + m.group(1).count("#") - m.group(1).count("b"))
-    return tuple(sorted((root + t) % 12 for t in tones))
-
-
-def read_chords(path: str | Path) -> list[tuple[float, float, tuple[int, ...] | None]]:
-    out = []
-    for line in Path(path).read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3:
-            out.append((float(parts[0]), float(parts[1]), parse_chord(parts[2])))
-    return out
-
-
-def chord_tone_share(
-    notes: Notes, chords: list[tuple[float, float, tuple[int, ...] | None]]
-) -> float:
+def chord_tone_share(notes: Notes, chords: list[Chord]) -> float:
     """Share of notes (onsets under an annotated chord) whose pitch class is a chord tone."""
-    starts = np.array([c[0] for c in chords])
+    starts = np.array([c.start for c in chords])
     hits = total = 0
     for onset, pitch in zip(notes.start.tolist(), notes.pitch.tolist(), strict=True):
         i = int(np.searchsorted(starts, onset, side="right")) - 1
-        if i < 0 or onset >= chords[i][1] or chords[i][2] is None:
+        if i < 0 or onset >= chords[i].end:
             continue
         total += 1
-        hits += (pitch % 12) in chords[i][2]
+        hits += (pitch % 12) in chords[i].tones
     return hits / total if total else float("nan")
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+from functools import partial
 from pathlib import Path
 
 from improv.engine.tokenizer import Tokenizer
 from improv.engine.tokenizer.dataset import BuildOptions, build_dataset
+
+from .chords import add_chord_bass
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +42,27 @@ def groove_files(root: Path, split: str) -> list[Path]:
     return [root / r["midi_filename"] for r in rows if r["split"] == split]
 
 
-def prepare(shared: Path, out: Path, workers: int | None = None, min_notes: int = 16) -> dict:
+def prepare(
+    shared: Path,
+    out: Path,
+    workers: int | None = None,
+    min_notes: int = 16,
+    chord_bass: bool = False,
+) -> dict:
     tok = Tokenizer()
+    opts = BuildOptions(min_notes=min_notes)
+    if chord_bass:
+        opts = BuildOptions(
+            min_notes=min_notes,
+            annotate=partial(add_chord_bass, bass_part=tok.vocab.part_index["bass"]),
+        )
     summaries = {}
     for name, (pop_list, groove_split) in SPLITS.items():
         files = pop909_files(shared / "pop909", pop_list) + groove_files(
             shared / "groove", groove_split
         )
         log.info("%s: %d files", name, len(files))
-        summaries[name] = build_dataset(
-            files, out / name, tok, BuildOptions(min_notes=min_notes), workers, progress=False
-        )
+        summaries[name] = build_dataset(files, out / name, tok, opts, workers, progress=False)
         log.info("%s: %s", name, summaries[name])
     return summaries
 
@@ -59,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", default="../shared/data", help="the shared data folder")
     p.add_argument("--out", default="data", help="writes OUT/train and OUT/valid")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--chord-bass",
+        action="store_true",
+        help="add a root bass part to POP909 songs from their chord annotations (trainer/chords.py)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    prepare(Path(args.shared), Path(args.out), args.workers)
+    prepare(Path(args.shared), Path(args.out), args.workers, chord_bass=args.chord_bass)
     return 0
 
 

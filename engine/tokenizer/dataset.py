@@ -22,8 +22,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from . import Notes
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ class BuildOptions:
     programs: frozenset[int] | None = None  # None: all GM programs (drums are kept by part)
     part_rules: tuple[tuple[str, str], ...] = ()  # (track-name regex, part), before the defaults
     parts: str | None = None  # force one part for every pitched track
+    # (path, notes) -> notes, after reading: annotations beside a file (e.g. the trainer's bass
+    # from POP909's chords); a module-level function or a partial of one (workers pickle it)
+    annotate: Callable[[str, Notes], Notes] | None = None
 
 
 def _notes_to_records(notes: object) -> np.ndarray:
@@ -88,6 +95,8 @@ def _process(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str 
     opt: BuildOptions = _WORKER["options"]
     try:
         notes = tok.read_notes(path, parts=opt.parts, rules=opt.part_rules)
+        if opt.annotate is not None:
+            notes = opt.annotate(path, notes)
     except MidiReadError as e:
         return path, None, None, str(e)
     except Exception as e:  # a parser bug must not stop a 10,000-file build
@@ -103,6 +112,14 @@ def _process(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str 
         return path, None, None, f"{len(notes)} notes (minimum {opt.min_notes})"
     ids = tok.encode_notes(notes)
     return path, np.asarray(ids, dtype=np.uint16), _notes_to_records(notes), None
+
+
+def _name(f: Callable | None) -> str | None:
+    """A function's (or a partial's) name, for the dataset's summary."""
+    if f is None:
+        return None
+    inner = getattr(f, "func", f)
+    return f"{inner.__module__}.{inner.__qualname__}"
 
 
 def find_midi(inputs: Sequence[str | Path], pattern: str = "*.mid*") -> list[Path]:
@@ -217,6 +234,7 @@ def build_dataset(
             "programs": sorted(options.programs) if options.programs is not None else None,
             "part_rules": options.part_rules,
             "parts": options.parts,
+            "annotate": _name(options.annotate),
         },
     }
     (out / "index.json").write_text(

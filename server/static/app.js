@@ -81,6 +81,7 @@ function startParams() {
   } else {
     const parts = ["counter", "harmony", "bass", "drums"].filter((x) => $("p-" + x).checked);
     p.parts = parts.length ? parts : ["harmony"];
+    p.rest_ms = restMs();
     for (const x of p.parts) if (x !== "drums") p.programs[x] = state.programs[x];
   }
   return p;
@@ -284,6 +285,13 @@ const debounce = (f, ms = 150) => { let t; return (...a) => { clearTimeout(t); t
 $("temperature").oninput = () => { $("temperature-v").textContent = (+$("temperature").value).toFixed(2); sendParams({ temperature: +$("temperature").value }); };
 $("length").oninput = () => { $("length-v").textContent = $("length").value + " s"; sendParams({ response_seconds: +$("length").value }); };
 $("gap").oninput = () => { $("gap-v").textContent = $("gap").value + " ms"; sendParams({ gap_ms: +$("gap").value }); };
+// the rest slider's top stop means "never": the accompaniment plays on through silence
+const REST_NEVER = 31;
+function restMs() { const s = +$("rest").value; return s >= REST_NEVER ? null : s * 1000; }
+$("rest").oninput = () => {
+  $("rest-v").textContent = +$("rest").value >= REST_NEVER ? "never" : $("rest").value + " s";
+  sendParams({ rest_ms: restMs() });
+};
 const sendParams = debounce((p) => send({ type: "params", ...p }));
 for (const x of ["counter", "harmony", "bass", "drums"]) $("p-" + x).onchange = () => sendParams({ parts: startParams().parts, programs: startParams().programs });
 $("trigger").onclick = () => { synth.ensure(); send({ type: "trigger" }); };

@@ -74,6 +74,17 @@ def test_page_plays_with_the_model_and_shows_disconnects(browser, server, tmp_pa
     page.click('#mode button[data-mode="accompany"]')
     page.check("#p-drums")
     page.wait_for_function("window.improv.state().mode === 'accompany'")
+    # The rest slider's top stop plays on through silence: the server gets rest_ms null.
+    page.evaluate(
+        "window.__sent = []; const send = WebSocket.prototype.send;"
+        "WebSocket.prototype.send = function (d) { window.__sent.push(JSON.parse(d));"
+        " return send.call(this, d); };"
+        "document.getElementById('rest').value = 31; document.getElementById('rest').oninput()"
+    )
+    page.wait_for_function(
+        "window.__sent.some(m => m.type === 'params' && 'rest_ms' in m && m.rest_ms === null)"
+    )
+    assert page.locator("#rest-v").inner_text() == "never"
     along = "window.improv.rollNotes().some(n => n.source === 'model' && n.part !== 'lead')"
     for _ in range(10):  # the player plays on until the (random) model plays along
         for key in ("a", "g", "f", "d"):
