@@ -76,6 +76,12 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=1000, help="song i samples with seed + i")
     ap.add_argument(
+        "--parts",
+        default="counter,harmony",
+        help="accompaniment parts to generate (a bass, which POP909 has not, is left out of the "
+        "statistics and reported on its own)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=None, help="folder for JSON + PNGs (default: the checkpoint)"
     )
     ap.add_argument("--card", action="store_true", help="write the checkpoint's README section")
@@ -96,7 +102,8 @@ def main() -> None:
     )
     tok = rt.tokenizer
     v = tok.vocab
-    harmony, counter = v.part_index["harmony"], v.part_index["counter"]
+    harmony, counter, bass = (v.part_index[x] for x in ("harmony", "counter", "bass"))
+    acc_parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     songs = song_paths(args.data, args.songs)
     cont_jobs, acc_jobs, solo_jobs, refs = [], [], [], []
     for i, path in enumerate(songs):
@@ -113,9 +120,7 @@ def main() -> None:
         a_hi = a_lo + args.seconds
         melody = window(notes, a_lo, a_hi)
         lead = melody.select(melody.part == v.lead)
-        acc_jobs.append(
-            plan_accompany(rt, lead, sampling, ["counter", "harmony"], tail_seconds=0.0)
-        )
+        acc_jobs.append(plan_accompany(rt, lead, sampling, acc_parts, tail_seconds=0.0))
         refs.append(
             (path, notes, p_hi, c_hi, a_lo, a_hi, read_chords(path.parent / "chord_midi.txt"))
         )
@@ -138,14 +143,19 @@ def main() -> None:
     solo_notes = sum(len(o) - len(j.given) for o, j in zip(solo, solo_jobs, strict=True))
 
     cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []
-    chord_gen_harmony = []
+    chord_gen_harmony, chord_bass, bass_notes = [], [], {"continuation": 0, "accompaniment": 0}
     for (_, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a in zip(refs, cont, acc, strict=True):
         gen = window(c, p_hi, c_hi)
+        bass_notes["continuation"] += int((gen.part == bass).sum())
+        gen = gen.select(gen.part != bass)  # POP909 has no bass: compare the parts it has
         real = window(notes, p_hi, c_hi)
         cont_gen.append(summary(gen, args.seconds, v.drums))
         cont_real.append(summary(real, args.seconds, v.drums))
         gen_acc = window(a, a_lo, a_hi)
-        gen_acc = gen_acc.select(gen_acc.part != v.lead)
+        gen_bass = gen_acc.select(gen_acc.part == bass)
+        bass_notes["accompaniment"] += len(gen_bass)
+        chord_bass.append(chord_tone_share(gen_bass, chords))
+        gen_acc = gen_acc.select((gen_acc.part != v.lead) & (gen_acc.part != bass))
         real = window(notes, a_lo, a_hi)
         real_acc = real.select(np.isin(real.part, [harmony, counter]))
         acc_gen.append(summary(gen_acc, args.seconds, v.drums))
@@ -168,7 +178,12 @@ def main() -> None:
             "generated": float(np.nanmean(chord_gen)),
             "real_piano": float(np.nanmean(chord_real)),
             "generated_harmony": float(np.nanmean(chord_gen_harmony)),
+            "generated_bass": float(np.nanmean(chord_bass))
+            if bass_notes["accompaniment"]
+            else None,
         },
+        "accompaniment_parts": acc_parts,
+        "bass_notes": bass_notes,
         "respond_solo": {
             "generated_notes": solo_notes,
             "rejected_draws": rejected,
@@ -229,6 +244,14 @@ def card_section(q: dict, n_songs: int) -> str:
         q["sampling"],
         q["respond_solo"],
     )
+    bass = ""
+    if ct.get("generated_bass") is not None:
+        bn = q["bass_notes"]
+        bass = (
+            f"\nThe generated bass ({bn['accompaniment'] / (30 * n_songs):.2f} notes/s; POP909 has "
+            f"no bass part, so it is left out of the table): {100 * ct['generated_bass']:.1f}% "
+            "chord tones."
+        )
     return f"""{n_songs} POP909 validation songs (the first {n_songs} of splits/valid.txt, sorted), seeds
 {sp["seeds"].replace(" + song index", "")} + index, temperature {sp["temperature"]}, top-p {sp["top_p"]}, through the server's own
 planners and scheduler with its defaults (the `MaxDuration` guard: no generated note longer than
@@ -240,14 +263,14 @@ mean over the songs. Target: each within 20% of the real music.
 
 {table("continuation")}
 
-**Accompaniment**: counter + harmony generated under the real melody of the song's first 30 s of
-melody, against the real BRIDGE + PIANO:
+**Accompaniment**: {" + ".join(q["accompaniment_parts"])} generated under the real melody of the song's
+first 30 s of melody; counter + harmony against the real BRIDGE + PIANO:
 
 {table("accompaniment")}
 
 Share of accompaniment notes that are tones of the annotated chord (chord_midi.txt): generated
 **{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%** (the generated harmony
-part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%).
+part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%).{bass}
 
 **Respond setting**: 15 s of each song's melody alone, continued for 10 s as the lead alone (what
 live call and response asks): {rs["generated_notes"]} notes generated; the model drew

@@ -191,7 +191,10 @@ def infill_command() -> tuple[str, Callable, Callable]:
 
 
 def accompany_command() -> tuple[str, Callable, Callable]:
-    help_ = "add accompaniment parts under a melody (every pitched track of the file is the lead)"
+    help_ = (
+        "add accompaniment parts under a melody (the file's lead track, or every pitched track "
+        "if none is named as one; its other parts are kept and played along with)"
+    )
 
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("melody", help="MIDI file with the melody")
@@ -209,15 +212,22 @@ def accompany_command() -> tuple[str, Callable, Callable]:
         parts = [s.strip() for s in args.parts.split(",") if s.strip()]
 
         def plan(rt: object, tok: object, sampling: object) -> object:
+            import numpy as np
+
             bad = [p for p in parts if p not in tok.parts or p == "lead"]  # type: ignore[attr-defined]
             if bad:
                 raise SystemExit(
                     f"improv accompany: --parts must be among counter, harmony, bass, drums; got {bad}"
                 )
-            lead = _read(tok, args.melody, "accompany", parts="lead")
-            if len(lead) == 0:
+            v = tok.vocab  # type: ignore[attr-defined]
+            notes = _read(tok, args.melody, "accompany")
+            if not (notes.part == v.lead).any():  # type: ignore[attr-defined]
+                notes = _read(tok, args.melody, "accompany", parts="lead")
+            if not (notes.part == v.lead).any():  # type: ignore[attr-defined]
                 raise SystemExit(f"improv accompany: {args.melody} has no melody notes")
-            return plan_accompany(rt, lead, sampling, parts)  # type: ignore[arg-type]
+            # the file's parts not generated (a bass line, say) are kept and played along with
+            given = notes.select(~np.isin(notes.part, [v.part_index[x] for x in parts]))  # type: ignore[attr-defined]
+            return plan_accompany(rt, given, sampling, parts)  # type: ignore[arg-type]
 
         return _run(args, "accompany", plan, lambda n: n.duration)
 

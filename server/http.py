@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import (
     APIRouter,
     Depends,
@@ -335,25 +336,25 @@ async def accompany(
     """The melody plus generated accompaniment (the melody forced at its times).
 
     The lead is the file's lead part (a track named melody/lead/vocal..., or its only pitched
-    track); if none is found, every pitched track is taken as the lead."""
+    track); if none is found, every pitched track is taken as the lead. The file's other parts
+    that are not generated (a bass line, say) are kept, and the model plays along with them."""
+    chosen = parse_parts(parts, "parts") or (p.ACCOMPANY_PARTS + (["drums"] if drums else []))
+    if "lead" in chosen:
+        raise HTTPException(
+            422, "parts: the lead is given; choose from counter, harmony, bass, drums"
+        )
     data = await read_upload(rt, file)
     notes = await read_notes(rt, data)
-    lead = notes.select(notes.part == rt.vocab.lead)
-    if len(lead) == 0:
+    if not (notes.part == rt.vocab.lead).any():
         notes = await read_notes(rt, data, "lead")
-        lead = notes.select(notes.part == rt.vocab.lead)
-        if len(lead) == 0:
+        if not (notes.part == rt.vocab.lead).any():
             raise HTTPException(422, "no melody found: the file has only drums")
+    lead = notes.select(~np.isin(notes.part, [rt.vocab.part_index[x] for x in chosen]))
     length = float(lead.end.max())
     if length > rt.settings.max_accompany_seconds:
         raise HTTPException(
             422,
             f"the melody must be at most {rt.settings.max_accompany_seconds} s long, got {length:.1f}",
-        )
-    chosen = parse_parts(parts, "parts") or (p.ACCOMPANY_PARTS + (["drums"] if drums else []))
-    if "lead" in chosen:
-        raise HTTPException(
-            422, "parts: the lead is given; choose from counter, harmony, bass, drums"
         )
     job = gen.plan_accompany(
         rt, lead, sampling(temperature, top_p, seed), chosen, parse_programs(programs)

@@ -181,6 +181,7 @@ class LiveConnection:
         self._s: LiveSession | None = None
         self._origin = 0.0  # session ms of tick 0 of the engine session
         self._enc: Any = None  # StreamEncoder for the player
+        self._bass_keys: set[tuple[int, int]] = set()  # (channel, key) held as the bass part
         self._lead_in: LeadIn | None = None
         self._cancel_floor = -1  # Tokens of requests <= this are dropped (cancelled)
         self._request: int | None = None  # the running response; accompany: the latest request
@@ -367,6 +368,7 @@ class LiveConnection:
         self._enc = self.rt.tokenizer.stream_encoder(
             part="lead", program=self.params.player_program
         )
+        self._bass_keys.clear()
         self._last_player_ms = now
         await self._open_engine(prompt=None)
         if self.mode == "accompany":
@@ -514,13 +516,31 @@ class LiveConnection:
             ]
         self._last_player_ms = t
         self._lead_heard = self._lead_heard or (msg.type == "note_on" and msg.velocity > 0)
-        toks = self._enc.feed(msg, (t - self._origin) / 1000.0)
+        part, program = self._player_part(msg)
+        toks = self._enc.feed(msg, (t - self._origin) / 1000.0, part, program)
         event = [x for x in toks if self.vocab.type_of(x) is not TokenType.TIME]
         if (event or interrupt_offs) and self._s is not None:
             self._s.insert(self._tick(t), interrupt_offs + event)
         if self.mode == "respond" and msg.type in ("note_on", "note_off", "control_change"):
             self._player_dirty = self._player_dirty or bool(event)
             self._arm_gap()
+
+    def _player_part(self, msg: mido.Message) -> tuple[str | None, int | None]:
+        """The part (and program) a player's note is heard as: with `bass_split` (accompany),
+        keys below it are the bass; a note-off goes where its note-on went, whatever the split
+        is now. (None, None): the encoder's default, the lead."""
+        if msg.type not in ("note_on", "note_off"):
+            return None, None
+        key = (msg.channel, msg.note)
+        if msg.type == "note_on" and msg.velocity > 0:
+            split = self.params.bass_split if self.mode == "accompany" else None
+            if split is not None and msg.note < split:
+                self._bass_keys.add(key)
+            else:
+                self._bass_keys.discard(key)
+        if key in self._bass_keys:
+            return "bass", p.PLAYER_BASS_PROGRAM
+        return None, None
 
     def _arm_gap(self) -> None:
         if self._gap_handle is not None:
@@ -909,7 +929,11 @@ class LiveConnection:
                     continue
                 now = self.now_ms()
                 if send_at > now:
-                    await self._sleep(self._t0 + send_at / 1000.0)
+                    clock, deadline = self.rt.clock, self._t0 + send_at / 1000.0
+                    if deadline - time.perf_counter() > clock.SPIN_S:
+                        await self._sleep(deadline - clock.SPIN_S)  # then spin the rest
+                    elif not clock.spin_until(deadline):  # over the spin budget
+                        await self._sleep(deadline)
                     continue
                 heapq.heappop(self._heap)
                 await self._deliver(e, now)

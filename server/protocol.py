@@ -37,7 +37,8 @@ ACCOMPANY_PARTS = ["harmony"]
 MAX_FRAME_BYTES = 65_536  # a larger text frame is refused with an error (code "too_large")
 MAX_LOOKAHEAD_MS = 2_000
 MAX_RESPONSE_SECONDS = 60.0
-MAX_TIME_AHEAD_MS = 1_000  # a client event may be stamped at most this far past the server clock
+MAX_TIME_AHEAD_MS = 1_000
+PLAYER_BASS_PROGRAM = 33  # the player's bass line (bass_split) is heard by the model as a bass  # a client event may be stamped at most this far past the server clock
 
 
 class _Message(BaseModel):
@@ -123,6 +124,15 @@ class LiveParams(_Message):
         description="accompany: how far past now the model samples, assuming what the player "
         "will do; raised to lookahead_ms + 50 if smaller",
     )
+    bass_split: int | None = Field(
+        None,
+        ge=1,
+        le=127,
+        description="accompany: the player's notes below this key (MIDI note number, e.g. 48 = "
+        "C3) are a bass line (the left hand names the chords) that the model's accompaniment "
+        "follows, the rest the melody; the model plays no bass then. null = every note is the "
+        "melody",
+    )
     rest_ms: int | None = Field(
         6_000,
         ge=500,
@@ -145,6 +155,11 @@ class LiveParams(_Message):
         if self.pitch_low > self.pitch_high:
             raise ValueError(
                 f"pitch_low ({self.pitch_low}) must be <= pitch_high ({self.pitch_high})"
+            )
+        if self.bass_split is not None and self.parts is not None and "bass" in self.parts:
+            raise ValueError(
+                "parts: 'bass' is the player's while bass_split is set; leave it out, or set "
+                "bass_split to null"
             )
         return self
 

@@ -85,8 +85,11 @@ class StreamEncoder:
                 self._part_program[pending_part] = tok - v.program_base
 
     # --- feeding ---------------------------------------------------------------------------------
-    def feed(self, msg: mido.Message, time: float, part: str | None = None) -> list[int]:
-        """Tokens for one message at `time` seconds ([] for messages that write nothing now)."""
+    def feed(
+        self, msg: mido.Message, time: float, part: str | None = None, program: int | None = None
+    ) -> list[int]:
+        """Tokens for one message at `time` seconds ([] for messages that write nothing now);
+        `program` (a note-on's) instead of its channel's."""
         kind = msg.type
         if kind == "program_change":
             self._channel_program[msg.channel] = msg.program
@@ -110,7 +113,7 @@ class StreamEncoder:
             else self.channel_parts.get(msg.channel, self.default_part)
         )
         if is_on:
-            return out + self._note_on(p, msg.note, msg.velocity, msg.channel, time)
+            return out + self._note_on(p, msg.note, msg.velocity, msg.channel, time, program)
         return out + self._note_off(p, msg.note, msg.channel, time)
 
     def advance(self, time: float) -> list[int]:
@@ -138,11 +141,18 @@ class StreamEncoder:
         return out
 
     def _note_on(
-        self, part: int, pitch: int, velocity: int, channel: int, time: float
+        self,
+        part: int,
+        pitch: int,
+        velocity: int,
+        channel: int,
+        time: float,
+        program: int | None = None,
     ) -> list[int]:
         v = self.vocab
         out = self._advance(time)
-        program = self._channel_program.get(channel, self.default_program)
+        if program is None:
+            program = self._channel_program.get(channel, self.default_program)
         if part == v.drums:
             pitch = self._drum_map.get(pitch, pitch)
         else:

@@ -79,9 +79,12 @@ function startParams() {
     p.response_seconds = +$("length").value; p.gap_ms = +$("gap").value;
     p.programs.lead = state.programs.lead;
   } else {
-    const parts = ["counter", "harmony", "bass", "drums"].filter((x) => $("p-" + x).checked);
+    const split = $("split").checked;
+    // with the player's bass (bass_split) the model plays none: the server refuses both
+    const parts = ["counter", "harmony", "bass", "drums"].filter((x) => $("p-" + x).checked && !(split && x === "bass"));
     p.parts = parts.length ? parts : ["harmony"];
     p.rest_ms = restMs();
+    p.bass_split = split ? SPLIT_KEY : null;
     for (const x of p.parts) if (x !== "drums") p.programs[x] = state.programs[x];
   }
   return p;
@@ -281,10 +284,15 @@ function setMode(mode) {
   sendStart();
 }
 for (const b of document.querySelectorAll("#mode button")) b.onclick = () => setMode(b.dataset.mode);
-const debounce = (f, ms = 150) => { let t; return (...a) => { clearTimeout(t); t = setTimeout(() => f(...a), ms); }; };
 $("temperature").oninput = () => { $("temperature-v").textContent = (+$("temperature").value).toFixed(2); sendParams({ temperature: +$("temperature").value }); };
 $("length").oninput = () => { $("length-v").textContent = $("length").value + " s"; sendParams({ response_seconds: +$("length").value }); };
 $("gap").oninput = () => { $("gap-v").textContent = $("gap").value + " ms"; sendParams({ gap_ms: +$("gap").value }); };
+const SPLIT_KEY = 48; // C3: keys below it are the player's bass line when "Left hand" is on
+$("split").onchange = () => {
+  $("p-bass").disabled = $("split").checked;
+  const p = startParams();
+  sendParams({ bass_split: p.bass_split, parts: p.parts, programs: p.programs });
+};
 // the rest slider's top stop means "never": the accompaniment plays on through silence
 const REST_NEVER = 31;
 function restMs() { const s = +$("rest").value; return s >= REST_NEVER ? null : s * 1000; }
@@ -292,7 +300,16 @@ $("rest").oninput = () => {
   $("rest-v").textContent = +$("rest").value >= REST_NEVER ? "never" : $("rest").value + " s";
   sendParams({ rest_ms: restMs() });
 };
-const sendParams = debounce((p) => send({ type: "params", ...p }));
+// Changes within 150 ms go out as one params frame, merged (a slider drag sends its last value;
+// a checkbox changed in the same breath is not lost).
+const sendParams = (() => {
+  let timer, pending = {};
+  return (p) => {
+    Object.assign(pending, p);
+    clearTimeout(timer);
+    timer = setTimeout(() => { send({ type: "params", ...pending }); pending = {}; }, 150);
+  };
+})();
 for (const x of ["counter", "harmony", "bass", "drums"]) $("p-" + x).onchange = () => sendParams({ parts: startParams().parts, programs: startParams().programs });
 $("trigger").onclick = () => { synth.ensure(); send({ type: "trigger" }); };
 $("panic").onclick = panic;

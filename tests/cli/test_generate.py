@@ -120,7 +120,8 @@ def test_accompany_adds_parts_under_the_melody(tmp_path, song, ckpt):
         == 0
     )
     notes = TOK.read_notes(out)
-    melody = TOK.read_notes(song, parts="lead")
+    given = TOK.read_notes(song)  # MELODY (the lead) and PIANO (harmony, generated anew here)
+    melody = given.select(given.part == 0)
     lead = notes.select(notes.part == 0)
     assert np.array_equal(np.sort(lead.pitch), np.sort(melody.pitch))
     assert set(notes.part.tolist()) <= {
@@ -128,6 +129,17 @@ def test_accompany_adds_parts_under_the_melody(tmp_path, song, ckpt):
         TOK.vocab.part_index["harmony"],
         TOK.vocab.part_index["bass"],
     }
+    # A part of the file that is not generated is kept, and played along with.
+    out2 = tmp_path / "acc2.mid"
+    assert (
+        main(["accompany", str(song), "-o", str(out2), "--checkpoint", ckpt, "--parts", "bass"])
+        == 0
+    )
+    harmony = TOK.vocab.part_index["harmony"]
+    kept = TOK.read_notes(out2)
+    kept, piano = kept.select(kept.part == harmony), given.select(given.part == harmony)
+    assert len(piano) > 0
+    assert np.array_equal(kept.pitch, piano.pitch) and np.allclose(kept.start, piano.start)
 
 
 @pytest.mark.parametrize(

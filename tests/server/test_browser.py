@@ -85,6 +85,16 @@ def test_page_plays_with_the_model_and_shows_disconnects(browser, server, tmp_pa
         "window.__sent.some(m => m.type === 'params' && 'rest_ms' in m && m.rest_ms === null)"
     )
     assert page.locator("#rest-v").inner_text() == "never"
+    # "Left hand": keys below C3 are the player's bass; the model's bass is switched off.
+    page.check("#p-bass")
+    page.check("#split")
+    page.wait_for_function(
+        "window.__sent.some(m => m.type === 'params' && m.bass_split === 48"
+        " && !m.parts.includes('bass'))"
+    )
+    assert page.locator("#p-bass").is_disabled()
+    page.uncheck("#split")
+    page.uncheck("#p-bass")
     along = "window.improv.rollNotes().some(n => n.source === 'model' && n.part !== 'lead')"
     for _ in range(10):  # the player plays on until the (random) model plays along
         for key in ("a", "g", "f", "d"):

@@ -161,6 +161,20 @@ def test_accompany_adds_parts_and_keeps_the_melody(server):
     assert all(n["start"] <= last + 1.0 + 1e-6 for n in generated)
 
 
+def test_accompany_keeps_the_files_other_parts_and_plays_along(server):
+    """A bass line in the file is not generated over: it comes back as it was, given."""
+    melody = [((4 + i) * 480, 400, 72 + i % 5, 90) for i in range(8)]
+    bass = [((4 + 2 * i) * 480, 900, 36 + 5 * (i % 2), 80) for i in range(4)]
+    song = midi_bytes([notes_track("MELODY", melody), notes_track("BASS", bass, 1, program=33)])
+    r = post(server, "/v1/accompany", song, {"seed": "3"}, {"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    notes = r.json()["notes"]
+    got = sorted((n["start"], n["pitch"]) for n in notes if n["part"] == "bass")
+    assert got == [(2.0 + i, 36 + 5 * (i % 2)) for i in range(4)]
+    assert not any(n["generated"] for n in notes if n["part"] in ("lead", "bass"))
+    assert all(n["part"] == "harmony" for n in notes if n["generated"])
+
+
 @pytest.mark.parametrize(
     "path, file, data, status, needle",
     [

@@ -529,3 +529,52 @@ def test_trigger_ends_notes_an_earlier_response_left_sounding_for_the_model(runt
     left, after = asyncio.run(main())
     first_on = next(i for i, t in enumerate(after) if v.on_base <= t < v.off_base)
     assert set(left) <= set(after[:first_on])  # the model hears them end before it answers
+
+
+def test_bass_split_hears_the_left_hand_as_the_bass(runtime):
+    """With bass_split, the player's keys below it reach the model as the bass part (a note-off
+    goes where its note-on went, also across a split change), the rest as the lead; the model
+    plays no bass itself, and asking it to is an error that names the conflict."""
+    import asyncio
+
+    from improv.server.live import LiveConnection
+
+    v = runtime.vocab
+    bass, lead = v.part_index["bass"], v.lead
+
+    async def main() -> tuple[list, list[int]]:
+        out: list = []
+
+        async def send(msg) -> None:
+            out.append(msg)
+
+        conn = LiveConnection(runtime, send)
+        await conn.open()
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 4, "lookahead_ms": 0,
+                           "bass_split": 48, "rest_ms": None})  # fmt: skip
+        await conn.handle({"type": "midi", "data": [144, 36, 90]})  # left hand
+        await conn.handle({"type": "midi", "data": [144, 72, 90]})  # right hand
+        await asyncio.sleep(0.3)
+        await conn.handle({"type": "params", "bass_split": None})  # moved while 36 is held
+        await conn.handle({"type": "midi", "data": [128, 36, 0]})
+        await conn.handle({"type": "midi", "data": [128, 72, 0]})
+        await conn.handle({"type": "midi", "data": [144, 40, 90]})  # now the melody's
+        await asyncio.sleep(0.3)
+        await conn.handle({"type": "midi", "data": [128, 40, 0]})
+        await conn.handle({"type": "params", "bass_split": 60, "parts": ["harmony", "bass"]})
+        await asyncio.sleep(0.1)
+        tokens = list(conn._s.tokens())
+        await conn.close()
+        return out, tokens
+
+    out, tokens = asyncio.run(main())
+    for tok in (v.note_on(bass, 36), v.note_off(bass, 36), v.note_on(lead, 72), v.note_on(lead, 40),
+                v.note_off(lead, 40)):  # fmt: skip
+        assert tok in tokens, v.name(tok)
+    assert v.note_on(lead, 36) not in tokens and v.note_on(bass, 40) not in tokens
+    i = tokens.index(v.part(bass))  # heard as a bass guitar, whatever the player's program
+    assert tokens[i + 1] == v.program(33)
+    ons = [t for t in tokens if v.on_base <= t < v.off_base]
+    assert sum(v.note_of(t)[0] == bass for t in ons) == 1  # the player's: the model plays none
+    errors = [m for m in out if m.type == "error"]
+    assert len(errors) == 1 and "bass_split" in errors[0].message
