@@ -27,7 +27,7 @@ from common import SHARED_DATA, command_line, machine, write_section
 from music_metrics import chord_tone_share, summary
 
 from improv.engine.tokenizer import Notes
-from improv.trainer.chords import read_chords
+from improv.trainer.chords import add_chord_bass, read_chords
 
 log = logging.getLogger("model_card")
 STATS = ("pitch_class_entropy", "scale_consistency", "note_density", "polyphony")
@@ -105,7 +105,7 @@ def main() -> None:
     harmony, counter, bass = (v.part_index[x] for x in ("harmony", "counter", "bass"))
     acc_parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     songs = song_paths(args.data, args.songs)
-    cont_jobs, acc_jobs, solo_jobs, refs = [], [], [], []
+    cont_jobs, acc_jobs, given_jobs, solo_jobs, refs = [], [], [], [], []
     for i, path in enumerate(songs):
         notes = tok.read_notes(path)
         t0 = float(notes.start.min())
@@ -121,6 +121,13 @@ def main() -> None:
         melody = window(notes, a_lo, a_hi)
         lead = melody.select(melody.part == v.lead)
         acc_jobs.append(plan_accompany(rt, lead, sampling, acc_parts, tail_seconds=0.0))
+        # the same melody with a given bass: the chords' roots (what a bass track or the
+        # player's left hand, `bass_split`, gives), counter + harmony generated over both
+        with_bass = window(add_chord_bass(str(path), notes, bass), a_lo, a_hi)
+        given = with_bass.select(np.isin(with_bass.part, [v.lead, bass]))
+        given_jobs.append(
+            plan_accompany(rt, given, sampling, ["counter", "harmony"], tail_seconds=0.0)
+        )
         refs.append(
             (path, notes, p_hi, c_hi, a_lo, a_hi, read_chords(path.parent / "chord_midi.txt"))
         )
@@ -135,6 +142,7 @@ def main() -> None:
         t = time.perf_counter()
         acc = asyncio.run(_run_jobs(rt, acc_jobs))
         t_acc = time.perf_counter() - t
+        over_bass = asyncio.run(_run_jobs(rt, given_jobs))
         rejected = rt.scheduler.stats["notes_rejected"]
         solo = asyncio.run(_run_jobs(rt, solo_jobs))
         rejected = rt.scheduler.stats["notes_rejected"] - rejected
@@ -144,7 +152,10 @@ def main() -> None:
 
     cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []
     chord_gen_harmony, chord_bass, bass_notes = [], [], {"continuation": 0, "accompaniment": 0}
-    for (_, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a in zip(refs, cont, acc, strict=True):
+    given_gen, chord_given = [], []
+    for (_, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a, g in zip(
+        refs, cont, acc, over_bass, strict=True
+    ):
         gen = window(c, p_hi, c_hi)
         bass_notes["continuation"] += int((gen.part == bass).sum())
         gen = gen.select(gen.part != bass)  # POP909 has no bass: compare the parts it has
@@ -163,6 +174,10 @@ def main() -> None:
         chord_gen.append(chord_tone_share(gen_acc, chords))
         chord_gen_harmony.append(chord_tone_share(gen_acc.select(gen_acc.part == harmony), chords))
         chord_real.append(chord_tone_share(real.select(real.part == harmony), chords))
+        g = window(g, a_lo, a_hi)
+        g = g.select(np.isin(g.part, [harmony, counter]))
+        given_gen.append(summary(g, args.seconds, v.drums))
+        chord_given.append(chord_tone_share(g, chords))
 
     report = {
         "checkpoint": str(args.checkpoint),
@@ -174,10 +189,12 @@ def main() -> None:
         },
         "continuation": compare(mean_stats(cont_gen), mean_stats(cont_real)),
         "accompaniment": compare(mean_stats(acc_gen), mean_stats(acc_real)),
+        "accompaniment_given_bass": compare(mean_stats(given_gen), mean_stats(acc_real)),
         "chord_tone_share": {
             "generated": float(np.nanmean(chord_gen)),
             "real_piano": float(np.nanmean(chord_real)),
             "generated_harmony": float(np.nanmean(chord_gen_harmony)),
+            "generated_given_bass": float(np.nanmean(chord_given)),
             "generated_bass": float(np.nanmean(chord_bass))
             if bass_notes["accompaniment"]
             else None,
@@ -271,6 +288,14 @@ first 30 s of melody; counter + harmony against the real BRIDGE + PIANO:
 Share of accompaniment notes that are tones of the annotated chord (chord_midi.txt): generated
 **{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%** (the generated harmony
 part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%).{bass}
+
+**Accompaniment over a given bass**: the same melodies with the chords' roots as a bass part
+(from chord_midi.txt, struck on the strong beats: what a bass track in the file, or the
+player's left hand with `bass_split`, gives), counter + harmony generated:
+
+{table("accompaniment_given_bass")}
+
+Chord tones of the generated counter + harmony: **{100 * ct["generated_given_bass"]:.1f}%**.
 
 **Respond setting**: 15 s of each song's melody alone, continued for 10 s as the lead alone (what
 live call and response asks): {rs["generated_notes"]} notes generated; the model drew

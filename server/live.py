@@ -40,7 +40,7 @@ from improv.engine.constraints import (
     Programs,
 )
 from improv.engine.live import Done, Event, LiveSession, Rollback, SamplingParams, Token
-from improv.engine.tokenizer.stream import part_channel
+from improv.engine.tokenizer.stream import DRUM_CHANNEL, part_channel
 from improv.engine.tokenizer.vocab import TokenType, Vocab
 
 from . import protocol as p
@@ -529,7 +529,7 @@ class LiveConnection:
         """The part (and program) a player's note is heard as: with `bass_split` (accompany),
         keys below it are the bass; a note-off goes where its note-on went, whatever the split
         is now. (None, None): the encoder's default, the lead."""
-        if msg.type not in ("note_on", "note_off"):
+        if msg.type not in ("note_on", "note_off") or msg.channel == DRUM_CHANNEL:
             return None, None
         key = (msg.channel, msg.note)
         if msg.type == "note_on" and msg.velocity > 0:

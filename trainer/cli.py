@@ -51,6 +51,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="share of accompaniment examples whose accompaniment plays another stretch's notes "
         "for 2-8 s, without loss there (default 0)",
     )
+    g.add_argument(
+        "--drop-bass",
+        type=float,
+        default=0.0,
+        help="share of windows (every objective) without their bass part, e.g. with a bass from "
+        "`prepare --chord-bass` (default 0)",
+    )
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (schedule length)")
     g.add_argument(
@@ -166,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         augment=args.augment,
         solo=args.solo,
         swap=args.swap,
+        drop_bass=args.drop_bass,
         ckpt_every=args.ckpt_every,
         eval_every=args.eval_every,
         eval_tokens=args.eval_tokens,

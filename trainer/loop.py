@@ -60,6 +60,7 @@ class TrainConfig:
     augment: bool = True  # transposition, tempo stretch, velocity scaling
     solo: float = 0.0  # continuation windows that keep one part alone (DataConfig.solo)
     swap: float = 0.0  # accompaniment examples with a swapped stretch (DataConfig.swap)
+    drop_bass: float = 0.0  # windows without their bass part (DataConfig.drop_bass)
     ckpt_every: int = 500  # steps between checkpoints (and at the end)
     eval_every: int = 250  # steps between validations (0: only at the end)
     eval_tokens: int = 65536  # validation budget (tokens scored)
@@ -225,7 +226,12 @@ class Trainer:
                 vds, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len)
             )
         self.data_cfg = DataConfig(
-            seq_len=cfg.seq_len, mix=cfg.mix, augment=cfg.augment, solo=cfg.solo, swap=cfg.swap
+            seq_len=cfg.seq_len,
+            mix=cfg.mix,
+            augment=cfg.augment,
+            solo=cfg.solo,
+            swap=cfg.swap,
+            drop_bass=cfg.drop_bass,
         )
 
     def _prepare_data(self, path: str, name: str) -> str:
@@ -262,6 +268,7 @@ class Trainer:
             "objectives": self.cfg.mix,
             "solo": self.cfg.solo,
             "swap": self.cfg.swap,
+            "drop_bass": self.cfg.drop_bass,
             "seq_len": self.cfg.seq_len,
         }
         save_checkpoint(tmp, self.model, self.tok.config, meta)

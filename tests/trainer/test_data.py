@@ -55,6 +55,25 @@ def test_solo_continuations_hold_one_part(dataset: Path) -> None:
         DataConfig(solo=1.5)
 
 
+def test_drop_bass_removes_the_bass_from_a_share_of_windows(dataset: Path) -> None:
+    """The conftest songs all have a bass: with drop_bass 0.5 about half the windows lose it,
+    in every objective, and nothing else changes."""
+    ds = TokenDataset(dataset)
+    bass = ExampleBuilder(ds, DataConfig(seq_len=256)).vocab.part_index["bass"]
+    for p, lo, hi in ((0.0, 40, 40), (0.5, 10, 30), (1.0, 0, 0)):
+        b = ExampleBuilder(ds, DataConfig(seq_len=256, drop_bass=p, pack=False))
+        with_bass = 0
+        for seed in range(40):
+            ex = b.sample(np.random.default_rng(seed))
+            v = b.vocab
+            played = {v.note_of(t)[0] for t in ex.ids.tolist() if v.type_of(t) is TokenType.NOTE_ON}
+            assert v.lead in played
+            with_bass += bass in played
+        assert lo <= with_bass <= hi, (p, with_bass)
+    with pytest.raises(ValueError, match="drop_bass"):
+        DataConfig(drop_bass=-0.1)
+
+
 def test_infill_loss_only_on_generated_middle(builder: ExampleBuilder) -> None:
     v = builder.vocab
     seen_subset = False
