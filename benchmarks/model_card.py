@@ -124,9 +124,8 @@ def main() -> None:
         # the same melody with a given bass: the chords' roots (what a bass track or the
         # player's left hand, `bass_split`, gives), counter + harmony generated over both
         with_bass = window(add_chord_bass(str(path), notes, bass), a_lo, a_hi)
-        given = with_bass.select(np.isin(with_bass.part, [v.lead, bass]))
         given_jobs.append(
-            plan_accompany(rt, given, sampling, ["counter", "harmony"], tail_seconds=0.0)
+            plan_accompany(rt, with_bass, sampling, ["counter", "harmony"], tail_seconds=0.0)
         )
         refs.append(
             (path, notes, p_hi, c_hi, a_lo, a_hi, read_chords(path.parent / "chord_midi.txt"))

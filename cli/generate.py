@@ -212,8 +212,6 @@ def accompany_command() -> tuple[str, Callable, Callable]:
         parts = [s.strip() for s in args.parts.split(",") if s.strip()]
 
         def plan(rt: object, tok: object, sampling: object) -> object:
-            import numpy as np
-
             bad = [p for p in parts if p not in tok.parts or p == "lead"]  # type: ignore[attr-defined]
             if bad:
                 raise SystemExit(
@@ -225,9 +223,7 @@ def accompany_command() -> tuple[str, Callable, Callable]:
                 notes = _read(tok, args.melody, "accompany", parts="lead")
             if not (notes.part == v.lead).any():  # type: ignore[attr-defined]
                 raise SystemExit(f"improv accompany: {args.melody} has no melody notes")
-            # the file's parts not generated (a bass line, say) are kept and played along with
-            given = notes.select(~np.isin(notes.part, [v.part_index[x] for x in parts]))  # type: ignore[attr-defined]
-            return plan_accompany(rt, given, sampling, parts)  # type: ignore[arg-type]
+            return plan_accompany(rt, notes, sampling, parts)  # type: ignore[arg-type]
 
         return _run(args, "accompany", plan, lambda n: n.duration)
 

@@ -262,13 +262,16 @@ def plan_infill(
 
 def plan_accompany(
     rt: Runtime,
-    lead: Notes,
+    notes: Notes,
     sampling: SamplingParams,
     parts: list[str],
     programs: dict[str, int] | None = None,
     tail_seconds: float = 1.0,
 ) -> Job:
+    """`parts` generated along with `notes`' other parts (the lead, and a bass line, say), which
+    are given: forced at their times and returned unchanged."""
     v = rt.vocab
+    lead = notes.select(~np.isin(notes.part, [v.part_index[x] for x in parts]))
     _, events = make_accompany(v, lead, lead_parts=sorted(set(lead.part.tolist())))
     # The accompaniment starts with the lead: an intro over the silence before it would be in
     # a key the model can only guess (it then holds to it when the melody comes in). The model

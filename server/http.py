@@ -11,7 +11,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import (
     APIRouter,
     Depends,
@@ -349,16 +348,15 @@ async def accompany(
         notes = await read_notes(rt, data, "lead")
         if not (notes.part == rt.vocab.lead).any():
             raise HTTPException(422, "no melody found: the file has only drums")
-    lead = notes.select(~np.isin(notes.part, [rt.vocab.part_index[x] for x in chosen]))
-    length = float(lead.end.max())
+    job = gen.plan_accompany(
+        rt, notes, sampling(temperature, top_p, seed), chosen, parse_programs(programs)
+    )
+    length = float(job.given.end.max())
     if length > rt.settings.max_accompany_seconds:
         raise HTTPException(
             422,
             f"the melody must be at most {rt.settings.max_accompany_seconds} s long, got {length:.1f}",
         )
-    job = gen.plan_accompany(
-        rt, lead, sampling(temperature, top_p, seed), chosen, parse_programs(programs)
-    )
     return await respond(rt, job, accept, stream, "accompanied.mid")
 
 

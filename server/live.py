@@ -532,7 +532,11 @@ class LiveConnection:
         if msg.type not in ("note_on", "note_off") or msg.channel == DRUM_CHANNEL:
             return None, None
         key = (msg.channel, msg.note)
-        if msg.type == "note_on" and msg.velocity > 0:
+        bass = self.vocab.part_index["bass"]
+        # a key struck again while it sounds as the bass stays the bass (the encoder ends the
+        # old note first), else that note would sound on in the model's history
+        restrike = key in self._bass_keys and (bass, msg.note) in self._enc.sounding
+        if msg.type == "note_on" and msg.velocity > 0 and not restrike:
             split = self.params.bass_split if self.mode == "accompany" else None
             if split is not None and msg.note < split:
                 self._bass_keys.add(key)

@@ -50,12 +50,8 @@ def prepare(
     chord_bass: bool = False,
 ) -> dict:
     tok = Tokenizer()
-    opts = BuildOptions(min_notes=min_notes)
-    if chord_bass:
-        opts = BuildOptions(
-            min_notes=min_notes,
-            annotate=partial(add_chord_bass, bass_part=tok.vocab.part_index["bass"]),
-        )
+    bass = partial(add_chord_bass, bass_part=tok.vocab.part_index["bass"]) if chord_bass else None
+    opts = BuildOptions(min_notes=min_notes, annotate=bass)
     summaries = {}
     for name, (pop_list, groove_split) in SPLITS.items():
         files = pop909_files(shared / "pop909", pop_list) + groove_files(

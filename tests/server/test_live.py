@@ -578,3 +578,35 @@ def test_bass_split_hears_the_left_hand_as_the_bass(runtime):
     assert sum(v.note_of(t)[0] == bass for t in ons) == 1  # the player's: the model plays none
     errors = [m for m in out if m.type == "error"]
     assert len(errors) == 1 and "bass_split" in errors[0].message
+
+
+def test_bass_split_key_struck_again_stays_the_bass(runtime):
+    """A bass key struck again while it sounds (two sources, say) stays the bass even if the
+    split moved in between, so both releases end it: nothing sounds on in the model's history."""
+    import asyncio
+
+    from improv.server.live import LiveConnection
+
+    bass = runtime.vocab.part_index["bass"]
+
+    async def main() -> tuple[frozenset, frozenset]:
+        async def send(msg) -> None:
+            pass
+
+        conn = LiveConnection(runtime, send)
+        await conn.open()
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 4, "lookahead_ms": 0,
+                           "bass_split": 48, "rest_ms": None})  # fmt: skip
+        await conn.handle({"type": "midi", "data": [144, 36, 90]})
+        await conn.handle({"type": "params", "bass_split": None})
+        await conn.handle({"type": "midi", "data": [144, 36, 90]})
+        held = conn._enc.sounding
+        await conn.handle({"type": "midi", "data": [128, 36, 0]})
+        await conn.handle({"type": "midi", "data": [128, 36, 0]})
+        left = conn._enc.sounding
+        await conn.close()
+        return held, left
+
+    held, left = asyncio.run(main())
+    assert held == {(bass, 36)}
+    assert not left
