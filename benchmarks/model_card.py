@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from common import SHARED_DATA, command_line, machine, write_section
-from music_metrics import chord_tone_share, summary
+from music_metrics import chord_tone_share, melody_triad_share, summary
 
 from improv.engine.tokenizer import Notes
 from improv.trainer.chords import add_chord_bass, read_chords
@@ -151,12 +151,15 @@ def main() -> None:
 
     cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []
     chord_gen_harmony, chord_bass, bass_notes = [], [], {"continuation": 0, "accompaniment": 0}
-    given_gen, chord_given = [], []
+    lead_notes = {"generated": 0, "real": 0}  # continuation: does the song's melody come in?
+    given_gen, chord_given, chord_melody, chord_triads = [], [], [], []
     for (_, notes, p_hi, c_hi, a_lo, a_hi, chords), c, a, g in zip(
         refs, cont, acc, over_bass, strict=True
     ):
         gen = window(c, p_hi, c_hi)
         bass_notes["continuation"] += int((gen.part == bass).sum())
+        lead_notes["generated"] += int((gen.part == v.lead).sum())
+        lead_notes["real"] += int((window(notes, p_hi, c_hi).part == v.lead).sum())
         gen = gen.select(gen.part != bass)  # POP909 has no bass: compare the parts it has
         real = window(notes, p_hi, c_hi)
         cont_gen.append(summary(gen, args.seconds, v.drums))
@@ -173,6 +176,9 @@ def main() -> None:
         chord_gen.append(chord_tone_share(gen_acc, chords))
         chord_gen_harmony.append(chord_tone_share(gen_acc.select(gen_acc.part == harmony), chords))
         chord_real.append(chord_tone_share(real.select(real.part == harmony), chords))
+        melody = real.select(real.part == v.lead)
+        chord_melody.append(chord_tone_share(melody, chords))
+        chord_triads.append(melody_triad_share(melody, chords))
         g = window(g, a_lo, a_hi)
         g = g.select(np.isin(g.part, [harmony, counter]))
         given_gen.append(summary(g, args.seconds, v.drums))
@@ -187,6 +193,7 @@ def main() -> None:
             "seeds": f"{args.seed} + song index",
         },
         "continuation": compare(mean_stats(cont_gen), mean_stats(cont_real)),
+        "continuation_lead_notes": lead_notes,
         "accompaniment": compare(mean_stats(acc_gen), mean_stats(acc_real)),
         "accompaniment_given_bass": compare(mean_stats(given_gen), mean_stats(acc_real)),
         "chord_tone_share": {
@@ -194,6 +201,8 @@ def main() -> None:
             "real_piano": float(np.nanmean(chord_real)),
             "generated_harmony": float(np.nanmean(chord_gen_harmony)),
             "generated_given_bass": float(np.nanmean(chord_given)),
+            "real_melody": float(np.nanmean(chord_melody)),
+            "melody_triads": float(np.nanmean(chord_triads)),
             "generated_bass": float(np.nanmean(chord_bass))
             if bass_notes["accompaniment"]
             else None,
@@ -279,6 +288,10 @@ mean over the songs. Target: each within 20% of the real music.
 
 {table("continuation")}
 
+Most prompts are a song's intro, before its melody: the real next 30 s hold
+{q["continuation_lead_notes"]["real"]} melody (lead) notes in all, the generated ones
+{q["continuation_lead_notes"]["generated"]}.
+
 **Accompaniment**: {" + ".join(q["accompaniment_parts"])} generated under the real melody of the song's
 first 30 s of melody; counter + harmony against the real BRIDGE + PIANO:
 
@@ -287,6 +300,9 @@ first 30 s of melody; counter + harmony against the real BRIDGE + PIANO:
 Share of accompaniment notes that are tones of the annotated chord (chord_midi.txt): generated
 **{100 * ct["generated"]:.1f}%**, real PIANO **{100 * ct["real_piano"]:.1f}%** (the generated harmony
 part alone, the role of POP909's PIANO: {100 * ct["generated_harmony"]:.1f}%).{bass}
+For scale, what the melody alone tells: its own notes are {100 * ct["real_melody"]:.1f}% chord
+tones, and playing only the major or minor triad that best fits the melody under each annotated
+chord (the chord changes given; `melody_triad_share`) would score {100 * ct["melody_triads"]:.1f}%.
 
 **Accompaniment over a given bass**: the same melodies with the chords' roots as a bass part
 (from chord_midi.txt, struck on the strong beats: what a bass track in the file, or the

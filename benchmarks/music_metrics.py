@@ -79,3 +79,32 @@ def summary(notes: Notes, seconds: float, drums: int) -> dict[str, float]:
         "note_density": note_density(p, seconds),
         "polyphony": polyphony(p),
     }
+
+
+TRIADS = [((r, (r + 4) % 12, (r + 7) % 12)) for r in range(12)] + [
+    ((r, (r + 3) % 12, (r + 7) % 12)) for r in range(12)
+]
+
+
+def melody_triad_share(melody: Notes, chords: list[Chord]) -> float:
+    """A reference for accompaniment made from the melody alone: under each annotated chord's
+    span (the chord changes given), the major or minor triad that covers the most melody time
+    (plus a key prior: the melody's pitch-class time over the whole window, weight 0.3); the
+    share of its tones that are tones of the annotated chord, weighted by the span's length.
+    An accompaniment playing only those triads would score this chord-tone share."""
+    hits = total = 0.0
+    pc = melody.pitch.astype(np.int64) % 12
+    key = np.bincount(pc, weights=melody.end - melody.start, minlength=12)
+    key = key / max(key.sum(), 1e-9)
+    for c in chords:
+        sounding = np.clip(
+            np.minimum(melody.end, c.end) - np.maximum(melody.start, c.start), 0, None
+        )
+        if sounding.sum() == 0:
+            continue
+        time_per_pc = np.bincount(pc, weights=sounding, minlength=12)
+        prior = 0.3 * time_per_pc.sum()
+        best = max(TRIADS, key=lambda t: time_per_pc[list(t)].sum() + prior * key[list(t)].sum())
+        hits += (c.end - c.start) * len(set(best) & set(c.tones)) / 3
+        total += c.end - c.start
+    return hits / total if total else float("nan")

@@ -45,6 +45,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="share of continuation windows cut to one part alone, e.g. a melody (default 0)",
     )
     g.add_argument(
+        "--solo-parts",
+        default="",
+        help="comma-separated parts a solo window may keep, e.g. 'lead' (default: any part)",
+    )
+    g.add_argument(
         "--swap",
         type=float,
         default=0.0,
@@ -172,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         mix=parse_mix(args.mix),
         augment=args.augment,
         solo=args.solo,
+        solo_parts=tuple(x.strip() for x in args.solo_parts.split(",") if x.strip()),
         swap=args.swap,
         drop_bass=args.drop_bass,
         ckpt_every=args.ckpt_every,

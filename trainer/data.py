@@ -48,6 +48,9 @@ class DataConfig:
     # hands the model a melody with nothing under it; a model that has only heard full
     # arrangements keeps reaching for the piano there.
     solo: float = 0.0
+    # the parts a solo window may keep (empty: any part present). A piano intro cut to its own
+    # window teaches "a piano alone stays alone", and the song's melody never comes in.
+    solo_parts: tuple[str, ...] = ()
     # accompaniment: chance an example's accompaniment plays, over a stretch of `swap_seconds`,
     # what the same window's accompaniment plays elsewhere (in key, in style, on the wrong
     # chords), without loss there. Taught only on real histories, the model leans on its own
@@ -145,11 +148,16 @@ def augment(notes: Notes, vocab: Vocab, cfg: DataConfig, rng: np.random.Generato
     return n
 
 
-def solo(notes: Notes, rng: np.random.Generator) -> Notes:
-    """One of the parts present, chosen uniformly, alone (unchanged if only one plays)."""
+def solo(notes: Notes, rng: np.random.Generator, allowed: Sequence[int] = ()) -> Notes:
+    """One of the parts present (of `allowed`, if given), chosen uniformly, alone (unchanged if
+    only one plays, or none of `allowed` does)."""
     present = np.unique(notes.part)
     if len(present) < 2:
         return notes
+    if len(allowed):
+        present = present[np.isin(present, allowed)]
+        if len(present) == 0:
+            return notes
     return notes.select(notes.part == present[int(rng.integers(len(present)))])
 
 
@@ -187,6 +195,12 @@ class ExampleBuilder:
         self.ds = dataset
         self.cfg = cfg
         self.vocab = dataset.tokenizer.vocab
+        unknown = set(cfg.solo_parts) - set(self.vocab.part_index)
+        if unknown:
+            raise ValueError(
+                f"solo_parts: unknown parts {sorted(unknown)}; choose from {list(self.vocab.part_index)}"
+            )
+        self._solo_parts = [self.vocab.part_index[p] for p in cfg.solo_parts]
         counts = np.array([f["token_count"] for f in dataset.files], dtype=np.float64)
         if len(counts) == 0:
             raise ValueError(f"dataset {dataset.path} has no files")
@@ -237,7 +251,7 @@ class ExampleBuilder:
         while len(ids) < L:
             _, w, at_end = self._pick(rng, 1.5)  # 1.5x: local density varies, crop the excess
             if self.cfg.solo and rng.random() < self.cfg.solo:
-                w = solo(w, rng)
+                w = solo(w, rng, self._solo_parts)
             ids += [v.BOS, v.TASK_CONTINUE, *encode_events(w, v, 0)]
             if at_end:
                 ids.append(v.EOS)

@@ -59,6 +59,7 @@ class TrainConfig:
     )
     augment: bool = True  # transposition, tempo stretch, velocity scaling
     solo: float = 0.0  # continuation windows that keep one part alone (DataConfig.solo)
+    solo_parts: tuple[str, ...] = ()  # the parts they may keep (empty: any)
     swap: float = 0.0  # accompaniment examples with a swapped stretch (DataConfig.swap)
     drop_bass: float = 0.0  # windows without their bass part (DataConfig.drop_bass)
     ckpt_every: int = 500  # steps between checkpoints (and at the end)
@@ -230,6 +231,7 @@ class Trainer:
             mix=cfg.mix,
             augment=cfg.augment,
             solo=cfg.solo,
+            solo_parts=tuple(cfg.solo_parts),
             swap=cfg.swap,
             drop_bass=cfg.drop_bass,
         )
@@ -267,6 +269,7 @@ class Trainer:
             "init": self.cfg.init,
             "objectives": self.cfg.mix,
             "solo": self.cfg.solo,
+            "solo_parts": list(self.cfg.solo_parts),
             "swap": self.cfg.swap,
             "drop_bass": self.cfg.drop_bass,
             "seq_len": self.cfg.seq_len,

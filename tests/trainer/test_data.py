@@ -55,6 +55,18 @@ def test_solo_continuations_hold_one_part(dataset: Path) -> None:
         DataConfig(solo=1.5)
 
 
+def test_solo_parts_limit_the_part_kept(dataset: Path) -> None:
+    """solo_parts=('lead',): a solo window is the melody alone, never the piano or bass alone."""
+    cfg = DataConfig(seq_len=256, solo=1.0, solo_parts=("lead",), pack=False)
+    b = ExampleBuilder(TokenDataset(dataset), cfg)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        parts = set(token_parts(b.vocab, b.continuation(rng).ids).tolist()) - {-1}
+        assert parts == {b.vocab.lead}, parts
+    with pytest.raises(ValueError, match="unknown parts"):
+        ExampleBuilder(TokenDataset(dataset), DataConfig(solo=0.5, solo_parts=("tuba",)))
+
+
 def test_drop_bass_removes_the_bass_from_a_share_of_windows(dataset: Path) -> None:
     """The conftest songs all have a bass: with drop_bass 0.5 about half the windows lose it,
     in every objective, and nothing else changes."""
