@@ -786,11 +786,12 @@ class LiveSession:
             if waited and self._can_back_off(self.position - 1 if vel else self.position):
                 self._back_off()
                 return
-            if not vel:  # pragma: no cover - strict draws are set up only for these two cases
-                return
             r = self._retries_here()
-            self._cut(self.position - 1, quiet=True)
-            req.n -= 1
+            if vel:
+                self._cut(self.position - 1, quiet=True)
+                req.n -= 1
+            # (an OFF that can't send its wait back: drawn again too, with the next seed; a
+            # draw depends on (seed, position) only, so returning here would repeat it forever)
             self._retry_at, self._retries = self.position, r + 1
 
     def _can_back_off(self, at: int) -> bool:
@@ -1219,7 +1220,10 @@ class Scheduler:
                 strict[i] = masks_np[i].copy()
                 masks_np[i, v.on_base : v.off_base] = True
             elif (
-                s._foreign_offs is not None and s._can_back_off(s.position) and s._cs.at_boundary()
+                s._foreign_offs is not None
+                and s._can_back_off(s.position)
+                and s._cs.at_boundary()
+                and s._retries_here() < MAX_NOTE_RETRIES
             ):
                 strict[i] = masks_np[i].copy()
                 sounding = s._cs.state.sounding[0] & s._foreign_offs[:, None]  # (P, 128)

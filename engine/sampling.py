@@ -99,9 +99,18 @@ def counter_exponentials(
         x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
         x ^= x >> np.uint64(31)
-    # 24 bits -> u in (0, 1), never 0 or 1: q = -log(u) is finite and > 0.
-    u = ((x >> np.uint64(40)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-24)
-    return -np.log(u)  # (B, V)
+    return exponentials_from_bits(x >> np.uint64(40))  # (B, V)
+
+
+def exponentials_from_bits(bits: np.ndarray) -> np.ndarray:
+    """24-bit integers -> float32 Exp(1) draws, all finite and > 0.
+
+    u = (k + 0.5) / 2**24 lies in (0, 1); it is formed in float64, where it is exact: in float32
+    the top value, 2**24 - 0.5, rounds up to 2**24, u to 1 and q to 0, and then a token the
+    mask gave p = 0 wins the race (0 / 0 is NaN, which argmax takes for the largest).
+    """
+    u = (bits.astype(np.float64) + 0.5) * 2.0**-24
+    return (-np.log(u)).astype(np.float32)
 
 
 def sample(
@@ -124,7 +133,7 @@ def sample(
         # The race, not inverse CDF: a CDF sums float error over the whole vocabulary, so
         # float noise between two equal-in-theory paths (cached vs recompute) flips a draw
         # ~V times more often than in the race, where only the winner's margin counts.
-        return torch.argmax(probs / q.to(probs.device), dim=-1)  # (B,)
+        return _race(probs, q.to(probs.device))
     if generators is None or isinstance(generators, torch.Generator):
         generators = [generators] * B
     if len(generators) != B:
@@ -132,7 +141,12 @@ def sample(
     q = torch.empty_like(probs)  # (B, V)
     for b, g in enumerate(generators):  # per-row streams: a row's draw ignores its batch mates
         q[b].exponential_(generator=g)
-    return torch.argmax(probs / q, dim=-1)  # (B,)
+    return _race(probs, q)
+
+
+def _race(probs: Tensor, q: Tensor) -> Tensor:
+    """argmax(p / q) per row, (B,). A token with p = 0 (masked) never wins, whatever q is."""
+    return torch.argmax((probs / q).masked_fill_(probs <= 0, -1.0), dim=-1)
 
 
 def make_generators(
