@@ -158,10 +158,10 @@ def main() -> None:
     ):
         gen = window(c, p_hi, c_hi)
         bass_notes["continuation"] += int((gen.part == bass).sum())
-        lead_notes["generated"] += int((gen.part == v.lead).sum())
-        lead_notes["real"] += int((window(notes, p_hi, c_hi).part == v.lead).sum())
-        gen = gen.select(gen.part != bass)  # POP909 has no bass: compare the parts it has
         real = window(notes, p_hi, c_hi)
+        lead_notes["generated"] += int((gen.part == v.lead).sum())
+        lead_notes["real"] += int((real.part == v.lead).sum())
+        gen = gen.select(gen.part != bass)  # POP909 has no bass: compare the parts it has
         cont_gen.append(summary(gen, args.seconds, v.drums))
         cont_real.append(summary(real, args.seconds, v.drums))
         gen_acc = window(a, a_lo, a_hi)

@@ -81,9 +81,7 @@ def summary(notes: Notes, seconds: float, drums: int) -> dict[str, float]:
     }
 
 
-TRIADS = [((r, (r + 4) % 12, (r + 7) % 12)) for r in range(12)] + [
-    ((r, (r + 3) % 12, (r + 7) % 12)) for r in range(12)
-]
+TRIADS = [(r, (r + third) % 12, (r + 7) % 12) for third in (4, 3) for r in range(12)]  # maj, min
 
 
 def melody_triad_share(melody: Notes, chords: list[Chord]) -> float:

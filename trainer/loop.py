@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,10 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default, all cores)
     resume: bool = True  # continue from the newest checkpoint in `out` if there is one
     stop_at: int | None = None  # stop after this step as if interrupted (tests, benchmarks)
+
+
+# The TrainConfig fields that are DataConfig's (same names): the trainer passes them on.
+_DATA_FIELDS = sorted({f.name for f in fields(DataConfig)} & {f.name for f in fields(TrainConfig)})
 
 
 # --- distributed ----------------------------------------------------------------------------------
@@ -226,15 +230,7 @@ class Trainer:
             self.valid_chunks = eval_chunks(
                 vds, cfg.seq_len, max(1, cfg.eval_tokens // cfg.seq_len)
             )
-        self.data_cfg = DataConfig(
-            seq_len=cfg.seq_len,
-            mix=cfg.mix,
-            augment=cfg.augment,
-            solo=cfg.solo,
-            solo_parts=tuple(cfg.solo_parts),
-            swap=cfg.swap,
-            drop_bass=cfg.drop_bass,
-        )
+        self.data_cfg = DataConfig(**{k: getattr(cfg, k) for k in _DATA_FIELDS})
 
     def _prepare_data(self, path: str, name: str) -> str:
         """Dataset path to train on; a MIDI folder is tokenized (rank 0) into out/<name>."""
