@@ -56,9 +56,10 @@ def free_port() -> int:
 
 
 def start_server(
-    ckpt: Path, port: int, max_sessions: int, log: Path, *extra: str
+    ckpt: Path, port: int, max_sessions: int, log: Path, *extra: str, verbose: bool = False
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "improv.cli", "serve", "--checkpoint", str(ckpt)]
+    cmd = [sys.executable, "-m", "improv.cli", *(["-v"] if verbose else []), "serve"]
+    cmd += ["--checkpoint", str(ckpt)]
     cmd += ["--port", str(port), "--max-sessions", str(max_sessions), "--device", "cpu", *extra]
     # Its log goes to a file: a pipe nobody reads fills up and then blocks the server.
     with open(log, "w") as f:
@@ -298,6 +299,9 @@ def main() -> None:
     )
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--log", default="", help="keep the server's log here")
+    ap.add_argument(
+        "--verbose", action="store_true", help="server debug log (e.g. each late event, why)"
+    )
     ap.add_argument("--serve-args", default="", help="extra `improv serve` arguments")
     ap.add_argument(
         "--only",
@@ -315,7 +319,9 @@ def main() -> None:
     sessions = [int(x) for x in args.sessions.split(",")]
     port = free_port()
     log = Path(args.log or Path(tmp.name) / "server.log")
-    proc = start_server(ckpt, port, max(sessions) + 2, log, *args.serve_args.split())
+    proc = start_server(
+        ckpt, port, max(sessions) + 2, log, *args.serve_args.split(), verbose=args.verbose
+    )
     url = f"ws://127.0.0.1:{port}/v1/live"
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model") as r:
         backend = json.load(r)["backend"]

@@ -21,8 +21,8 @@ it writes the new keys/values into that buffer at each row's own position (seqle
 attends over that row's prefix only (exact masking, no padded scores). RoPE is applied inside
 it (non-interleaved, i.e. rotate-half, as `model.apply_rope`) from cos/sin tables of
 (max_seq, D/2). Its limits: head_dim a multiple of 16 (with rotary); several new tokens per row
-after a past only at batch 1 (the decoder runs such a batch as T one-token steps or as B one-row
-runs, whichever is fewer).
+after a past only at batch 1 (the decoder runs such a batch as one batched step of every row's
+first token and one-row runs of the rest, or as one-row runs: see MULTI_SHARE).
 
 `OnnxDecoder` keeps the cache in numpy buffers (L, max_batch, Hkv, max_seq, D) and binds the
 rows' slices as both past and present (IO binding): onnxruntime reads and extends the cache
@@ -63,6 +63,12 @@ INT8_FILE = "model.int8.onnx"
 INT8_BLOCK = 32
 OPSET = 17
 REUSE_MAX_T = 8  # IO bindings of packed rows with at most this many new tokens are kept
+# A batch where more than this share of the rows append several tokens runs row by row. Measured
+# (default model, int8, one thread, contexts 100-1,000): a batched one-token step costs each row
+# 0.65-0.9 of a one-row run, and each further token of a one-row run 0.3 of one: padding every
+# row to the longest (T batched steps) never pays, and batching the first tokens pays only while
+# few rows have more (BENCHMARKS.md, server notes).
+MULTI_SHARE = 0.35
 MS_DOMAIN = "com.microsoft"
 # Stored in the model's metadata: a model.onnx of another graph layout (e.g. the earlier traced
 # torch.onnx.export of the old functional step) is re-exported by `ensure_onnx`, refused by `OnnxDecoder`.
@@ -316,24 +322,16 @@ class OnnxDecoder(SlotLengths):
         multi = [] if T == 1 else [b for b, row in enumerate(tokens) if len(row) > 1]
         if B == 1 or T == 1 or not any(lengths):
             logits = self._run(slots, lengths, toks)  # (B, T, V)
-        elif len(multi) <= B // 2:
+        elif len(multi) <= B * MULTI_SHARE:
             # Mostly one new token per row (live sessions: a sampled token each, a few with a
             # player's event or a wait): every row's first token in one batched step, then the
-            # longer rows' other tokens one row at a time (padding every row to T would run T
-            # batched steps).
+            # longer rows' other tokens one row at a time.
             logits = torch.zeros(B, T, self.vocab_size)
             logits[:, 0] = self._run(slots, lengths, [[row[0]] for row in tokens])[:, 0]
             for b in multi:
                 row = list(tokens[b])
                 logits[b, 1 : len(row)] = self._run([slots[b]], [lengths[b] + 1], [row[1:]])[0]
-        elif T <= B and max(lengths) + T <= self.max_seq:
-            # GroupQueryAttention takes several new tokens after a past only at batch 1: run T
-            # batched one-token steps (padding is written past a row's end, as in one run) ...
-            logits = torch.empty(B, T, self.vocab_size)
-            for j in range(T):
-                step = [[row[j]] for row in toks]
-                logits[:, j] = self._run(slots, [n + j for n in lengths], step)[:, 0]
-        else:  # ... or B one-row runs, whichever is fewer
+        else:  # GroupQueryAttention takes several new tokens after a past only at batch 1
             logits = torch.zeros(B, T, self.vocab_size)
             for b, (s, n0, row) in enumerate(zip(slots, lengths, tokens, strict=True)):
                 logits[b, : len(row)] = self._run([s], [n0], [list(row)])[0]

@@ -70,7 +70,8 @@ def test_logits_match_torch(onnx_pair):
 @pytest.mark.parametrize("slots", [[0, 1, 2], [2, 0, 1]])
 def test_prefill_decode_append_crop_match_torch(config_pair, slots):
     """Every path of `extend` against torch: batched prefill, single-token decode, a batched
-    multi-token append after a past (run row by row), single-row append, and after a crop."""
+    multi-token append after a past (first tokens batched, or row by row), single-row append,
+    and after a crop."""
     model, path = config_pair
     ort_dec = OnnxDecoder(path, model.config, max_batch=3)
     pt_dec = TorchDecoder(model, max_batch=3)
@@ -82,9 +83,9 @@ def test_prefill_decode_append_crop_match_torch(config_pair, slots):
 
     both(slots, PROMPTS)  # prefill, rows of 2, 7 and 3 tokens
     both(slots, [[50], [51], [52]])  # decode: past lengths 2, 7, 3
-    both(slots, [[60, 61, 62], [63], [64, 65]])  # append after a past: T one-token steps
-    both(slots[:2], [[66, 67, 68, 69], [70]])  # one batched step, then the long row alone
-    both(slots, [[100], [101, 102, 103], [104]])  # the same with three rows
+    both(slots, [[60, 61, 62], [63], [64, 65]])  # append after a past: one run per row
+    both(slots[:2], [[66, 67, 68, 69], [70]])  # half the rows long: one run per row
+    both(slots, [[100], [101, 102, 103], [104]])  # first tokens batched, then the long row
     both(slots[:1], [[71, 72, 73, 74]])  # one row
     for dec in (ort_dec, pt_dec):
         dec.crop(slots[1], 4)  # roll back into the prompt
@@ -96,7 +97,7 @@ def test_prefill_decode_append_crop_match_torch(config_pair, slots):
     b = pt_dec.extend(slots, [[5], [6], [7]])
     assert a.shape == (3, model.config.vocab_size)
     assert _rel_err(a, b) < 1e-4
-    both(slots[:2], [[110, 111, 112, 113], [114, 115]])  # T > B, both long: one run per row
+    both(slots[:2], [[110, 111, 112, 113], [114, 115]])  # both long: one run per row
 
 
 def test_append_near_max_seq_matches_torch(onnx_pair):
