@@ -51,10 +51,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Written out (not F.rms_norm) so the ONNX exporter sees plain ops.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        # Normalized in float32 (under bf16 autocast too), scaled in the input's dtype.
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return y.to(x.dtype) * self.weight
 
 
 def rope_tables(
