@@ -30,7 +30,6 @@ from improv.engine.tokenizer import Notes
 from improv.trainer.chords import add_chord_bass, read_chords
 
 log = logging.getLogger("model_card")
-STATS = ("pitch_class_entropy", "scale_consistency", "note_density", "polyphony")
 
 
 def window(notes: Notes, lo: float, hi: float) -> Notes:

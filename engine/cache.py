@@ -58,11 +58,6 @@ class SlotLengths:
     def get_seq_length(self, slot: int = 0) -> int:
         return self.lengths[slot]
 
-    def set_length(self, slot: int, n: int) -> None:
-        if not 0 <= n <= self.max_seq:
-            raise ValueError(f"length must be in 0..{self.max_seq}, got {n}")
-        self.lengths[slot] = n
-
     def crop(self, slot: int, n: int) -> None:
         """Roll slot back to its first n positions (n <= current length)."""
         if not 0 <= n <= self.lengths[slot]:
@@ -159,16 +154,4 @@ class KVCache(SlotLengths):
         D = kb.shape[-1]
         kb.view(-1, D).index_copy_(0, index, k.reshape(-1, D).to(kb.dtype))
         vb.view(-1, D).index_copy_(0, index, v.reshape(-1, D).to(vb.dtype))
-        return kb[rows, :, :kv_len], vb[rows, :, :kv_len]
-
-    def update(
-        self, layer: int, rows: Rows, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int
-    ) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, Hkv, T, D) at input_pos (B, T); return the rows' (B, Hkv, kv_len, D)."""
-        row_ids = self._row_ids[rows] if isinstance(rows, slice) else rows  # (B,)
-        idx = (row_ids[:, None], slice(None), input_pos)  # -> selects (B, T, Hkv, D)
-        kb, vb = self.k[layer], self.v[layer]
-        kb[idx] = k.transpose(1, 2).to(kb.dtype)  # (B, T, Hkv, D), in place
-        vb[idx] = v.transpose(1, 2).to(vb.dtype)
-        # A slice gives views (no copy); an index tensor gathers (copies) these rows.
         return kb[rows, :, :kv_len], vb[rows, :, :kv_len]

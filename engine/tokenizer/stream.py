@@ -246,7 +246,6 @@ class StreamDecoder:
         ] = {}  # key -> (tick, velocity, program)
         self.notes: list[Note] = []  # completed notes, for file decoding
         self._drum_ticks = max(1, round(vocab.config.drum_note_ms / vocab.config.tick_ms))
-        self.ended = False
 
     @property
     def time(self) -> float:
@@ -306,8 +305,6 @@ class StreamDecoder:
         if t is TokenType.NOTE_OFF:
             key = v.note_of(tok)
             return [self._close(key, self.tick)] if key in self._open else []
-        if tok in (v.EOS, v.FILL_END):
-            self.ended = True
         return []
 
     def finish(self) -> list[TimedMessage]:

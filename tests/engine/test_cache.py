@@ -16,13 +16,11 @@ def test_buffers_are_preallocated_and_views_are_returned(tiny_model):
     with torch.no_grad():
         tiny_model(torch.randint(0, 100, (2, 5)), torch.arange(5).expand(2, 5), cache, [0, 1], 5)
     assert [b.data_ptr() for b in (*cache.k, *cache.v)] == ptrs
-    k, _ = cache.update(
-        0,
-        cache.rows([0, 1], 2),
-        torch.tensor([[5], [5]]),
-        *[torch.zeros(2, cfg.n_kv_head, 1, cfg.head_dim)] * 2,
-        6,
-    )
+    rows = cache.rows([0, 1], 2)
+    index = cache.write_index(rows, torch.tensor([[5], [5]]))
+    new = torch.ones(2, 1, cfg.n_kv_head, cfg.head_dim)  # (B, T, Hkv, D)
+    k, _ = cache.write(0, rows, index, new, new, 6)
+    assert (k[:, :, 5] == 1).all() and k.shape == (2, cfg.n_kv_head, 6, cfg.head_dim)
     assert k.data_ptr() == cache.k[0].data_ptr()  # contiguous slots: a view, not a copy
     assert cache.nbytes_per_slot() == 2 * cfg.n_layer * cfg.n_kv_head * 32 * cfg.head_dim * 4
 
