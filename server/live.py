@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 Send = Callable[[Any], Awaitable[None]]
 
 ACCOMPANY_TICK_S = 0.05  # how often accompany extends its sampling horizon
+RETRACT_EPS_MS = 0.001  # a retract just before an event's time drops that event too
 MAX_ERRORS_PER_S = 20  # error replies per second; more bad frames are dropped (no amplification)
 RESPONSE_MAX_TOKENS = 4096  # safety cap on one response
 
@@ -429,6 +430,14 @@ class LiveConnection:
             except RuntimeError:  # loop closed: the session is gone
                 pass
 
+        if prompt is None:
+            # A fresh token history: its positions start again, and a rollback in it must not
+            # reach the events of the one before (they sounded, or were cut by _end_mode).
+            for e in self._events:
+                e.position = None
+            self._program_due = {
+                part: (prog, None) for part, (prog, _) in self._program_due.items()
+            }
         self._s = await self.rt.open_session(
             prompt or [v.BOS, task], self._constraints(), self._sampling(), on_event
         )
@@ -467,6 +476,8 @@ class LiveConnection:
             self.error("bad_message", _explain(e))
             return
         old, self.params = self.params, new
+        if new.lookahead_ms != old.lookahead_ms:
+            self._reschedule()
         s = self._s
         if s is None:
             return
@@ -808,7 +819,12 @@ class LiveConnection:
         for e in self._events:
             if e.position is not None and e.position >= ev.position and not e.cancelled:
                 e.cancelled = True
-                any_sent |= e.sent
+                if e.sent:
+                    any_sent = True
+                    # A retract drops what is strictly after its time: an event the model made
+                    # at the rollback's own tick (after the insertion, a chord's later notes)
+                    # must be dropped too.
+                    after = min(after, e.time_ms - RETRACT_EPS_MS)
                 prog = e.program
                 if prog is not None and (prog[2] is None or prog[2] < ev.position):
                     # its note is gone, its PROGRAM token stays: it goes with the part's next note
@@ -909,6 +925,19 @@ class LiveConnection:
                         n.off = again
                     if n.on is e:
                         n.on = again
+
+    def _reschedule(self) -> None:
+        """Queued generated events go out `lookahead_ms` before their time, under the current
+        value. Events of one time must go out in the order they were made (a note's off after
+        its on, an off before the same key's next on): queued under two lookaheads, the one
+        made later could go first."""
+        for i, (_, seq, e) in enumerate(self._heap):
+            if e.time_ms is not None and not e.at_once:
+                e.send_at = max(e.time_ms - self.params.lookahead_ms, self._floor)
+                self._heap[i] = (e.send_at, seq, e)
+        heapq.heapify(self._heap)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)  # the earliest may be earlier now
 
     # --- sending --------------------------------------------------------------------------------
     def _enqueue(

@@ -1,9 +1,11 @@
 """/v1/live end to end on a real uvicorn server: both modes, interruption, retract, disconnect,
-malformed frames, limits, auth; no stuck notes on any exit path."""
+malformed frames, limits, auth, random players at once; no stuck notes on any exit path."""
 
 from __future__ import annotations
 
 import json
+import random
+import threading
 import time
 from typing import Any
 
@@ -299,21 +301,28 @@ def test_server_shutdown_ends_notes(runtime, make_player, server_factory):
     assert_balanced(pl)
 
 
+async def open_in_process(runtime) -> tuple[Any, list]:
+    """A live connection driven without a WebSocket (as the MIDI-port bridge does), opened, and
+    the list the messages it sends go to."""
+    from improv.server.live import LiveConnection
+
+    out: list = []
+
+    async def send(msg) -> None:
+        out.append(msg)
+
+    conn = LiveConnection(runtime, send)
+    await conn.open()
+    return conn, out
+
+
 @pytest.mark.parametrize("mode", ["respond", "accompany"])
 def test_in_process_connection(runtime, mode):
     """Driven without a WebSocket, as the MIDI-port bridge does."""
     import asyncio
 
-    from improv.server.live import LiveConnection
-
     async def main() -> list:
-        out: list = []
-
-        async def send(msg) -> None:
-            out.append(msg)
-
-        conn = LiveConnection(runtime, send)
-        await conn.open()
+        conn, out = await open_in_process(runtime)
         await conn.handle({"type": "start", "mode": mode, "seed": 1, "lookahead_ms": 0})
         await conn.handle({"type": "midi", "data": [144, 60, 100]})
         await asyncio.sleep(0.1)
@@ -338,25 +347,108 @@ def test_in_process_connection(runtime, mode):
     assert ons == offs
 
 
+def test_a_lookahead_change_keeps_a_note_off_after_its_note_on(runtime):
+    """Events go out lookahead_ms before their time. A note-on queued under a short lookahead
+    and its note-off (at the same time: a note the clock floor squeezed to nothing) queued
+    after the lookahead grew went out note-off first; a client playing ties in arrival order
+    held that note forever (found by the random players below)."""
+    import asyncio
+
+    async def main() -> list:
+        conn, out = await open_in_process(runtime)
+        await conn.handle({"type": "start", "mode": "respond", "gap_ms": 10_000, "lookahead_ms": 0})
+        harmony = conn.vocab.config.parts.index("harmony")
+        t = conn.now_ms() + 300
+        try:
+            on = conn._gen(t, [0x92, 40, 90], harmony, None)  # goes out at t
+            await conn.handle({"type": "params", "lookahead_ms": 1000})
+            conn._gen(t, [0x82, 40, 0], harmony, None)  # goes out now
+            await asyncio.sleep(0.1)
+            assert on.sent  # rescheduled with the new lookahead, not left for later
+        finally:
+            await conn.close()
+        return [m for m in out if m.type == "midi"]
+
+    midi = asyncio.run(main())
+    assert [m.data[0] for m in midi] == [0x92, 0x82]
+
+
+def test_a_new_mode_never_rolls_back_what_the_last_one_played(runtime):
+    """Token positions start again in a new engine session: a rollback in it (the player's
+    notes, accompanied) cancelled the last session's events at the same positions, notes that
+    had sounded, so a note-on heard was never ended, or ended twice (found by the random
+    players below)."""
+    import asyncio
+
+    async def main() -> tuple[list, list]:
+        async def play(pitch: int) -> None:
+            for i in range(16):  # each note is inserted with a rollback of the accompaniment
+                await conn.handle({"type": "midi", "data": [144 if i % 2 == 0 else 128, pitch, 90]})
+                await asyncio.sleep(0.06)
+
+        conn, out = await open_in_process(runtime)
+        try:
+            await conn.handle({"type": "start", "mode": "accompany", "seed": 4, "lookahead_ms": 0})
+            await play(60)
+            heard = [e for e in conn._events if e.sent and not e.cancelled and e.position]
+            await conn.handle({"type": "start", "mode": "accompany", "seed": 5})  # a new session
+            await play(64)
+        finally:
+            await conn.close()
+        return heard, out
+
+    heard, out = asyncio.run(main())
+    assert heard, "the first session played nothing"
+    assert not [e.msg for e in heard if e.cancelled]
+    ons = sum(1 for m in out if m.type == "midi" and m.data[0] & 0xF0 == 0x90)
+    offs = sum(1 for m in out if m.type == "midi" and m.data[0] & 0xF0 == 0x80)
+    assert ons == offs
+
+
+def test_a_rollback_retracts_a_sent_note_at_its_own_tick(runtime):
+    """A rollback to tick T cancels the model's events from its position on, some of them at T
+    itself (a chord's later notes). The client drops only what is strictly after a retract's
+    time, so the retract must come just before T, and the notes at T that stay are sent again."""
+    import asyncio
+
+    from improv.engine.live import Rollback
+
+    async def main() -> list:
+        conn, out = await open_in_process(runtime)
+        try:
+            await conn.handle({"type": "start", "mode": "accompany", "lookahead_ms": 1000})
+            harmony = conn.vocab.config.parts.index("harmony")
+            tick = conn._tick(conn.now_ms() + 200)
+            t = conn._ms(tick)
+            conn._gen(t, [0x92, 48, 80], harmony, 10)  # stays
+            conn._gen(t, [0x92, 52, 80], harmony, 12)  # rolled back
+            await asyncio.sleep(0.05)  # both sent (a second ahead)
+            conn._on_rollback(Rollback(conn._s.id, 11, tick))
+            await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+        return out
+
+    out = asyncio.run(main())
+    kinds = [m.type for m in out]
+    first = kinds.index("retract")  # the rollback's (the stop retracts what has not sounded)
+    notes = [m for m in out[:first] if m.type == "midi"]
+    assert len(notes) == 2 and out[first].after < notes[0].time  # drops both notes at t
+    nxt = kinds.index("retract", first + 1)  # the stop's: what has not sounded
+    assert [m.data[1] for m in out[first + 1 : nxt] if m.type == "midi"] == [48]  # sent again
+
+
 def test_accompaniment_lands_on_the_daw_grid(runtime):
     """With a beat (as the bridge sends from the DAW's MIDI clock) generated notes start on the
     grid: 8ths at 120 bpm from the beat = every 250 ms, to the 10 ms tick; a re-anchored beat
     moves the grid while the session runs."""
     import asyncio
 
-    from improv.server.live import LiveConnection
-
     async def main() -> tuple[list, float, float]:
-        out: list = []
-
-        async def send(msg) -> None:
-            out.append(msg)
-
         def ons() -> int:
             return sum(m.type == "midi" and m.data[0] & 0xF0 == 0x90 and m.data[2] > 0 for m in out)
 
-        conn = LiveConnection(runtime, send)
-        await conn.open()
+        conn, out = await open_in_process(runtime)
         beat = conn.now_ms() + 37.0  # the DAW's beat: any phase
         # rest_ms None: the accompaniment plays on after the player's one note
         await conn.handle(
@@ -487,16 +579,10 @@ def test_trigger_ends_notes_an_earlier_response_left_sounding_for_the_model(runt
     conflict that once failed the scheduler step.)"""
     import asyncio
 
-    from improv.server.live import LiveConnection
-
     v = runtime.vocab
 
     async def main() -> tuple[list[int], list[int]]:
-        async def send(msg) -> None:
-            pass
-
-        conn = LiveConnection(runtime, send)
-        await conn.open()
+        conn, _ = await open_in_process(runtime)
         await conn.handle({"type": "start", "mode": "respond", "seed": 3, "lookahead_ms": 0,
                            "gap_ms": 10000, "response_seconds": 0.2})  # fmt: skip
         await conn.handle({"type": "midi", "data": [144, 60, 100]})
@@ -537,19 +623,11 @@ def test_bass_split_hears_the_left_hand_as_the_bass(runtime):
     plays no bass itself, and asking it to is an error that names the conflict."""
     import asyncio
 
-    from improv.server.live import LiveConnection
-
     v = runtime.vocab
     bass, lead = v.part_index["bass"], v.lead
 
     async def main() -> tuple[list, list[int]]:
-        out: list = []
-
-        async def send(msg) -> None:
-            out.append(msg)
-
-        conn = LiveConnection(runtime, send)
-        await conn.open()
+        conn, out = await open_in_process(runtime)
         await conn.handle({"type": "start", "mode": "accompany", "seed": 4, "lookahead_ms": 0,
                            "bass_split": 48, "rest_ms": None})  # fmt: skip
         await conn.handle({"type": "midi", "data": [144, 36, 90]})  # left hand
@@ -585,16 +663,10 @@ def test_bass_split_key_struck_again_stays_the_bass(runtime):
     split moved in between, so both releases end it: nothing sounds on in the model's history."""
     import asyncio
 
-    from improv.server.live import LiveConnection
-
     bass = runtime.vocab.part_index["bass"]
 
     async def main() -> tuple[frozenset, frozenset]:
-        async def send(msg) -> None:
-            pass
-
-        conn = LiveConnection(runtime, send)
-        await conn.open()
+        conn, _ = await open_in_process(runtime)
         await conn.handle({"type": "start", "mode": "accompany", "seed": 4, "lookahead_ms": 0,
                            "bass_split": 48, "rest_ms": None})  # fmt: skip
         await conn.handle({"type": "midi", "data": [144, 36, 90]})
@@ -610,3 +682,123 @@ def test_bass_split_key_struck_again_stays_the_bass(runtime):
     held, left = asyncio.run(main())
     assert held == {(bass, 36)}
     assert not left
+
+
+# --- chaos: several players at once doing random things --------------------------------------
+# Notes (with and without times, sustain pedal), triggers, live parameter changes (good and bad),
+# malformed frames, mode changes, grids, pings, stops and abrupt disconnects, seeded. Each session
+# must end with every generated note-on matched by a note-off, every bad frame must get an error
+# and leave the session working, and nothing may leak (the autouse fixture checks the runtime).
+
+PARTS = ["lead", "counter", "harmony", "bass", "drums"]
+ERROR_CODES = {"bad_json", "bad_message", "bad_time", "not_started", "too_large"}
+
+
+def start_params(rng: random.Random) -> dict:
+    p: dict = {"seed": rng.randrange(1000), "lookahead_ms": rng.choice([0, 50, 100, 400])}
+    if rng.random() < 0.3:
+        p["temperature"] = round(rng.uniform(0.0, 1.5), 2)
+    if rng.random() < 0.3:
+        p["parts"] = rng.sample(PARTS, rng.randint(1, 2))
+    if rng.random() < 0.2:
+        p["max_notes_per_second"] = rng.choice([2.0, 8.0])
+    if rng.random() < 0.2:
+        p.update(
+            beat_time=0.0, tempo_bpm=rng.choice([90.0, 120.0]), grid=rng.choice(["1/8", "1/16t"])
+        )
+    return p
+
+
+def bad_frame(rng: random.Random) -> str:
+    return rng.choice(
+        [
+            "not json",
+            json.dumps({"type": "params", "temperature": 99}),
+            json.dumps({"type": "params", "parts": ["kazoo"]}),
+            json.dumps({"type": "params", "pitch_low": 90, "pitch_high": 10}),
+            json.dumps({"type": "midi", "data": [144, 300, 100]}),
+            json.dumps({"type": "midi", "data": [144, 60, 100], "time": 1e12}),
+            json.dumps({"type": "start", "mode": "jam"}),
+            json.dumps({"type": "nope"}),
+        ]
+    )
+
+
+def wander(
+    make_player, url: str, seed: int, seconds: float, failures: list[str], notes: list[int]
+) -> None:
+    """One player's random walk; what went wrong goes to `failures` (a thread can't assert),
+    the generated note-ons it received to `notes`."""
+    rng = random.Random(seed)
+    pl = make_player(url)
+    try:
+        start(
+            pl,
+            rng.choice(["respond", "accompany"]),
+            gap_ms=rng.choice([150, 400]),
+            **start_params(rng),
+        )
+        held: set[int] = set()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            r = rng.random()
+            if r < 0.4:  # the player plays: a key down or up, now or stamped
+                k = rng.choice(sorted(held)) if held and rng.random() < 0.5 else rng.randint(48, 84)
+                t = (time.perf_counter() - pl.t0) * 1000 if rng.random() < 0.3 else None
+                pl.note(k, k not in held, t)
+                held ^= {k}
+            elif r < 0.45:
+                pl.send({"type": "midi", "data": [0xB0, 64, rng.choice([0, 127])]})  # sustain
+            elif r < 0.55:
+                pl.send({"type": "trigger"})
+            elif r < 0.65:
+                pl.send({"type": "params", **start_params(rng)})
+            elif r < 0.72:
+                pl.send(bad_frame(rng))
+                err = pl.until(lambda m: m["type"] == "error", timeout=5)
+                if err is None or err["code"] not in ERROR_CODES:
+                    failures.append(f"player {seed}: bad frame answered with {err}")
+            elif r < 0.8:
+                for k in sorted(held):  # a mode change with keys down: they stay the player's
+                    pl.note(k, False)
+                held.clear()
+                start(pl, rng.choice(["respond", "accompany"]), **start_params(rng))
+            elif r < 0.85:
+                pl.send({"type": "ping", "time": 1})
+            pl.until(lambda m: False, timeout=rng.uniform(0.0, 0.15))  # read what came meanwhile
+        notes.append(sum(1 for m in pl.received if is_on(m)))
+        if rng.random() < 0.3:
+            pl.ws.socket.close()  # gone without a word: the server must free the session
+            return
+        for k in held:
+            pl.note(k, False)
+        stop(pl)
+        ons, offs = pl.counts()
+        if ons != offs or pl.sounding():
+            failures.append(f"player {seed}: {ons} note-ons, {offs} note-offs, {pl.sounding()}")
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        failures.append(f"player {seed}: {type(e).__name__}: {e}")
+
+
+@pytest.mark.parametrize("round_seed", [1, 2])
+def test_random_players_leave_nothing_sounding(server, make_player, round_seed):
+    failures: list[str] = []
+    notes: list[int] = []
+    threads = [
+        threading.Thread(
+            target=wander, args=(make_player, server.ws, 100 * round_seed + i, 6.0, failures, notes)
+        )
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures, failures
+    assert sum(notes) > 0  # the model played
+    assert httpx.get(server.url + "/health").status_code == 200
+    # And the server still serves a new player as usual.
+    pl = make_player(server.ws)
+    start(pl, "respond", gap_ms=100, response_seconds=0.5, seed=3)
+    stop(pl)
+    assert_balanced(pl)
