@@ -238,6 +238,93 @@ async def test_port_session_respond_in_memory(runtime):
     assert ons == offs
 
 
+def left_sounding(log: list) -> set[tuple[int, int]]:
+    """(channel, key) still sounding at the end of an output's log, where None marks the
+    device unplugged (it takes its notes with it)."""
+    ring: set[tuple[int, int]] = set()
+    for m in log:
+        if m is None:
+            ring.clear()
+        elif m.type == "note_on" and m.velocity > 0:
+            ring.add((m.channel, m.note))
+        elif m.type in ("note_on", "note_off"):
+            ring.discard((m.channel, m.note))
+        elif m.type == "control_change" and m.control in (120, 123):  # all sound / notes off
+            ring = {k for k in ring if k[0] != m.channel}
+    return ring
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_port_session_random_keyboard_and_unplugging(runtime, seed):
+    """Seeded random input on the keyboard port (notes on any channel, pedal, program changes,
+    pitch bend, MIDI clock, start/stop) while the keyboard and the synth are unplugged and
+    plugged back: the synth is left with nothing sounding, and the session still answers."""
+    import random
+
+    rng = random.Random(seed)
+    b = MemoryBackend(inputs=["keys"], outputs=["synth"])
+    mode = "respond" if seed % 2 else "accompany"
+    config = MidiConfig("keys", "synth", start={"mode": mode, "gap_ms": 150, "seed": seed})
+    s = PortSession(runtime, config, backend=b)
+    await s.open()
+    held: set[tuple[int, int]] = set()  # (channel, key)
+    try:
+        await asyncio.wait_for(s.started.wait(), 5)
+        for _ in range(150):
+            r = rng.random()
+            if r < 0.5:  # a key on any channel, down or up
+                if held and rng.random() < 0.5:
+                    ch, k = rng.choice(sorted(held))
+                else:
+                    ch, k = rng.choice([0, 0, 0, 1, 9]), rng.randint(40, 90)
+                msg = off(k, ch) if (ch, k) in held else on(k, ch, rng.randint(1, 127))
+            elif r < 0.6:
+                msg = mido.Message("control_change", control=64, value=rng.choice([0, 127]))
+            elif r < 0.65:
+                msg = mido.Message("program_change", program=rng.randrange(128))
+            elif r < 0.7:
+                msg = mido.Message("pitchwheel", pitch=rng.randint(-8192, 8191))
+            elif r < 0.8:
+                msg = mido.Message(rng.choice(["clock", "start", "stop", "continue"]))
+            else:
+                msg = None
+                name, output = rng.choice([("synth", True), ("keys", False)])
+                if rng.random() < 0.5:
+                    with b.lock:
+                        b.vanish(name)
+                        if output:
+                            b.sent["synth"].append(None)  # marks the unplugging in the log
+                elif name not in (b.available_out if output else b.available_in):
+                    b.restore(name, output)
+            if msg is not None and "keys" in b.available_in and "keys" in b._callbacks:
+                b.play("keys", msg, thread=True)
+                if msg.type in ("note_on", "note_off"):
+                    held ^= {(msg.channel, msg.note)}
+            await asyncio.sleep(rng.uniform(0.0, 0.06))
+        # Everything plugged back, keys and pedal up (the keys held when the keyboard went:
+        # released by the port if it noticed, else now), a phrase: the session still answers.
+        for name, output in (("synth", True), ("keys", False)):
+            if name not in (b.available_out if output else b.available_in):
+                b.restore(name, output)
+        await asyncio.sleep(1.5)  # ports are checked again and reopened
+        b.play("keys", mido.Message("control_change", control=64, value=0), thread=True)
+        for ch, k in sorted(held):
+            b.play("keys", off(k, ch), thread=True)
+        heard = len(b.sent["synth"])
+        for k in (60, 64, 67):
+            b.play("keys", on(k), thread=True)
+            await asyncio.sleep(0.1)
+            b.play("keys", off(k), thread=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not note_balance(b.sent["synth"][heard:])[0]:
+            await asyncio.sleep(0.05)
+        assert note_balance(b.sent["synth"][heard:])[0] > 0, "the session stopped answering"
+    finally:
+        await s.close()
+    assert not left_sounding(b.sent["synth"])
+
+
 # --- the real thing: JACK ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def jack():
