@@ -431,8 +431,11 @@ class LiveConnection:
                 pass
 
         if prompt is None:
-            # A fresh token history: its positions start again, and a rollback in it must not
-            # reach the events of the one before (they sounded, or were cut by _end_mode).
+            # A fresh token history: the model would never end a note it played before (it is
+            # not in it), so they end now; and its positions start again, so a rollback in it
+            # must not reach the events of the one before.
+            self._cut(self.now_ms())
+            self._model_sounding.clear()
             for e in self._events:
                 e.position = None
             self._program_due = {

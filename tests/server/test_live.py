@@ -405,6 +405,41 @@ def test_a_new_mode_never_rolls_back_what_the_last_one_played(runtime):
     assert ons == offs
 
 
+def test_a_reopen_on_a_fresh_history_ends_the_notes_sounding(tiny_ckpt, server_factory):
+    """A parameter change that alters the constraints reopens the engine session; once the
+    context has slid, on a fresh history, where the model's notes still sounding are not: it
+    would never end them, so they end at the change."""
+    import asyncio
+
+    _, make_runtime = server_factory
+    rt = make_runtime(tiny_ckpt, max_sessions=1, http_sessions=1, context_tokens=256)
+
+    async def main() -> None:
+        conn, _ = await open_in_process(rt)
+        try:
+            await conn.handle(
+                {"type": "start", "mode": "accompany", "seed": 2, "lookahead_ms": 0,
+                 "rest_ms": None}
+            )  # fmt: skip
+            for i in range(400):  # until the context has slid and a generated note sounds
+                await conn.handle({"type": "midi", "data": [144 if i % 2 == 0 else 128, 60, 90]})
+                await asyncio.sleep(0.03)
+                s = conn._s
+                if s is not None and s.window_start > 0 and conn._open and i % 2:
+                    break
+            assert conn._s.window_start > 0 and conn._open
+            await conn.handle({"type": "params", "parts": ["bass"]})
+            assert not conn._open
+            assert all(n.off is not None and not n.off.cancelled for n in conn._notes)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        rt.close()
+
+
 def test_a_rollback_retracts_a_sent_note_at_its_own_tick(runtime):
     """A rollback to tick T cancels the model's events from its position on, some of them at T
     itself (a chord's later notes). The client drops only what is strictly after a retract's
