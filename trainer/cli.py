@@ -63,6 +63,19 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="share of windows (every objective) without their bass part, e.g. with a bass from "
         "`prepare --chord-bass` (default 0)",
     )
+    for flag, default, what in (
+        ("--strip-chords", 0.25, "windows without their chord marks"),
+        ("--strip-beats", 0.25, "windows without their beat marks"),
+        ("--strip-header", 0.3, "examples without an instrumentation header"),
+        ("--header-programs", 0.7, "headers that name the parts' programs too"),
+        ("--drum-overlay", 0.0, "windows with beats and no drums given a Groove drum part"),
+    ):
+        g.add_argument(
+            flag,
+            type=float,
+            default=default,
+            help=f"share of {what} (harmony tokenizers; default {default})",
+        )
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps (schedule length)")
     g.add_argument(
@@ -180,6 +193,11 @@ def config_from_args(args: argparse.Namespace) -> object:
         solo_parts=tuple(x.strip() for x in args.solo_parts.split(",") if x.strip()),
         swap=args.swap,
         drop_bass=args.drop_bass,
+        strip_chords=args.strip_chords,
+        strip_beats=args.strip_beats,
+        strip_header=args.strip_header,
+        header_programs=args.header_programs,
+        drum_overlay=args.drum_overlay,
         ckpt_every=args.ckpt_every,
         eval_every=args.eval_every,
         eval_tokens=args.eval_tokens,

@@ -20,6 +20,7 @@ import torch
 
 from improv.engine.tokenizer.dataset import TokenDataset
 from improv.engine.tokenizer.encode import encode_events
+from improv.engine.tokenizer.harmony import CHORD, Marks
 from improv.engine.tokenizer.layouts import clip_notes, make_accompany, make_infill, token_parts
 from improv.engine.tokenizer.notes import Notes
 from improv.engine.tokenizer.vocab import Vocab
@@ -62,6 +63,17 @@ class DataConfig:
     # POP909 song has one, but prompts and melodies often come without: heard only with a bass,
     # the model played thinner continuations over a bassless prompt (polyphony -28%).
     drop_bass: float = 0.0
+    # Harmony and meter (tokenizers with harmony tokens): the chance a window loses its chord
+    # marks, its beat marks, its instrumentation header (each independently), so the model
+    # plays well with any of them missing; and the chance a header names programs too.
+    strip_chords: float = 0.25
+    strip_beats: float = 0.25
+    strip_header: float = 0.3
+    header_programs: float = 0.7
+    # chance a window with beats and no drums gets a drum part: a Groove window of the same
+    # number of beats, laid beat by beat on the window's beats (POP909 has no drums, so a band
+    # of harmony + bass + drums is never heard otherwise)
+    drum_overlay: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = set(self.mix) - set(OBJECTIVES)
@@ -75,8 +87,16 @@ class DataConfig:
             raise ValueError(f"solo must be in [0, 1], got {self.solo}")
         if not 0.0 <= self.swap <= 1.0:
             raise ValueError(f"swap must be in [0, 1], got {self.swap}")
-        if not 0.0 <= self.drop_bass <= 1.0:
-            raise ValueError(f"drop_bass must be in [0, 1], got {self.drop_bass}")
+        for name in (
+            "drop_bass",
+            "strip_chords",
+            "strip_beats",
+            "strip_header",
+            "header_programs",
+            "drum_overlay",
+        ):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.swap_seconds
         if not 0.0 < lo <= hi:
             raise ValueError(f"swap_seconds must be (lo, hi) with 0 < lo <= hi, got {lo, hi}")
@@ -132,6 +152,13 @@ def window(notes: Notes, start: float, seconds: float) -> Notes:
 
 def augment(notes: Notes, vocab: Vocab, cfg: DataConfig, rng: np.random.Generator) -> Notes:
     """Random transposition (not drums), tempo stretch and velocity scaling."""
+    return augment_marked(notes, Marks.empty(), vocab, cfg, rng)[0]
+
+
+def augment_marked(
+    notes: Notes, marks: Marks, vocab: Vocab, cfg: DataConfig, rng: np.random.Generator
+) -> tuple[Notes, Marks]:
+    """`augment`, with the window's beats stretched and its chords transposed alike."""
     n = notes.select(slice(None))
     if cfg.transpose:
         k = int(rng.integers(-cfg.transpose, cfg.transpose + 1))
@@ -139,13 +166,39 @@ def augment(notes: Notes, vocab: Vocab, cfg: DataConfig, rng: np.random.Generato
         pitch = np.where(pitched, n.pitch + k, n.pitch)
         n.pitch = pitch.astype(np.int16)
         n = n.select((n.pitch >= 0) & (n.pitch <= 127))  # the few that fall off the keyboard
+        marks = marks.transposed(k)
     if cfg.stretch:
         f = rng.uniform(1 - cfg.stretch, 1 + cfg.stretch)
         n.start, n.end = n.start * f, n.end * f
+        marks = Marks(marks.time * f, marks.kind, marks.value)
     if cfg.velocity:
         f = rng.uniform(1 - cfg.velocity, 1 + cfg.velocity)
         n.velocity = np.clip(np.rint(n.velocity * f), 1, 127).astype(np.int16)
-    return n
+    return n, marks
+
+
+def header_parts(
+    notes: Notes, programs: bool, exclude: Sequence[int] = ()
+) -> list[tuple[int, int | None]]:
+    """(part, program of its first note, or None) of every part that plays, but `exclude`."""
+    out: list[tuple[int, int | None]] = []
+    for part in np.unique(notes.part).tolist():
+        if part in exclude:
+            continue
+        first = int(np.argmin(np.where(notes.part == part, notes.start, np.inf)))
+        out.append((int(part), int(notes.program[first]) if programs else None))
+    return out
+
+
+def lay_on_beats(drums: Notes, src_beats: np.ndarray, dst_beats: np.ndarray) -> Notes:
+    """Drum hits moved from one beat grid onto another, beat by beat (piecewise linear); hits
+    outside the source grid's span are dropped."""
+    inside = (drums.start >= src_beats[0]) & (drums.start < src_beats[-1])
+    d = drums.select(inside)
+    d.start = np.interp(d.start, src_beats, dst_beats)
+    d.end = np.interp(np.minimum(d.end, src_beats[-1]), src_beats, dst_beats)
+    d.end = np.maximum(d.end, d.start)
+    return d
 
 
 def solo(notes: Notes, rng: np.random.Generator, allowed: Sequence[int] = ()) -> Notes:
@@ -211,11 +264,19 @@ class ExampleBuilder:
         names = [k for k in OBJECTIVES if cfg.mix.get(k, 0) > 0]
         w = np.array([cfg.mix[k] for k in names])
         self.objectives, self.objective_p = names, w / w.sum()
+        # drum files with a beat grid, for the drum overlay
+        self._drum_files: list[int] = []
+        if cfg.drum_overlay > 0:
+            for i in range(len(dataset)):
+                n, m = dataset.file_notes(i), dataset.file_marks(i)
+                if len(n) and (n.part == self.vocab.drums).all() and (m.kind != CHORD).sum() >= 8:
+                    self._drum_files.append(i)
 
-    def _pick(self, rng: np.random.Generator, seconds_for: float) -> tuple[int, Notes, bool]:
+    def _pick(self, rng: np.random.Generator, seconds_for: float) -> tuple[int, Notes, Marks, bool]:
         """A random file and a window of about `seconds_for` x (seq_len worth of time).
 
-        Returns (file, window notes shifted to 0 and augmented, whether the window reaches the end).
+        Returns (file, window notes and marks shifted to 0 and augmented, some marks stripped,
+        whether the window reaches the end).
         """
         i = int(rng.choice(len(self.file_p), p=self.file_p))
         notes = self.ds.file_notes(i)
@@ -228,11 +289,43 @@ class ExampleBuilder:
             starts = np.sort(notes.start)
             start = float(starts[min(int(np.searchsorted(starts, start)), len(starts) - 1)])
         w = window(notes, start, seconds)
+        m = self.ds.file_marks(i).window(start, start + seconds)
         if self.cfg.augment:
-            w = augment(w, self.vocab, self.cfg, rng)
+            w, m = augment_marked(w, m, self.vocab, self.cfg, rng)
         if self.cfg.drop_bass and rng.random() < self.cfg.drop_bass:
             w = w.select(w.part != self.vocab.part_index["bass"])
-        return i, w, start + seconds >= dur
+        if self._drum_files and rng.random() < self.cfg.drum_overlay:
+            w = self._overlay_drums(w, m, rng)
+        if rng.random() < self.cfg.strip_chords:
+            m = m.select(m.kind != CHORD)
+        if rng.random() < self.cfg.strip_beats:
+            m = m.select(m.kind == CHORD)
+        return i, w, m, start + seconds >= dur
+
+    def _overlay_drums(self, w: Notes, m: Marks, rng: np.random.Generator) -> Notes:
+        """A Groove window laid on this window's beats (unchanged if it has drums or < 4 beats)."""
+        dst = m.time[m.kind != CHORD]
+        if len(dst) < 4 or (w.part == self.vocab.drums).any():
+            return w
+        f = self._drum_files[int(rng.integers(len(self._drum_files)))]
+        marks = self.ds.file_marks(f)
+        src = marks.time[marks.kind != CHORD]
+        n = min(len(dst), len(src))
+        s = int(rng.integers(0, len(src) - n + 1))
+        # start on one of the source's downbeats when the window starts on one
+        downs = np.flatnonzero(marks.kind[marks.kind != CHORD] == 0)
+        if len(downs) and m.kind[m.kind != CHORD][0] == 0:
+            ok = downs[downs <= len(src) - n]
+            if len(ok):
+                s = int(ok[int(rng.integers(len(ok)))])
+        drums = lay_on_beats(self.ds.file_notes(f), src[s : s + n], dst[:n])
+        return Notes.concat([w, drums]).sorted()
+
+    def _header(self, w: Notes, rng: np.random.Generator, exclude: Sequence[int] = ()) -> list[int]:
+        if not self.vocab.harmony or rng.random() < self.cfg.strip_header:
+            return []
+        programs = rng.random() < self.cfg.header_programs
+        return self.vocab.header(header_parts(w, programs, exclude))
 
     def sample(self, rng: np.random.Generator) -> Example:
         kind = self.objectives[int(rng.choice(len(self.objectives), p=self.objective_p))]
@@ -248,11 +341,14 @@ class ExampleBuilder:
         """`BOS TASK_CONTINUE events [EOS]`, all targets with loss; short pieces are packed."""
         v, L = self.vocab, self.cfg.seq_len + 1
         ids: list[int] = []
+        no_loss: list[int] = []  # the headers: given, not predicted
         while len(ids) < L:
-            _, w, at_end = self._pick(rng, 1.5)  # 1.5x: local density varies, crop the excess
+            _, w, m, at_end = self._pick(rng, 1.5)  # 1.5x: local density varies, crop the excess
             if self.cfg.solo and rng.random() < self.cfg.solo:
                 w = solo(w, rng, self._solo_parts)
-            ids += [v.BOS, v.TASK_CONTINUE, *encode_events(w, v, 0)]
+            head = self._header(w, rng)
+            no_loss += range(len(ids) + 2, len(ids) + 2 + len(head))
+            ids += [v.BOS, v.TASK_CONTINUE, *head, *encode_events(w, v, 0, m)]
             if at_end:
                 ids.append(v.EOS)
             if not self.cfg.pack or not at_end:
@@ -260,12 +356,13 @@ class ExampleBuilder:
         ids = ids[:L]
         loss = np.ones(len(ids), dtype=bool)
         loss[0] = False
+        loss[[j for j in no_loss if j < len(ids)]] = False
         return Example(np.asarray(ids, dtype=np.int64), loss, "continue")
 
     def infill(self, rng: np.random.Generator) -> Example | None:
         """Fill-in-the-middle: loss on the middle's generated tokens (and FILL_END) only."""
         v, L = self.vocab, self.cfg.seq_len + 1
-        _, w, _ = self._pick(rng, 0.9)
+        _, w, m, _ = self._pick(rng, 0.9)
         if len(w) < 4:
             return None
         span = float(w.end.max())
@@ -277,11 +374,12 @@ class ExampleBuilder:
             if present and rng.random() < self.cfg.infill_subset_p:
                 k = int(rng.integers(1, len(present) + 1))
                 parts = sorted(rng.choice(present, size=k, replace=False).tolist())
-            ex = make_infill(v, w, start, start + gap, parts)
+            ex = make_infill(v, w, start, start + gap, parts, marks=m)
             ids = ex.prompt + ex.middle
             if len(ids) <= L:
                 break
-            w = window(w, max(0.0, start - 0.3 * span), 0.6 * span + gap)
+            lo = max(0.0, start - 0.3 * span)
+            w, m = window(w, lo, 0.6 * span + gap), m.window(lo, lo + 0.6 * span + gap)
             span = float(w.end.max()) if len(w) else 0.0
             if len(w) < 4:
                 return None
@@ -301,7 +399,7 @@ class ExampleBuilder:
     def accompany(self, rng: np.random.Generator) -> Example | None:
         """`BOS TASK_ACCOMPANY` + all parts: loss on everything but the (forced) lead's tokens."""
         v, L = self.vocab, self.cfg.seq_len + 1
-        _, w, at_end = self._pick(rng, 1.5)
+        _, w, m, at_end = self._pick(rng, 1.5)
         is_lead = w.part == v.lead
         if not is_lead.any() or is_lead.all():
             return None  # drums-only or lead-only file: nothing to accompany
@@ -310,13 +408,15 @@ class ExampleBuilder:
             swapped = swap_stretch(w, v, rng.uniform(*self.cfg.swap_seconds), rng)
             if swapped is not None:
                 w = swapped[0]
-        ids, _ = make_accompany(v, w)
+        head = self._header(w, rng, exclude=[v.lead])
+        ids, _ = make_accompany(v, w, marks=m, header=head)
         if at_end:
             ids.append(v.EOS)
         ids = np.asarray(ids[:L], dtype=np.int64)
         owner = token_parts(v, ids)
         loss = owner != v.lead
         loss[0] = False
+        loss[2 : 2 + len(head)] = False  # the header: given, like the lead
         if swapped is not None:  # no loss inside the stretch: those are not the notes to learn
             tick = np.cumsum(v.ticks_table[ids])  # (L,) time after each token
             lo, hi = (round(x * v.ticks_per_second) for x in swapped[1:])

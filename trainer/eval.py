@@ -27,6 +27,9 @@ from .data import eval_chunks
 log = logging.getLogger(__name__)
 
 TYPE_NAMES = {t: t.name.lower() for t in TokenType}  # "time", "note_on", ...
+# Beats, chords and the header are not counted in bits/note: a figure comparable across
+# vocabularies with and without them (a file without annotations has none of them anyway).
+HARMONY_TYPES = (TokenType.METER, TokenType.CHORD, TokenType.HEADER)
 
 
 def type_table(vocab: Vocab) -> torch.Tensor:
@@ -79,6 +82,8 @@ def summarize(nll_by_type: np.ndarray, count_by_type: np.ndarray) -> dict:
     """Totals per TokenType -> the report dict."""
     tokens = int(count_by_type.sum())
     total = float(nll_by_type.sum())
+    harmony = [int(t) for t in HARMONY_TYPES]
+    music = total - float(nll_by_type[harmony].sum())
     notes = int(count_by_type[int(TokenType.NOTE_ON)])
     by_type = {
         TYPE_NAMES[t]: {
@@ -88,10 +93,11 @@ def summarize(nll_by_type: np.ndarray, count_by_type: np.ndarray) -> dict:
             else None,
         }
         for t in TokenType
+        if t not in HARMONY_TYPES or count_by_type[int(t)]
     }
     return {
         "nats_per_token": total / tokens if tokens else float("nan"),
-        "bits_per_note": total / math.log(2) / notes if notes else float("nan"),
+        "bits_per_note": music / math.log(2) / notes if notes else float("nan"),
         "tokens": tokens,
         "notes": notes,
         "by_type": by_type,

@@ -62,6 +62,11 @@ class TrainConfig:
     solo_parts: tuple[str, ...] = ()  # the parts they may keep (empty: any)
     swap: float = 0.0  # accompaniment examples with a swapped stretch (DataConfig.swap)
     drop_bass: float = 0.0  # windows without their bass part (DataConfig.drop_bass)
+    strip_chords: float = 0.25  # DataConfig.strip_chords
+    strip_beats: float = 0.25  # DataConfig.strip_beats
+    strip_header: float = 0.3  # DataConfig.strip_header
+    header_programs: float = 0.7  # DataConfig.header_programs
+    drum_overlay: float = 0.0  # DataConfig.drum_overlay
     ckpt_every: int = 500  # steps between checkpoints (and at the end)
     eval_every: int = 250  # steps between validations (0: only at the end)
     eval_tokens: int = 65536  # validation budget (tokens scored)
@@ -76,6 +81,7 @@ class TrainConfig:
 
 
 # The TrainConfig fields that are DataConfig's (same names): the trainer passes them on.
+_HARMONY_FIELDS = ("strip_chords", "strip_beats", "strip_header", "header_programs", "drum_overlay")
 _DATA_FIELDS = sorted({f.name for f in fields(DataConfig)} & {f.name for f in fields(TrainConfig)})
 
 
@@ -167,6 +173,37 @@ def _dataset(path: str, tok: Tokenizer | None, workdir: Path) -> TokenDataset:
     return open_eval_data(p, tok, workdir)
 
 
+def adds_harmony(tok: Tokenizer, ds: TokenDataset) -> bool:
+    """The dataset's tokenizer is the model's plus the harmony tokens."""
+    new = ds.tokenizer.config.to_dict()
+    return (
+        new.pop("harmony")
+        and not tok.config.harmony
+        and new == {k: v for k, v in tok.config.to_dict().items() if k != "harmony"}
+    )
+
+
+@torch.no_grad()
+def grow_vocab(model: nn.Module, size: int) -> None:
+    """Append rows to the (tied) embedding and output layer: the mean embedding plus a little
+    noise, so new tokens start as likely as an average one and apart from each other."""
+    old = model.tok_emb.weight  # (V, D)
+    V, D = old.shape
+    if size <= V:
+        return
+    extra = old.mean(0, keepdim=True) + 0.02 * torch.randn(size - V, D, device=old.device)
+    emb = nn.Embedding(size, D, device=old.device, dtype=old.dtype)
+    emb.weight.copy_(torch.cat([old, extra.to(old.dtype)]))
+    model.tok_emb = emb
+    head = nn.Linear(D, size, bias=False, device=old.device, dtype=old.dtype)
+    if model.config.tie_embeddings:
+        head.weight = emb.weight
+    else:
+        head.weight.copy_(torch.cat([model.lm_head.weight, extra.to(old.dtype)]))
+    model.lm_head = head
+    model.config = type(model.config).from_dict({**model.config.to_dict(), "vocab_size": size})
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -196,6 +233,12 @@ class Trainer:
         self.train_ds = TokenDataset(self.train_path)
         if self.tok is None:
             self.tok = self.train_ds.tokenizer
+        elif cfg.init is not None and resume_from is None and adds_harmony(self.tok, self.train_ds):
+            # a model from before the harmony tokens, fine-tuned on data that has them: the
+            # same ids plus new rows (every id it knew keeps its meaning: vocab.py)
+            self.tok = self.train_ds.tokenizer
+            grow_vocab(model, self.tok.vocab_size)
+            log.info("vocabulary grown to %d ids (harmony tokens)", self.tok.vocab_size)
         elif self.train_ds.tokenizer.config.to_dict() != self.tok.config.to_dict():
             raise ValueError(
                 f"{cfg.data} was tokenized with another tokenizer than the model's; pass the MIDI "
@@ -268,6 +311,7 @@ class Trainer:
             "solo_parts": list(self.cfg.solo_parts),
             "swap": self.cfg.swap,
             "drop_bass": self.cfg.drop_bass,
+            **{k: getattr(self.cfg, k) for k in _HARMONY_FIELDS},
             "seq_len": self.cfg.seq_len,
         }
         save_checkpoint(tmp, self.model, self.tok.config, meta)

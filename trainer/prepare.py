@@ -14,7 +14,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from improv.engine.tokenizer import Tokenizer
+from improv.engine.tokenizer import Tokenizer, TokenizerConfig
 from improv.engine.tokenizer.dataset import BuildOptions, build_dataset
 
 from .chords import add_chord_bass
@@ -48,10 +48,12 @@ def prepare(
     workers: int | None = None,
     min_notes: int = 16,
     chord_bass: bool = False,
+    harmony: bool = True,
 ) -> dict:
-    tok = Tokenizer()
+    tok = Tokenizer(TokenizerConfig(harmony=harmony))
     bass = partial(add_chord_bass, bass_part=tok.vocab.part_index["bass"]) if chord_bass else None
-    opts = BuildOptions(min_notes=min_notes, annotate=bass)
+    # POP909's beats and chords from its annotation files; Groove's beats from its tempo map
+    opts = BuildOptions(min_notes=min_notes, annotate=bass, marks=harmony)
     summaries = {}
     for name, (pop_list, groove_split) in SPLITS.items():
         files = pop909_files(shared / "pop909", pop_list) + groove_files(
@@ -73,9 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="add a root bass part to POP909 songs from their chord annotations (trainer/chords.py)",
     )
+    p.add_argument(
+        "--no-harmony",
+        dest="harmony",
+        action="store_false",
+        help="the tokenizer without BAR/BEAT/CHORD/header tokens (the models before them)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    prepare(Path(args.shared), Path(args.out), args.workers, chord_bass=args.chord_bass)
+    prepare(
+        Path(args.shared),
+        Path(args.out),
+        args.workers,
+        chord_bass=args.chord_bass,
+        harmony=args.harmony,
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import mido
 
 from .encode import encode_events, quantize
+from .harmony import Marks
 from .notes import (
     MidiLike,
     MidiReadError,
@@ -31,6 +32,7 @@ from .stream import StreamDecoder, StreamEncoder, TimedMessage
 from .vocab import TokenizerConfig, TokenType, Vocab
 
 __all__ = [
+    "Marks",
     "MidiReadError",
     "Note",
     "Notes",
@@ -108,7 +110,10 @@ class Tokenizer:
         bos: bool = True,
         eos: bool = True,
         start_tick: int = 0,
+        marks: Marks | None = None,
     ) -> list[int]:
+        """`BOS TASK events EOS` of notes (and of beats and chords, `marks`, where the
+        vocabulary has harmony tokens)."""
         if not isinstance(notes, Notes):
             notes = Notes.from_list(notes)
         self._check_notes(notes)
@@ -119,7 +124,7 @@ class Tokenizer:
             if task not in TASKS:
                 raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
             head.append(TASKS[task])
-        ids = head + encode_events(notes, self.vocab, start_tick)
+        ids = head + encode_events(notes, self.vocab, start_tick, marks)
         if eos:
             ids.append(self.vocab.EOS)
         return ids

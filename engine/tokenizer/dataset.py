@@ -6,7 +6,9 @@ A dataset is a folder:
     tokens.bin       uint16, every file's `BOS TASK_CONTINUE events EOS`, back to back
     notes.npy        structured array of every file's notes (for infill/accompaniment layouts and
                      note-level augmentation, which re-encode windows on the fly)
-    index.json       per file: path, token and note offsets and counts, duration in seconds
+    marks.npy        structured array of every file's beats and chord changes (annotations.py);
+                     absent in datasets built before them (read as none)
+    index.json       per file: path, token, note and mark offsets and counts, duration in seconds
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ class BuildOptions:
     # (path, notes) -> notes, after reading: annotations beside a file (e.g. the trainer's bass
     # from POP909's chords); a module-level function or a partial of one (workers pickle it)
     annotate: Callable[[str, Notes], Notes] | None = None
+    # beats and chords (annotations.read_annotations): written as tokens when the tokenizer has
+    # harmony tokens, and stored for the trainer's windows either way
+    marks: bool = True
+    tempo_beats: bool = True  # beats from the file's tempo map where no beat file is beside it
+
+
+MARK_DTYPE = np.dtype([("time", "<f8"), ("kind", "i1"), ("value", "<i2")])
 
 
 def _notes_to_records(notes: object) -> np.ndarray:
@@ -88,8 +97,21 @@ def _init_worker(config_json: str, options: BuildOptions) -> None:
     _WORKER["options"] = options
 
 
-def _process(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str | None]:
+def records_to_marks(rec: np.ndarray) -> object:
+    from .harmony import Marks
+
+    return Marks(
+        rec["time"].astype(np.float64), rec["kind"].astype(np.int8), rec["value"].astype(np.int16)
+    )
+
+
+_Result = tuple[str, np.ndarray | None, np.ndarray | None, np.ndarray | None, str | None]
+
+
+def _process(path: str) -> _Result:
     from . import MidiReadError
+    from .annotations import read_annotations
+    from .harmony import Marks
 
     tok = _WORKER["tok"]
     opt: BuildOptions = _WORKER["options"]
@@ -97,10 +119,11 @@ def _process(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str 
         notes = tok.read_notes(path, parts=opt.parts, rules=opt.part_rules)
         if opt.annotate is not None:
             notes = opt.annotate(path, notes)
+        marks = read_annotations(path, opt.tempo_beats) if opt.marks else Marks.empty()
     except MidiReadError as e:
-        return path, None, None, str(e)
-    except Exception as e:  # a parser bug must not stop a 10,000-file build
-        return path, None, None, f"{type(e).__name__}: {e}"
+        return path, None, None, None, str(e)
+    except Exception as e:  # a parser bug (or a broken annotation) must not stop a long build
+        return path, None, None, None, f"{type(e).__name__}: {e}"
     keep = np.ones(len(notes), dtype=bool)
     if opt.keep_parts is not None:
         idx = [tok.vocab.part_index[p] for p in opt.keep_parts]
@@ -109,9 +132,13 @@ def _process(path: str) -> tuple[str, np.ndarray | None, np.ndarray | None, str 
         keep &= np.isin(notes.program, list(opt.programs)) | (notes.part == tok.vocab.drums)
     notes = notes.select(keep)
     if len(notes) < opt.min_notes:
-        return path, None, None, f"{len(notes)} notes (minimum {opt.min_notes})"
-    ids = tok.encode_notes(notes)
-    return path, np.asarray(ids, dtype=np.uint16), _notes_to_records(notes), None
+        return path, None, None, None, f"{len(notes)} notes (minimum {opt.min_notes})"
+    if len(marks):  # no beats or chords past the music
+        marks = marks.select(marks.time < float(notes.end.max()))
+    ids = tok.encode_notes(notes, marks=marks)
+    rec = np.empty(len(marks), dtype=MARK_DTYPE)
+    rec["time"], rec["kind"], rec["value"] = marks.time, marks.kind, marks.value
+    return path, np.asarray(ids, dtype=np.uint16), _notes_to_records(notes), rec, None
 
 
 def _name(f: Callable | None) -> str | None:
@@ -177,7 +204,7 @@ def build_dataset(
     workers = workers or os.cpu_count() or 1
     paths = [str(f) for f in files]
     t0 = time.perf_counter()
-    results: list[tuple[str, np.ndarray | None, np.ndarray | None, str | None]] = []
+    results: list[_Result] = []
     init_args = (tok.config.to_json(), options)
     chunksize = max(1, min(64, len(paths) // (workers * 8) or 1))
     bar = tqdm(total=len(paths), unit="file", disable=not progress, desc="tokenize")
@@ -195,15 +222,16 @@ def build_dataset(
 
     index: list[dict] = []
     skipped: list[dict] = []
-    tok_off = note_off = 0
+    tok_off = note_off = mark_off = 0
+    mark_chunks: list[np.ndarray] = []
     with open(out / "tokens.bin", "wb") as ft:
         note_chunks: list[np.ndarray] = []
-        for path, ids, rec, err in results:
+        for path, ids, rec, marks, err in results:
             if err is not None:
                 log.warning("skipped %s: %s", path, err)
                 skipped.append({"path": path, "reason": err})
                 continue
-            assert ids is not None and rec is not None
+            assert ids is not None and rec is not None and marks is not None
             ft.write(ids.tobytes())
             index.append(
                 {
@@ -212,14 +240,22 @@ def build_dataset(
                     "token_count": len(ids),
                     "note_offset": note_off,
                     "note_count": len(rec),
+                    "mark_offset": mark_off,
+                    "mark_count": len(marks),
                     "duration": float(rec["end"].max()),
                 }
             )
             tok_off += len(ids)
             note_off += len(rec)
+            mark_off += len(marks)
             note_chunks.append(rec)
+            mark_chunks.append(marks)
     notes = np.concatenate(note_chunks) if note_chunks else np.empty(0, dtype=NOTE_DTYPE)
     np.save(out / "notes.npy", notes)
+    np.save(
+        out / "marks.npy",
+        np.concatenate(mark_chunks) if mark_chunks else np.empty(0, dtype=MARK_DTYPE),
+    )
     tok.save(out / "tokenizer.json")
     elapsed = time.perf_counter() - t0
     summary = {
@@ -235,6 +271,8 @@ def build_dataset(
             "part_rules": options.part_rules,
             "parts": options.parts,
             "annotate": _name(options.annotate),
+            "marks": options.marks,
+            "tempo_beats": options.tempo_beats,
         },
     }
     (out / "index.json").write_text(
@@ -263,6 +301,8 @@ class TokenDataset:
         else:
             self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.uint16, mode="r")
         self._notes = np.load(self.path / "notes.npy", mmap_mode="r")
+        marks = self.path / "marks.npy"
+        self._marks = np.load(marks) if marks.exists() else np.empty(0, dtype=MARK_DTYPE)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -274,6 +314,12 @@ class TokenDataset:
     def file_notes(self, i: int) -> object:
         f = self.files[i]
         return records_to_notes(self._notes[f["note_offset"] : f["note_offset"] + f["note_count"]])
+
+    def file_marks(self, i: int) -> object:
+        """The file's beats and chord changes (harmony.Marks; none in older datasets)."""
+        f = self.files[i]
+        lo = f.get("mark_offset", 0)
+        return records_to_marks(self._marks[lo : lo + f.get("mark_count", 0)])
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -337,6 +383,18 @@ def command() -> tuple[
             "--parts", help="put every pitched track in this part (e.g. lead for melody files)"
         )
         p.add_argument("--tokenizer", help="tokenizer.json to use (default: the default config)")
+        p.add_argument(
+            "--no-tempo-beats",
+            dest="tempo_beats",
+            action="store_false",
+            help="no beats from the files' tempo maps (beat files beside them still count)",
+        )
+        p.add_argument(
+            "--no-marks",
+            dest="marks",
+            action="store_false",
+            help="neither beats nor chords (chord .lab / chord_midi.txt files are ignored)",
+        )
         p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
     def run(args: argparse.Namespace) -> int:
@@ -364,6 +422,8 @@ def command() -> tuple[
             programs=args.programs,
             part_rules=tuple(args.part_rule),
             parts=args.parts,
+            marks=args.marks,
+            tempo_beats=args.tempo_beats,
         )
         s = build_dataset(files, args.out, tok, opts, args.workers)
         log.info(

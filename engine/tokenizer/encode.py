@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .harmony import BAR, BEAT, Marks
 from .notes import Notes
 from .vocab import Vocab
 
@@ -65,12 +66,44 @@ def normalize(notes: Notes, vocab: Vocab) -> tuple[Notes, np.ndarray]:
     return notes, retrigger
 
 
-def encode_events(notes: Notes, vocab: Vocab, start_tick: int = 0) -> list[int]:
-    """Event tokens for `notes` (no BOS/task/EOS), time counted from `start_tick`."""
+def mark_events(marks: Marks, vocab: Vocab, start_tick: int = 0) -> tuple[list[int], list[int]]:
+    """(ticks, tokens) of the marks at or after `start_tick`, one per kind and tick: a BAR stands
+    for its BEAT, and of two chords at one tick the later is kept."""
+    if not vocab.harmony or len(marks) == 0:
+        return [], []
+    ticks = quantize(marks.time, vocab.ticks_per_second)
+    kinds = np.where(marks.kind == BEAT, BAR, marks.kind)  # one meter slot a tick
+    order = np.lexsort((marks.kind, kinds, ticks))  # stable: later chords stay later
+    out_t: list[int] = []
+    out_k: list[int] = []
+    out_tok: list[int] = []
+    for i in order.tolist():
+        tick, kind = int(ticks[i]), int(kinds[i])
+        if tick < start_tick:
+            continue
+        tok = vocab.mark(int(marks.kind[i]), int(marks.value[i]))
+        if out_t and out_t[-1] == tick and out_k[-1] == kind:
+            if kind != BAR:  # a chord: the later label wins
+                out_tok[-1] = tok
+            continue  # a BAR over a BEAT (sorted first) stays
+        out_t.append(tick)
+        out_k.append(kind)
+        out_tok.append(tok)
+    return out_t, out_tok
+
+
+def encode_events(
+    notes: Notes, vocab: Vocab, start_tick: int = 0, marks: Marks | None = None
+) -> list[int]:
+    """Event tokens for `notes` (no BOS/task/EOS), time counted from `start_tick`.
+
+    `marks` (beats and chord changes) are written before the note events of their tick; a
+    vocabulary without harmony tokens ignores them."""
     notes, retrigger = normalize(notes, vocab)
     n = len(notes)
+    m_tick, m_tok = mark_events(marks, vocab, start_tick) if marks is not None else ([], [])
     if n == 0:
-        return []
+        return _with_marks([], [], m_tick, m_tok, vocab, start_tick)
     tps = vocab.ticks_per_second
     is_drum = notes.part == vocab.drums
     has_off = ~is_drum
@@ -126,20 +159,44 @@ def encode_events(notes: Notes, vocab: Vocab, start_tick: int = 0) -> list[int]:
     off_tok = (vocab.off_base + key).tolist()
 
     out: list[int] = []
+    at: list[int] = []  # (len(out),) the event index each token belongs to
+    for i, (is_on, ch) in enumerate(zip(ev_on.tolist(), changed.tolist(), strict=True)):
+        group = ([part_tok[i], prog_tok[i]] if ch else []) + [vel_tok[i], on_tok[i]]
+        if not is_on:
+            group = [off_tok[i]]
+        out += group
+        at += [i] * len(group)
+    return _with_marks(out, [ev_tick[i] for i in at], m_tick, m_tok, vocab, start_tick)
+
+
+def _with_marks(
+    toks: list[int],
+    ticks: list[int],
+    m_tick: list[int],
+    m_tok: list[int],
+    vocab: Vocab,
+    start_tick: int,
+) -> list[int]:
+    """Tokens with their ticks, and marks, merged in time order (marks first at a tick), with
+    time tokens between."""
+    out: list[int] = []
     append, extend, time_tokens = out.append, out.extend, vocab.time_tokens
     cur = start_tick
-    for i, (tick, is_on, ch) in enumerate(
-        zip(ev_tick.tolist(), ev_on.tolist(), changed.tolist(), strict=True)
-    ):
+    j, nm = 0, len(m_tick)
+    for tok, tick in zip(toks, ticks, strict=True):
+        while j < nm and m_tick[j] <= tick:
+            if m_tick[j] > cur:
+                extend(time_tokens(m_tick[j] - cur))
+                cur = m_tick[j]
+            append(m_tok[j])
+            j += 1
         if tick > cur:
             extend(time_tokens(tick - cur))
             cur = tick
-        if is_on:
-            if ch:
-                append(part_tok[i])
-                append(prog_tok[i])
-            append(vel_tok[i])
-            append(on_tok[i])
-        else:
-            append(off_tok[i])
+        append(tok)
+    for k in range(j, nm):
+        if m_tick[k] > cur:
+            extend(time_tokens(m_tick[k] - cur))
+            cur = m_tick[k]
+        append(m_tok[k])
     return out

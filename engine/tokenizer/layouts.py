@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .encode import encode_events, quantize
+from .harmony import Marks
 from .notes import Notes
 from .vocab import TokenType, Vocab
 
@@ -18,7 +19,10 @@ from .vocab import TokenType, Vocab
 @dataclass(frozen=True)
 class TimedEvent:
     tick: int  # absolute tick of the event
-    tokens: tuple[int, ...]  # one event: [PART PROGRAM] VEL ON, or OFF
+    tokens: tuple[int, ...]  # one event: [PART PROGRAM] VEL ON, OFF, BAR, BEAT or CHORD
+
+
+_EVENT_ENDS = (TokenType.NOTE_ON, TokenType.NOTE_OFF, TokenType.METER, TokenType.CHORD)
 
 
 def split_events(vocab: Vocab, ids: Sequence[int], start_tick: int = 0) -> list[TimedEvent]:
@@ -32,9 +36,11 @@ def split_events(vocab: Vocab, ids: Sequence[int], start_tick: int = 0) -> list[
             tick += vocab.shift_ticks(tok)
         elif t is TokenType.SPECIAL:
             continue
+        elif t is TokenType.HEADER:
+            continue
         else:
             group.append(tok)
-            if t in (TokenType.NOTE_ON, TokenType.NOTE_OFF):
+            if t in _EVENT_ENDS:
                 out.append(TimedEvent(tick, tuple(group)))
                 group = []
     return out
@@ -54,7 +60,7 @@ def token_parts(vocab: Vocab, ids: Sequence[int]) -> np.ndarray:
     prev_part = np.concatenate([[-1], out[:-1]])
     out[prog] = prev_part[prog]
     on = (arr >= vocab.on_base) & (arr < vocab.off_base)
-    off = (arr >= vocab.off_base) & (arr < vocab.size)
+    off = (arr >= vocab.off_base) & (arr < vocab.notes_end)
     out[on] = (arr[on] - vocab.on_base) // 128
     out[off] = (arr[off] - vocab.off_base) // 128
     vel = (arr >= vocab.vel_base) & (arr < vocab.on_base)
@@ -90,10 +96,13 @@ def make_infill(
     end: float,
     parts: Sequence[int] | None = None,
     context_seconds: float | None = None,
+    marks: Marks | None = None,
 ) -> InfillExample:
     """Fill-in-the-middle layout for the gap [start, end) over `parts` (default: all parts).
 
     `context_seconds` limits the prefix and the suffix to that much music on each side.
+    `marks` (beats, chords) are written in the prefix, the suffix and the middle at their times;
+    the middle's are forced, like the given parts' notes.
     """
     if not end > start:
         raise ValueError(f"infill end must be after start, got start={start} end={end}")
@@ -108,18 +117,22 @@ def make_infill(
 
     before = kept.select((kept.start < start) & (kept.start >= lo))
     before.end = np.minimum(before.end, start)  # nothing sounds into the gap, in the model's view
-    prefix = encode_events(before, vocab, 0)
+    m = marks if marks is not None else Marks.empty()
+    m_before = m.select((m.time < start) & (m.time >= lo))
+    m_gap = m.window(start, end).shifted(start) if len(m) else m
+    m_after = m.select((m.time >= end) & (m.time < hi))
+    prefix = encode_events(before, vocab, 0, m_before)
     prefix += vocab.time_tokens(s_tick - _end_tick(prefix, vocab))
     after = clip_notes(kept, end, hi)
-    suffix = encode_events(after, vocab, e_tick)
+    suffix = encode_events(after, vocab, e_tick, m_after)
     given = clip_notes(kept, start, end)
     gap = Notes.concat([given, clip_notes(targets, start, end)])
-    middle = encode_events(gap, vocab, s_tick)
+    middle = encode_events(gap, vocab, s_tick, m_gap)
     middle += vocab.time_tokens(e_tick - s_tick - _end_tick(middle, vocab))
     middle.append(vocab.FILL_END)
     prompt = [vocab.BOS, vocab.TASK_INFILL, *(vocab.part(p) for p in target_parts)]
     prompt += prefix + [vocab.FILL_SUFFIX] + suffix + [vocab.FILL_MIDDLE]
-    forced = split_events(vocab, encode_events(given, vocab, s_tick), s_tick)
+    forced = split_events(vocab, encode_events(given, vocab, s_tick, m_gap), s_tick)
     return InfillExample(prompt, middle, forced, s_tick, e_tick, kept, targets)
 
 
@@ -129,11 +142,16 @@ def _end_tick(ids: Sequence[int], vocab: Vocab) -> int:
 
 
 def make_accompany(
-    vocab: Vocab, notes: Notes, lead_parts: Sequence[int] | None = None
+    vocab: Vocab,
+    notes: Notes,
+    lead_parts: Sequence[int] | None = None,
+    marks: Marks | None = None,
+    header: Sequence[int] = (),
 ) -> tuple[list[int], list[TimedEvent]]:
-    """Accompaniment layout: `BOS TASK_ACCOMPANY` + all parts interleaved (for training), and the
-    lead's events alone with their ticks (what is forced at inference)."""
+    """Accompaniment layout: `BOS TASK_ACCOMPANY [header]` + all parts interleaved, with the
+    beats and chords of `marks` (for training), and the lead's events alone with their ticks,
+    with the marks (what is forced at inference)."""
     lead_parts = [vocab.lead] if lead_parts is None else list(lead_parts)
-    ids = [vocab.BOS, vocab.TASK_ACCOMPANY, *encode_events(notes, vocab, 0)]
+    ids = [vocab.BOS, vocab.TASK_ACCOMPANY, *header, *encode_events(notes, vocab, 0, marks)]
     lead = notes.select(np.isin(notes.part, lead_parts))
-    return ids, split_events(vocab, encode_events(lead, vocab, 0), 0)
+    return ids, split_events(vocab, encode_events(lead, vocab, 0, marks), 0)

@@ -12,18 +12,25 @@ Layout (default config, ids in order):
     VEL_0 .. VEL_31                           velocity bin of the note-on that follows
     ON(part, pitch)                           note-on, one per part x 128 pitches
     OFF(part, pitch)                          note-off, one per part x 128 pitches
+    BAR BEAT                                  a downbeat / a beat falls at this time  (harmony)
+    CHORD_N CHORD(root, quality)              from now the harmony is this            (harmony)
+    HEADER HEADER_END                         the instrumentation header's bounds     (harmony)
 
-See docs/tokens.md for the grammar and the task layouts.
+The last three groups exist when `TokenizerConfig.harmony` is on (older checkpoints' configs lack
+the key and keep their vocabulary). See docs/tokens.md for the grammar and the task layouts.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from functools import cached_property
 
 import numpy as np
+
+from .harmony import BAR, BEAT, N_CHORDS, chord_label
 
 # Non-GM drum notes seen in real kits (Roland TD-11 in Groove MIDI) folded to the GM drum class
 # that sounds like them, so the model learns one token per drum sound.
@@ -46,6 +53,9 @@ class TokenType(IntEnum):
     VELOCITY = 4
     NOTE_ON = 5
     NOTE_OFF = 6
+    METER = 7  # BAR, BEAT
+    CHORD = 8  # CHORD_N, CHORD(root, quality)
+    HEADER = 9  # HEADER, HEADER_END
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,10 @@ class TokenizerConfig:
     # piano's tail, and a bound on broken CC64 data (some POP909 tracks never lift the pedal).
     max_sustain_ms: int = 1500
     drum_map: dict[int, int] = field(default_factory=lambda: dict(DEFAULT_DRUM_MAP))
+    # BAR/BEAT, CHORD and the instrumentation header (docs/tokens.md). A config written before
+    # they existed has no such key and loads with False: its checkpoints keep their vocabulary.
+    # Off by default until every generation path speaks it; the trainer turns it on.
+    harmony: bool = False
 
     def __post_init__(self) -> None:
         if self.tick_ms < 1 or self.tick_ms > 10:
@@ -89,6 +103,7 @@ class TokenizerConfig:
     def from_dict(cls, d: dict) -> TokenizerConfig:
         d = dict(d)
         d["parts"] = tuple(d.get("parts", cls.parts))
+        d.setdefault("harmony", False)
         if "drum_map" in d:
             d["drum_map"] = {int(k): int(v) for k, v in d["drum_map"].items()}
         known = set(cls.__dataclass_fields__)
@@ -139,7 +154,16 @@ class Vocab:
         self.vel_base = self.program_base + 128
         self.on_base = self.vel_base + config.velocity_bins
         self.off_base = self.on_base + 128 * self.n_parts
-        self.size = self.off_base + 128 * self.n_parts
+        self.notes_end = self.off_base + 128 * self.n_parts
+        self.harmony = config.harmony
+        # BAR BEAT, CHORD_N CHORD(root, quality)..., HEADER HEADER_END (appended, so a model
+        # without them keeps every id it knows)
+        self.BAR = self.notes_end
+        self.BEAT = self.BAR + 1
+        self.chord_base = self.BEAT + 1  # CHORD(index) = chord_base + index; index 0 is N
+        self.HEADER = self.chord_base + N_CHORDS
+        self.HEADER_END = self.HEADER + 1
+        self.size = self.HEADER_END + 1 if config.harmony else self.notes_end
 
     @cached_property
     def ticks_table(self) -> np.ndarray:
@@ -168,6 +192,30 @@ class Vocab:
     def note_off(self, part: int, pitch: int) -> int:
         return self.off_base + part * 128 + pitch
 
+    def chord(self, index: int) -> int:
+        """CHORD token of a chord index (harmony.chord_index; 0 is N)."""
+        return self.chord_base + index
+
+    def mark(self, kind: int, value: int) -> int:
+        """The token of a mark (harmony.BAR/BEAT/CHORD)."""
+        if kind == BAR:
+            return self.BAR
+        if kind == BEAT:
+            return self.BEAT
+        return self.chord(value)
+
+    def header(self, parts: Sequence[tuple[int, int | None]]) -> list[int]:
+        """`HEADER PART_p [PROGRAM_x] ... HEADER_END`: the parts (and programs) to play."""
+        if not self.harmony:
+            return []
+        out = [self.HEADER]
+        for part, program in parts:
+            out.append(self.part(part))
+            if program is not None:
+                out.append(self.program(program))
+        out.append(self.HEADER_END)
+        return out
+
     # --- velocity bins ------------------------------------------------------------------------
     def velocity_bin(self, velocity: int) -> int:
         """MIDI velocity 1..127 -> bin 0..velocity_bins-1."""
@@ -195,8 +243,16 @@ class Vocab:
             return TokenType.VELOCITY
         if tok < self.off_base:
             return TokenType.NOTE_ON
-        if tok < self.size:
+        if tok < self.notes_end:
             return TokenType.NOTE_OFF
+        if tok >= self.size:
+            pass
+        elif tok < self.chord_base:
+            return TokenType.METER
+        elif tok < self.HEADER:
+            return TokenType.CHORD
+        else:
+            return TokenType.HEADER
         raise ValueError(f"token id must be in 0..{self.size - 1}, got {tok}")
 
     def shift_ticks(self, tok: int) -> int:
@@ -234,6 +290,12 @@ class Vocab:
 
     def name(self, tok: int) -> str:
         t = self.type_of(tok)
+        if t is TokenType.METER:
+            return "BAR" if tok == self.BAR else "BEAT"
+        if t is TokenType.CHORD:
+            return "CHORD_" + chord_label(tok - self.chord_base)
+        if t is TokenType.HEADER:
+            return "HEADER" if tok == self.HEADER else "HEADER_END"
         if t is TokenType.SPECIAL:
             return self.SPECIAL_NAMES[tok]
         if t is TokenType.TIME:

@@ -292,3 +292,110 @@ def test_parse_mix_rejects_unknown() -> None:
     assert parse_mix("continue=2,infill=1") == {"continue": 2.0, "infill": 1.0}
     with pytest.raises(ValueError, match="objective"):
         parse_mix("melody=1")
+
+
+# --- harmony and meter ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def harmony_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Songs with a chord-lab file beside each and a 120-bpm tempo map, plus a drums-only file."""
+    from improv.engine.tokenizer import TokenizerConfig
+    from improv.engine.tokenizer.dataset import build_dataset
+
+    from .conftest import song
+
+    folder = tmp_path_factory.mktemp("harmony")
+    tok = Tokenizer(TokenizerConfig(harmony=True))
+    paths = []
+    for i in range(3):
+        p = folder / f"song{i}.mid"
+        notes = [n for n in song(i, 16.0) if n.part != 4]  # a band without drums
+        tok.notes_to_midi(notes).save(p)
+        p.with_suffix(".lab").write_text("0 2 C:maj\n2 4 A:min\n4 6 F:maj\n6 8 G:7\n" * 1)
+        paths.append(p)
+    drums = folder / "drums.mid"
+    tok.notes_to_midi([n for n in song(9, 16.0) if n.part == 4]).save(drums)
+    paths.append(drums)
+    out = folder / "ds"
+    build_dataset(paths, out, tok, workers=1, progress=False)
+    return out
+
+
+def test_windows_carry_their_chords_transposed_and_stretched(harmony_dataset: Path) -> None:
+    from improv.engine.tokenizer.harmony import chord_of
+    from improv.trainer.data import augment_marked
+
+    ds = TokenDataset(harmony_dataset)
+    v = ds.tokenizer.vocab
+    notes, marks = ds.file_notes(0), ds.file_marks(0)
+    cfg = DataConfig(transpose=5, stretch=0.1)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        a, m = augment_marked(notes, marks, v, cfg, rng)
+        k = int(np.random.default_rng(seed).integers(-5, 6))  # the same first draw
+        assert int(a.pitch[a.part == 0][0]) - int(notes.pitch[notes.part == 0][0]) == k
+        roots = [chord_of(int(x))[0] for x in m.chords.value]
+        assert roots == [(r + k) % 12 for r in (0, 9, 5, 7)]
+        f = a.start[1] / notes.start[1]
+        assert np.allclose(m.time, marks.time * f)
+
+
+def test_headers_name_the_parts_to_play_and_carry_no_loss(harmony_dataset: Path) -> None:
+    ds = TokenDataset(harmony_dataset)
+    v = ds.tokenizer.vocab
+    b = ExampleBuilder(ds, DataConfig(seq_len=512, strip_header=0.0, header_programs=1.0))
+    ex = b.accompany(np.random.default_rng(1))
+    assert ex is not None
+    end = list(ex.ids).index(v.HEADER_END)
+    assert ex.ids[2] == v.HEADER and not ex.loss[2 : end + 1].any() and ex.loss[end + 1]
+    named = {v.name(int(t)) for t in ex.ids[3:end]}
+    assert "PART_lead" not in named and {"PART_harmony", "PART_bass"} <= named
+    ex = b.continuation(np.random.default_rng(2))
+    end = list(ex.ids).index(v.HEADER_END)
+    assert ex.ids[2] == v.HEADER and not ex.loss[2 : end + 1].any()
+    assert {v.name(int(t)) for t in ex.ids if v.type_of(int(t)).name in ("METER", "CHORD")}
+
+
+def test_stripping_removes_marks(harmony_dataset: Path) -> None:
+    ds = TokenDataset(harmony_dataset)
+    v = ds.tokenizer.vocab
+    cfg = DataConfig(seq_len=512, strip_chords=1.0, strip_beats=1.0, strip_header=1.0)
+    ex = ExampleBuilder(ds, cfg).continuation(np.random.default_rng(0))
+    assert not any(v.type_of(int(t)).name in ("METER", "CHORD", "HEADER") for t in ex.ids)
+
+
+def test_drum_overlay_lays_a_drum_part_on_the_beats(harmony_dataset: Path) -> None:
+    ds = TokenDataset(harmony_dataset)
+    v = ds.tokenizer.vocab
+    b = ExampleBuilder(ds, DataConfig(seq_len=1024, drum_overlay=1.0, strip_beats=0.0))
+    assert b._drum_files == [3]
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(8):
+        i, w, m, _ = b._pick(rng, 1.0)
+        if i == 3:
+            continue  # the drums file itself
+        checked += 1
+        assert (w.part == v.drums).any() and (w.part == v.lead).any()
+        beats = m.time[m.kind != 2]
+        hits = w.start[w.part == v.drums]
+        # the source drums hit on its beats (every 0.5 s): so do the laid ones, on these beats
+        near = np.abs(hits[:, None] - beats[None, :]).min(axis=1)
+        assert np.median(near) < 0.02
+    assert checked
+
+
+def test_grow_vocab_keeps_every_old_logit() -> None:
+    from improv.engine.config import ModelConfig
+    from improv.engine.model import Transformer
+    from improv.trainer.loop import grow_vocab
+
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_preset("tiny", vocab_size=100)).eval()
+    x = torch.randint(0, 100, (2, 12))
+    before = m(x)
+    grow_vocab(m, 120)
+    after = m(x)
+    assert after.shape[-1] == 120 and m.config.vocab_size == 120
+    torch.testing.assert_close(after[..., :100], before)

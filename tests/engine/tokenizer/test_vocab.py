@@ -3,18 +3,38 @@ import json
 import pytest
 
 from improv.engine.tokenizer import Tokenizer, TokenizerConfig, TokenType, Vocab
+from improv.engine.tokenizer.harmony import parse_label
 
 
 def test_layout_is_contiguous_and_documented():
     v = Vocab(TokenizerConfig())
     assert v.size == 1586  # docs/tokens.md states this figure
     seen = {v.type_of(i) for i in range(v.size)}
-    assert seen == set(TokenType)
+    harmony = {TokenType.METER, TokenType.CHORD, TokenType.HEADER}
+    assert seen == set(TokenType) - harmony  # an older checkpoint's layout: no harmony tokens
     with pytest.raises(ValueError, match="0..1585"):
         v.type_of(v.size)
     assert v.name(v.note_on(0, 60)) == "ON_lead_60"
     assert v.name(v.note_off(v.drums, 36)) == "OFF_drums_36"
     assert v.note_of(v.note_on(2, 47)) == (2, 47)
+
+
+def test_harmony_tokens_are_appended_after_the_notes():
+    old, v = Vocab(TokenizerConfig()), Vocab(TokenizerConfig(harmony=True))
+    assert v.size == 1771  # docs/tokens.md: 1,586 + BAR BEAT + 181 chords + HEADER HEADER_END
+    assert {v.type_of(i) for i in range(v.size)} == set(TokenType)
+    assert all(old.name(i) == v.name(i) for i in range(old.size))  # every old id keeps its meaning
+    assert [v.name(t) for t in (v.BAR, v.BEAT, v.chord(0), v.HEADER, v.HEADER_END)] == [
+        "BAR",
+        "BEAT",
+        "CHORD_N",
+        "HEADER",
+        "HEADER_END",
+    ]
+    assert v.name(v.chord(parse_label("A:min7"))) == "CHORD_A:min7"
+    with pytest.raises(ValueError, match="0..1770"):
+        v.type_of(v.size)
+    assert TokenizerConfig.from_dict({"tick_ms": 10}).harmony is False  # older configs
 
 
 @pytest.mark.parametrize("ticks", [1, 57, 100, 101, 150, 3200, 3201, 9999, 100_000])
