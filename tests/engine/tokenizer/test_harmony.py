@@ -5,7 +5,6 @@ from __future__ import annotations
 import mido
 import numpy as np
 import pytest
-from midi_factory import TPB, midi_bytes, notes_track
 
 from improv.engine.tokenizer import Note, Notes, Tokenizer, TokenizerConfig
 from improv.engine.tokenizer.annotations import midi_beats, read_annotations
@@ -24,6 +23,8 @@ from improv.engine.tokenizer.harmony import (
     read_lab,
     steady_beats,
 )
+
+from midi_factory import TPB, midi_bytes, notes_track
 
 
 @pytest.mark.parametrize(
