@@ -29,6 +29,7 @@ from .notes import (
     read_notes,
 )
 from .stream import StreamDecoder, StreamEncoder, TimedMessage
+from .tempo import TempoMap
 from .vocab import TokenizerConfig, TokenType, Vocab
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Note",
     "Notes",
     "StreamDecoder",
+    "TempoMap",
     "StreamEncoder",
     "TimedMessage",
     "TokenType",
@@ -151,10 +153,16 @@ class Tokenizer:
         """Token ids -> a type-1 MIDI file, one track per part."""
         return self.notes_to_midi(self.decode_notes(ids))
 
-    def notes_to_midi(self, notes: Notes | Iterable[Note]) -> mido.MidiFile:
+    def notes_to_midi(
+        self,
+        notes: Notes | Iterable[Note],
+        tempo: TempoMap | None = None,
+        chords: Marks | None = None,
+    ) -> mido.MidiFile:
+        """Notes -> type-1 MIDI (with `tempo`: that tempo map and meter; `chords`: markers)."""
         if not isinstance(notes, Notes):
             notes = Notes.from_list(notes)
-        return notes_to_midi(notes, self.config, min_duration=self.config.tick_ms / 1000)
+        return notes_to_midi(notes, self.config, self.config.tick_ms / 1000, tempo, chords)
 
     # --- live ------------------------------------------------------------------------------------
     def stream_encoder(

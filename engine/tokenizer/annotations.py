@@ -14,54 +14,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .harmony import BAR, BEAT, Marks, beats_from_tempo_map, read_beat_list, read_lab
-from .notes import MidiLike, MidiReadError, _load_bytes, ticks_to_seconds
+from .harmony import Marks, read_beat_list, read_lab
+from .notes import MidiLike, _load_bytes
+from .tempo import TempoMap
 
 
 def midi_beats(midi: MidiLike, until: float | None = None) -> Marks | None:
     """BAR/BEAT marks from a MIDI file's tempo map and time signatures (4/4 if it has a tempo
-    but no time signature); None if it has neither, or cannot be read. Beats run to the file's
-    last event (or `until` seconds)."""
+    but no time signature) to its last event (or `until` s); None if it has neither."""
     from symusic import Score
 
-    try:
-        data = _load_bytes(midi)
-        score = Score.from_midi(data, sanitize_data=True)
-    except (MidiReadError, Exception):  # unreadable files have no beats; the notes say why
+    tempo = TempoMap.from_midi(midi)
+    if tempo is None:
         return None
-    # symusic reports a default 120 bpm for a file without tempo events: look for the meta
-    # events themselves (set_tempo FF 51 03, time_signature FF 58 04)
-    if b"\xff\x51\x03" not in data and b"\xff\x58\x04" not in data:
-        return None
-    tempos = score.tempos.numpy()
-    sigs = score.time_signatures.numpy()
-    tpq = int(score.ticks_per_quarter)
-    if tpq <= 0:
-        return None
-    t_ticks = tempos["time"].astype(np.int64)
-    t_mspq = np.where(tempos["mspq"] > 0, tempos["mspq"], 500_000).astype(np.int64)
-    order = np.argsort(t_ticks, kind="stable")
-    t_ticks, t_mspq = t_ticks[order], t_mspq[order]
-    s_order = np.argsort(sigs["time"], kind="stable")
-    end_tick = int(score.end())
-    if until is not None:
-        sec_per_tick_min = float(t_mspq.min() if len(t_mspq) else 500_000) * 1e-6 / tpq
-        end_tick = max(end_tick, int(until / max(sec_per_tick_min, 1e-9)))
-    rows = beats_from_tempo_map(
-        tpq,
-        sigs["time"][s_order].astype(np.int64),
-        sigs["numerator"][s_order].astype(np.int64),
-        sigs["denominator"][s_order].astype(np.int64),
-        end_tick,
-    )
-    if len(rows) == 0:
-        return None
-    seconds = ticks_to_seconds(rows[:, 0], t_ticks, t_mspq, tpq)
-    if until is not None:
-        keep = seconds < until
-        seconds, rows = seconds[keep], rows[keep]
-    kinds = np.where(rows[:, 1] > 0, BAR, BEAT)
-    return Marks.build(seconds, kinds, np.zeros(len(seconds)))
+    if until is None:
+        score = Score.from_midi(_load_bytes(midi), sanitize_data=True)
+        until = float(tempo.seconds(np.array([int(score.end())]))[0]) + 1e-6
+    return tempo.beats(until)
 
 
 def chord_file(path: str | Path) -> Path | None:

@@ -11,12 +11,16 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import mido
 import numpy as np
 
 from .vocab import TokenizerConfig
+
+if TYPE_CHECKING:
+    from .harmony import Marks
+    from .tempo import TempoMap
 
 MidiLike = str | Path | bytes | bytearray | mido.MidiFile
 
@@ -217,6 +221,9 @@ def ticks_to_seconds(
     return seg_start[idx] + (ticks - tempo_ticks[idx]) * sec_per_tick[idx]
 
 
+MAX_FILE_SECONDS = 4 * 3600  # longer is a broken file, not a piece
+
+
 def read_notes(
     midi: MidiLike,
     config: TokenizerConfig,
@@ -267,6 +274,14 @@ def read_notes(
         end_t = start_t + np.maximum(arr["duration"].astype(np.int64), 0)
         start = ticks_to_seconds(start_t, t_ticks, t_mspq, tpq)
         end = ticks_to_seconds(end_t, t_ticks, t_mspq, tpq)
+        if len(start) and (start.min() < 0 or end.max() > MAX_FILE_SECONDS):
+            # the parser's 32-bit ticks wrap on absurd delta times (a 28-bit delta at 1 tick
+            # per quarter is years): refuse the file rather than encode a negative time
+            raise MidiReadError(
+                f"note times must be within 0..{MAX_FILE_SECONDS // 3600} h of the start; "
+                f"track {info.index} has a note at {float(start.min() if start.min() < 0 else end.max()):.0f} s "
+                "(corrupt or absurd delta times)"
+            )
         pitch = arr["pitch"].astype(np.int16)
         sustained = None
         if part == "drums":
@@ -343,26 +358,59 @@ TEMPO = 500_000
 
 
 def notes_to_midi(
-    notes: Notes, config: TokenizerConfig, min_duration: float = 0.01
+    notes: Notes,
+    config: TokenizerConfig,
+    min_duration: float = 0.01,
+    tempo: TempoMap | None = None,
+    chords: Marks | None = None,
 ) -> mido.MidiFile:
     """Notes -> a type-1 MIDI file: a tempo track, then one track per part named for the part
-    (so reading it back assigns the same parts), drums on channel 10."""
+    (so reading it back assigns the same parts), drums on channel 10.
+
+    `tempo`: the tempo map and time signatures to write (default 120 bpm, where 1 tick is 1 ms);
+    `chords`: chord changes, written as marker events named by their Harte label (`A:min`). A key
+    struck again while its earlier note still sounds ends that note at the new onset: one
+    channel cannot sound a key twice, and a DAW pairs the note-offs otherwise."""
+    from .harmony import CHORD, chord_label
     from .stream import part_channel
 
     drums = config.parts.index("drums")
-    ticks_per_second = TICKS_PER_BEAT * 1_000_000 / TEMPO
-    mf = mido.MidiFile(type=1, ticks_per_beat=TICKS_PER_BEAT)
-    meta = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=TEMPO, time=0)])
+    if tempo is None:
+        tpq = TICKS_PER_BEAT
+        ticks_per_second = TICKS_PER_BEAT * 1_000_000 / TEMPO
+
+        def to_ticks(sec: np.ndarray) -> np.ndarray:
+            return np.round(sec * ticks_per_second).astype(np.int64)
+
+        meta_events = [(0, mido.MetaMessage("set_tempo", tempo=TEMPO))]
+    else:
+        tpq, to_ticks, meta_events = tempo.tpq, tempo.ticks, tempo.meta_events()
+    mf = mido.MidiFile(type=1, ticks_per_beat=tpq)
+    if chords is not None and len(chords):
+        ch_marks = chords.select(chords.kind == CHORD)
+        for t, v in zip(to_ticks(ch_marks.time).tolist(), ch_marks.value.tolist(), strict=True):
+            meta_events.append((int(t), mido.MetaMessage("marker", text=chord_label(int(v)))))
+    meta_events.sort(key=lambda e: e[0])
+    meta = mido.MidiTrack()
+    last_tick = 0
+    for tick, msg in meta_events:
+        meta.append(msg.copy(time=max(tick - last_tick, 0)))
+        last_tick = max(tick, last_tick)
     mf.tracks.append(meta)
     for part_idx, part_name in enumerate(config.parts):
         sel = notes.select(notes.part == part_idx)
         if len(sel) == 0:
             continue
         ch = part_channel(part_idx, drums)
-        start = np.round(sel.start * ticks_per_second).astype(np.int64)
-        end = np.round(np.maximum(sel.end, sel.start + min_duration) * ticks_per_second).astype(
-            np.int64
-        )
+        start = to_ticks(sel.start)
+        end = to_ticks(np.maximum(sel.end, sel.start + min_duration))
+        end = np.maximum(end, start + 1)
+        # a re-struck key ends the note that still sounds (same pitch, this channel)
+        by_key = np.lexsort((start, sel.pitch))
+        k0, k1 = by_key[:-1], by_key[1:]
+        # (drum hits are fixed-length strokes: two at one tick stay two, as the tokens have them)
+        over = (sel.pitch[k0] == sel.pitch[k1]) & (end[k0] > start[k1]) & (part_idx != drums)
+        end[k0[over]] = np.maximum(start[k1[over]], start[k0[over]])
         # (tick, order, message): at one tick, program changes, then note-offs, then note-ons
         events: list[tuple[int, int, mido.Message]] = []
         if part_idx != drums:
@@ -375,10 +423,12 @@ def notes_to_midi(
                         (int(start[i]), 0, mido.Message("program_change", channel=ch, program=prog))
                     )
                     last = prog
-        for s, e, p, v in zip(
+        for s_, e, p, v in zip(
             start.tolist(), end.tolist(), sel.pitch.tolist(), sel.velocity.tolist(), strict=True
         ):
-            events.append((s, 2, mido.Message("note_on", channel=ch, note=p, velocity=v)))
+            if e <= s_ and part_idx != drums:
+                continue  # two notes of one key at one tick: the later one sounds
+            events.append((s_, 2, mido.Message("note_on", channel=ch, note=p, velocity=v)))
             events.append((e, 1, mido.Message("note_off", channel=ch, note=p, velocity=0)))
         events.sort(key=lambda x: (x[0], x[1]))
         track = mido.MidiTrack([mido.MetaMessage("track_name", name=part_name, time=0)])
