@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from improv.engine.tokenizer import Notes
+from improv.engine.tokenizer.harmony import Marks
 from improv.trainer.chords import Chord
 
 MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
@@ -106,3 +107,59 @@ def melody_triad_share(melody: Notes, chords: list[Chord]) -> float:
         hits += (c.end - c.start) * len(set(best) & set(c.tones)) / 3
         total += c.end - c.start
     return hits / total if total else float("nan")
+
+
+# --- harmony and meter (the model card's figures for issue #20) -----------------------------------
+
+
+def chord_tone_share_marks(notes: Notes, chords: Marks, end: float) -> float:
+    """Share of notes whose pitch class is a tone of the chord sounding at their onset, over
+    onsets under a chord (not N) before `end`."""
+    from improv.engine.tokenizer.harmony import chord_tones
+
+    ch = chords.chords
+    if len(notes) == 0 or len(ch) == 0:
+        return float("nan")
+    at = ch.chord_at(notes.start)
+    ok = (at > 0) & (notes.start >= ch.time[0]) & (notes.start < end)
+    if not ok.any():
+        return float("nan")
+    tones = {int(c): chord_tones(int(c)) for c in np.unique(at[ok])}
+    hits = [int(p) % 12 in tones[int(c)] for p, c in zip(notes.pitch[ok], at[ok], strict=True)]
+    return float(np.mean(hits))
+
+
+def eighth_positions(beats: np.ndarray) -> np.ndarray:
+    """Beat times and the midpoints between consecutive beats: the eighth-note grid."""
+    b = np.sort(np.asarray(beats, np.float64))
+    if len(b) < 2:
+        return b
+    return np.sort(np.concatenate([b, (b[:-1] + b[1:]) / 2]))
+
+
+def eighth_grid_share(notes: Notes, beats: np.ndarray, tol: float = 0.03) -> float:
+    """Share of onsets (inside the beats' span) within `tol` s of an eighth-note position."""
+    grid = eighth_positions(beats)
+    if len(grid) < 2 or len(notes) == 0:
+        return float("nan")
+    on = notes.start[(notes.start >= grid[0] - tol) & (notes.start <= grid[-1] + tol)]
+    if len(on) == 0:
+        return float("nan")
+    i = np.clip(np.searchsorted(grid, on), 1, len(grid) - 1)
+    near = np.minimum(np.abs(on - grid[i - 1]), np.abs(on - grid[i]))
+    return float((near <= tol).mean())
+
+
+def above_melody_share(acc: Notes, melody: Notes) -> float:
+    """Share of accompaniment notes above the melody note sounding at their onset (over the
+    notes that start while a melody note sounds): how much the accompaniment sits over the tune."""
+    if len(acc) == 0 or len(melody) == 0:
+        return float("nan")
+    above = total = 0
+    for t, p in zip(acc.start.tolist(), acc.pitch.tolist(), strict=True):
+        sounding = (melody.start <= t) & (melody.end > t)
+        if not sounding.any():
+            continue
+        total += 1
+        above += p > int(melody.pitch[sounding].max())
+    return above / total if total else float("nan")

@@ -23,6 +23,18 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 _TIED_KEY = "lm_head.weight"  # not stored when tied: it is tok_emb.weight
+# The bundled model: models/default beside engine/ in a checkout, improv/models/default in a wheel
+# (the same relative place), so every command finds it from any working directory.
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "default"
+_DEFAULT_NAMES = ("default", "models/default", "models/default/")
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """A checkpoint folder: `path`, or the bundled default model for None, "default", or a
+    "models/default" that is not a folder here (the README's name, run from elsewhere)."""
+    if path is None or (str(path) in _DEFAULT_NAMES and not Path(path).is_dir()):
+        return BUNDLED
+    return Path(path)
 
 
 def save_checkpoint(
@@ -52,7 +64,7 @@ def save_checkpoint(
 
 def read_config(path: str | Path) -> tuple[ModelConfig, TokenizerConfig, dict[str, Any]]:
     """(model config, tokenizer config, training metadata) of a checkpoint folder."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"not a checkpoint folder (no {CONFIG_FILE}): {path}")
@@ -68,7 +80,7 @@ def load_checkpoint(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[Transformer, ModelConfig, TokenizerConfig, dict[str, Any]]:
     """Rebuild the model from its config and load its weights; returns it in eval mode."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     model_cfg, tok_cfg, meta = read_config(path)
     # Build on the meta device (no init work, no memory) and adopt the loaded tensors as-is.
     with torch.device("meta"):

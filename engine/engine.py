@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint
 from .config import ModelConfig
 from .context import slide_context
 from .decoder import Decoder, TorchDecoder
@@ -112,7 +112,7 @@ class Engine:
             from .onnx_backend import ensure_onnx
 
             model = model.float().cpu()
-            onnx_path = ensure_onnx(Path(path), model, int8=backend == "onnx-int8")
+            onnx_path = ensure_onnx(resolve_checkpoint(path), model, int8=backend == "onnx-int8")
         return cls(model, tok_cfg, backend, meta, max_batch, onnx_path, compile)
 
     @classmethod

@@ -36,6 +36,7 @@ def test_wheel_contains_every_package(tmp_path):
     }
     assert tops == {"improv"}, tops
     assert "improv/server/static/index.html" in names  # the browser page ships as package data
+    assert "improv/models/default/model.safetensors" in names  # so does the default model
     # every folder with an __init__.py in the source tree must be in the wheel
     for src, pkg in {
         "engine": "improv/engine",
@@ -43,6 +44,7 @@ def test_wheel_contains_every_package(tmp_path):
         "clients": "improv/clients",
         "trainer": "improv/trainer",
         "cli": "improv/cli",
+        "models": "improv/models",
     }.items():
         for init in (ROOT / src).rglob("__init__.py"):
             rel = init.relative_to(ROOT / src).as_posix()
