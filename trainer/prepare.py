@@ -49,11 +49,12 @@ def prepare(
     min_notes: int = 16,
     chord_bass: bool = False,
     harmony: bool = True,
+    marks: bool = True,
 ) -> dict:
     tok = Tokenizer(TokenizerConfig(harmony=harmony))
     bass = partial(add_chord_bass, bass_part=tok.vocab.part_index["bass"]) if chord_bass else None
     # POP909's beats and chords from its annotation files; Groove's beats from its tempo map
-    opts = BuildOptions(min_notes=min_notes, annotate=bass, marks=harmony)
+    opts = BuildOptions(min_notes=min_notes, annotate=bass, marks=harmony and marks)
     summaries = {}
     for name, (pop_list, groove_split) in SPLITS.items():
         files = pop909_files(shared / "pop909", pop_list) + groove_files(
@@ -81,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="the tokenizer without BAR/BEAT/CHORD/header tokens (the models before them)",
     )
+    p.add_argument(
+        "--no-marks",
+        dest="marks",
+        action="store_false",
+        help="the harmony tokenizer, but no beats or chords written (to score a model on music "
+        "without annotations)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     prepare(
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workers,
         chord_bass=args.chord_bass,
         harmony=args.harmony,
+        marks=args.marks,
     )
     return 0
 
