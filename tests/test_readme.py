@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from midi_factory import simple_song
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,6 @@ seeded ones use the same (seed, position) noise)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from improv.engine.constraint_set import ConstraintSet
 from improv.engine.engine import Engine
@@ -31,7 +30,6 @@ def grammar(allow_end: bool):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
 def test_scheduler_samples_what_engine_generate_samples(make_model, temperature):
-    torch.set_num_threads(1)
     engine = Engine.from_model(make_model(seed=2).double())
     prompt = [V.BOS, V.TASK_CONTINUE, V.part(3), V.program(33)]
     n = 60

@@ -38,15 +38,6 @@ from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 V = Vocab(TokenizerConfig())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~10x faster than two on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 LEAD, COUNTER, HARMONY, BASS, DRUMS = range(5)
 GREEDY = SamplingParams(temperature=0.0)
 SEEDED = SamplingParams(temperature=1.0, top_k=64, seed=7)
