@@ -9,6 +9,8 @@ import threading
 
 import pytest
 import torch
+from fake_decoders import Fixed as _Fixed
+from fake_decoders import Opinionated as _Opinionated
 
 from improv.engine.constraint_set import ConstraintSet
 from improv.engine.constraints import (
@@ -163,21 +165,6 @@ def test_append_equals_prompt(engine):
     assert tokens_of(drain(a)) == solo(engine, p + extra, SEEDED, 20)
 
 
-class _Opinionated:
-    """A decoder whose logits favour one token by `bias`: a model with a strong opinion."""
-
-    def __init__(self, inner, token: int, bias: float) -> None:
-        self.inner, self.token, self.bias = inner, token, bias
-
-    def extend(self, slots, tokens, all_logits: bool = False):
-        out = self.inner.extend(slots, tokens, all_logits).clone()
-        out[..., self.token] += self.bias
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-
 def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine, monkeypatch):
     """A model that wants to wait 2 s, under melody notes every 150 ms: its shift is clipped
     to land on each note, and it plays nothing. Masking the shift instead would hand its
@@ -242,18 +229,6 @@ def test_a_note_the_constraints_forbid_is_not_turned_into_another_note(engine, m
     for a, b in zip(toks, toks[1:], strict=False):
         if V.vel_base <= a.token < V.on_base:
             assert V.on_base <= b.token < V.off_base and b.position == a.position + 1
-
-
-class _Fixed(_Opinionated):
-    """A decoder whose logits are always `logits` (V,): a model whose every choice the test
-    sets (the cache still works underneath)."""
-
-    def __init__(self, inner, logits: torch.Tensor) -> None:
-        self.inner, self.logits = inner, logits
-
-    def extend(self, slots, tokens, all_logits: bool = False):
-        out = self.inner.extend(slots, tokens, all_logits)
-        return self.logits.to(out.dtype).expand_as(out).clone()
 
 
 def _under_a_melody(engine, monkeypatch, logits: torch.Tensor, backoffs: int) -> int:

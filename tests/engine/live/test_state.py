@@ -4,6 +4,7 @@ generate(lead_in=True)), and the forced-event ceiling in the grammar's own time 
 from __future__ import annotations
 
 import pytest
+from fake_decoders import Opinionated
 
 from improv.engine.constraints import BeatGrid, Parts, TimeLimit
 from improv.engine.engine import Engine
@@ -17,21 +18,6 @@ LEAD, HARMONY = 0, 2
 @pytest.fixture
 def engine(make_model):
     return Engine.from_model(make_model(seed=1).double())
-
-
-class _Opinionated:
-    """A decoder whose logits favour `token` by `bias`."""
-
-    def __init__(self, inner, token: int, bias: float) -> None:
-        self.inner, self.token, self.bias = inner, token, bias
-
-    def extend(self, slots, tokens, all_logits: bool = False):
-        out = self.inner.extend(slots, tokens, all_logits).clone()
-        out[..., self.token] += self.bias
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
 
 
 def sampled(s) -> list[Token]:
@@ -63,7 +49,7 @@ def test_lead_in_makes_a_request_start_with_a_note(engine, monkeypatch):
     request's start; a request without it waits first."""
     make = engine.new_decoder
     monkeypatch.setattr(
-        engine, "new_decoder", lambda *a, **k: _Opinionated(make(*a, **k), V.shift(40), 8.0)
+        engine, "new_decoder", lambda *a, **k: Opinionated(make(*a, **k), V.shift(40), 8.0)
     )
 
     def tokens(lead_in: bool) -> list[Token]:
@@ -85,7 +71,7 @@ def test_forced_events_of_an_infill_middle_land_at_their_gap_ticks(engine, monke
     waits are clipped there, in the middle's own time)."""
     make = engine.new_decoder
     monkeypatch.setattr(
-        engine, "new_decoder", lambda *a, **k: _Opinionated(make(*a, **k), V.long(2), 40.0)
+        engine, "new_decoder", lambda *a, **k: Opinionated(make(*a, **k), V.long(2), 40.0)
     )
     prefix = [V.velocity(20), V.note_on(LEAD, 60), V.shift(50), V.note_off(LEAD, 60), V.shift(50)]
     suffix = [V.velocity(20), V.note_on(LEAD, 64), V.shift(30), V.note_off(LEAD, 64)]
