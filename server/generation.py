@@ -17,15 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from improv.engine.constraints import (
-    Candidates,
-    Constraint,
-    GrammarState,
-    MaxDuration,
-    Parts,
-    Programs,
-    TimeLimit,
-)
+from improv.engine.constraints import Constraint, MaxDuration, Parts, Programs, TimeLimit
 from improv.engine.live import Done, Event, SamplingParams, Token
 from improv.engine.tokenizer import Note, Notes
 from improv.engine.tokenizer.encode import quantize
@@ -203,22 +195,6 @@ def plan_continue(
     return Job(req, notes, NoteBuilder(v, part_programs(notes), tick_offset=-first), end)
 
 
-class GapTimes(Constraint):
-    """Infill middle: time never passes the next given event's tick or the gap's end, in the
-    grammar's own (section) time: a time ceiling. Needed because LiveSession's time limit counts
-    the suffix's time tokens too (its ticks are cumulative over the whole prompt)."""
-
-    hard = True
-
-    def __init__(self, forced_ticks: Sequence[int], end_tick: int) -> None:
-        self.forced = np.array(sorted(t for t in set(forced_ticks) if t < end_tick), dtype=np.int64)
-        self._limits = np.append(self.forced, end_tick)  # each given event's tick, then the end
-
-    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
-        i = np.searchsorted(self.forced, state.tick, side="right")  # (B,) next given event
-        np.minimum(cand.ceiling, self._limits[i], out=cand.ceiling)
-
-
 def plan_infill(
     rt: Runtime,
     notes: Notes,
@@ -249,7 +225,8 @@ def plan_infill(
     cons: list[Constraint] = [
         Parts(targets),
         MaxDuration(rt.settings.max_note_seconds, targets),
-        GapTimes([e.tick for e in ex.forced], ex.end_tick),
+        # The gap's end in the grammar's own (section) time; forced events are time ceilings
+        # in it too (the engine moves them there).
         TimeLimit(ex.end_tick),
     ]
     req = Request(

@@ -30,9 +30,7 @@ from pydantic import ValidationError
 
 from improv.engine.constraints import (
     BeatGrid,
-    Candidates,
     Constraint,
-    GrammarState,
     MaxDuration,
     NoteDensity,
     Parts,
@@ -96,42 +94,6 @@ class _Stats:
         return {"jitter_p50_ms": round(float(q[0]), 3), "jitter_p99_ms": round(float(q[1]), 3)}
 
 
-class LeadIn(Constraint):
-    """respond: no time token (and no note-off) before the response's first note-on, so the
-    response starts at its start tick; the gap before it was the player's silence.
-
-    Shared, not copied, with the session's ConstraintSet: the server arms it from the event loop
-    (plain attribute writes are atomic; `start` is written before `armed`) and the scheduler
-    thread reads it.
-    """
-
-    def __init__(self) -> None:
-        self.armed = False
-        self.start = 0  # tick the armed response starts at
-
-    def __deepcopy__(self, memo: dict) -> LeadIn:
-        return self
-
-    def arm(self, start: int) -> None:
-        self.start = start
-        self.armed = True
-
-    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab) -> None:
-        if self.armed:
-            cand.time_ok[:] = False
-            cand.off_ok[:] = False
-            cand.end_ok[:] = False
-
-    def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab) -> None:
-        # Only a note at or after the start disarms: a rollback replays older history (the
-        # player's notes) through observe while the response is armed.
-        if not self.armed:
-            return
-        on = (tokens >= vocab.on_base) & (tokens < vocab.off_base)
-        if (on & (before.tick >= self.start)).any():
-            self.armed = False
-
-
 @dataclass(eq=False)
 class _Speculation:
     """respond: the response, sampled while the player is silent, before it is due.
@@ -183,7 +145,6 @@ class LiveConnection:
         self._origin = 0.0  # session ms of tick 0 of the engine session
         self._enc: Any = None  # StreamEncoder for the player
         self._bass_keys: set[tuple[int, int]] = set()  # (channel, key) held as the bass part
-        self._lead_in: LeadIn | None = None
         self._cancel_floor = -1  # Tokens of requests <= this are dropped (cancelled)
         self._request: int | None = None  # the running response; accompany: the latest request
         self._responding = False
@@ -396,9 +357,6 @@ class LiveConnection:
             cs.append(PitchRange(pr.pitch_low, pr.pitch_high, parts=pitched))
         if pr.max_notes_per_second is not None:
             cs.append(NoteDensity(pr.max_notes_per_second, parts=parts))
-        if self.mode == "respond":
-            self._lead_in = LeadIn()
-            cs.append(self._lead_in)
         cs.append(BeatGrid(*self._grid()))
         return cs
 
@@ -444,8 +402,9 @@ class LiveConnection:
         self._s = await self.rt.open_session(
             prompt or [v.BOS, task], self._constraints(), self._sampling(), on_event
         )
-        tick_ms = v.config.tick_ms
-        self._s.clock = lambda: (self.now_ms() - self._origin) / tick_ms
+        t0, origin, tick_ms = self._t0, self._origin, v.config.tick_ms
+        # The token time it is now, read on the scheduler thread: values captured, no state.
+        self._s.set_clock(lambda: ((time.perf_counter() - t0) * 1000.0 - origin) / tick_ms)
         self._cancel_floor = -1
         self._request = None
         self._responding = False
@@ -484,9 +443,7 @@ class LiveConnection:
         s = self._s
         if s is None:
             return
-        grid = s.constraint(BeatGrid)
-        if grid is not None:
-            grid.set(*self._grid())  # the DAW's tempo or beat moved: no reopen needed
+        s.set_grid(*self._grid())  # the DAW's tempo or beat moved: no reopen needed
         if changes.keys() <= {"tempo_bpm", "beat_time", "grid"} and new.response_beats is None:
             return  # only the grid moved (the bridge re-anchors every 4 beats)
         self._drop_spec()  # sampled with the old parameters
@@ -495,9 +452,7 @@ class LiveConnection:
             hist = s.tokens() if s.window_start == 0 else None
             await self._open_engine(hist)
         else:
-            s.sampling = self._sampling()  # read by the scheduler at each step
-            if new.seed is not None:
-                s.seed = new.seed
+            s.set_sampling(self._sampling())  # a seed of None keeps the session's
         if self.mode == "respond" and self._gap_handle is not None:
             self._arm_gap()  # speculate again, with the new parameters
 
@@ -619,10 +574,10 @@ class LiveConnection:
         # Time up to now, the response starts here; the notes an earlier response left sounding
         # in the model's view end here for it (the player played nothing since to end them).
         s.insert(start, self._model_offs(start))
-        assert self._lead_in is not None
-        self._lead_in.arm(start)
         self._request = s.generate(
-            max_tokens=RESPONSE_MAX_TOKENS, until_tick=start + self._response_ticks()
+            max_tokens=RESPONSE_MAX_TOKENS,
+            until_tick=start + self._response_ticks(),
+            lead_in=True,  # its first event is a note, at `start`
         )
         self._responding = True
 
@@ -640,14 +595,14 @@ class LiveConnection:
     def _speculate(self, start: int) -> None:
         """The player went silent: sample the response the gap's end would start (at tick
         `start`), holding its events (see `_Speculation`)."""
-        s, lead_in = self._s, self._lead_in
-        if s is None or lead_in is None or self._responding or self._spec is not None:
+        s = self._s
+        if s is None or self.mode != "respond" or self._responding or self._spec is not None:
             return
-        lead_in.arm(start)
         rid = s.generate(
             max_tokens=RESPONSE_MAX_TOKENS,
             until_tick=start + self._response_ticks(),
             start_tick=start,
+            lead_in=True,
         )
         self._spec = _Speculation(rid, start)
 
@@ -658,10 +613,8 @@ class LiveConnection:
         if spec is None:
             return
         assert self._s is not None
-        self._s.cancel()  # first: no token sampled without the lead-in can be delivered
+        self._s.cancel()
         self._cancel_floor = max(self._cancel_floor, spec.request)
-        if self._lead_in is not None:
-            self._lead_in.armed = False
 
     def _commit(self, spec: _Speculation) -> None:
         """The gap's end: the speculation is the response, exactly as sampled."""
@@ -709,8 +662,6 @@ class LiveConnection:
         self._s.cancel()  # no Token of the response is delivered after this returns
         if self._request is not None:
             self._cancel_floor = max(self._cancel_floor, self._request)
-        if self._lead_in is not None:
-            self._lead_in.armed = False
         self._responding = False
         self._request = None
         closed = self._cut(t)
@@ -852,8 +803,6 @@ class LiveConnection:
         # The response ended: its notes end with it, for the listener and for the model.
         self._responding = False
         self._request = None
-        if self._lead_in is not None:
-            self._lead_in.armed = False
         # The model's OFF tokens are given with the player's next event (at its time: giving
         # them now, at the response's end tick, would pin the player's next event after it).
         t = self._ms(ev.tick)

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
+from improv.engine.constraint_set import ConstraintSet
 from improv.engine.constraints import (
     BeatGrid,
-    ConstraintSet,
     MaxDuration,
     NoteDensity,
     Parts,
-    Phase,
     PitchRange,
     Programs,
     TimeLimit,
     accompaniment_parts,
 )
 from improv.engine.decoder import TorchDecoder
+from improv.engine.grammar import Phase
 from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 
 V = Vocab(TokenizerConfig())
@@ -270,7 +270,7 @@ def test_time_limit_stops_exactly_and_falls_back():
     )
     cs2.feed([V.BOS, V.TASK_CONTINUE])
     assert np.flatnonzero(cs2.allowed()[0]).tolist() == [V.EOS]
-    cs2.find(TimeLimit).set(None)
+    cs2.replace(TimeLimit(None))
     m2 = cs2.allowed()[0]
     assert m2[V.shift(1)] and not m2[V.EOS]
 
@@ -328,16 +328,15 @@ def test_beat_grid_moves_a_shift_to_the_nearest_grid_point_then_the_ceiling_clip
     cs.allowed()
     assert cs.clip(V.velocity(9)) == [V.shift(8), V.velocity(9)]  # to 16
     assert cs.clip(V.velocity(9), onset_free=True) == [V.velocity(9)]
-    cs.find(TimeLimit).set(12)
+    cs.replace(TimeLimit(12))
     cs.allowed()
     assert cs.clip(V.velocity(9)) == [V.shift(4)]  # the ceiling (12) before the point (16)
-    cs.find(TimeLimit).set(8)
+    cs.replace(TimeLimit(8))
     cs.allowed()
     assert cs.clip(V.velocity(9)) == [V.velocity(9)]  # at the ceiling: it can't move
-    cs.find(TimeLimit).set(200)
+    cs.replace(TimeLimit(200))
     cs.allowed()
-    grid_copy = cs.find(BeatGrid)
-    grid_copy.set(None)  # off: shifts are the model's own again
+    cs.replace(BeatGrid(None))  # off: shifts are the model's own again
     assert cs.clip(V.shift(4)) == [V.shift(4)]
     with pytest.raises(ValueError, match="at least 1 tick"):
         BeatGrid(0.5)

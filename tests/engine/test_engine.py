@@ -131,7 +131,7 @@ def test_logits_processor_mask(eng):
 
 
 def test_constraint_set_plugs_in(eng):
-    from improv.engine.constraints import ConstraintSet
+    from improv.engine.constraint_set import ConstraintSet
 
     cs = ConstraintSet(V, [], n_rows=1)
     fed = [0]

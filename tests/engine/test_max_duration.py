@@ -2,7 +2,8 @@
 
 import torch
 
-from improv.engine.constraints import ConstraintSet, MaxDuration
+from improv.engine.constraint_set import ConstraintSet
+from improv.engine.constraints import MaxDuration
 from improv.engine.decoder import TorchDecoder
 from improv.engine.tokenizer import Tokenizer
 from improv.engine.tokenizer.vocab import TokenType

@@ -530,25 +530,22 @@ def test_speculation_samples_the_response_the_gap_starts(runtime):
     insert(start) + generate gives: committing a speculation at the gap's end is exact."""
     from improv.engine.constraints import Parts
     from improv.engine.live import Done, SamplingParams, Token
-    from improv.server.live import LeadIn
 
     v = runtime.vocab
     player = [v.velocity(20), v.note_on(0, 60), v.shift(30), v.note_off(0, 60)]
     start, until = 130, 330  # the gap's end (ticks), the response's end
 
     def response(ahead: bool) -> list[tuple[int, int, int]]:
-        lead_in = LeadIn()
         s = runtime.scheduler.open_session(
-            [v.BOS, v.TASK_CONTINUE], [Parts(["lead"]), lead_in], SamplingParams(seed=11)
+            [v.BOS, v.TASK_CONTINUE], [Parts(["lead"])], SamplingParams(seed=11)
         )
         try:
             s.insert(0, player)
-            lead_in.arm(start)
             if ahead:
-                s.generate(max_tokens=60, until_tick=until, start_tick=start)
+                s.generate(max_tokens=60, until_tick=until, start_tick=start, lead_in=True)
             else:
                 s.insert(start, [])
-                s.generate(max_tokens=60, until_tick=until)
+                s.generate(max_tokens=60, until_tick=until, lead_in=True)
             out = []
             while not isinstance(ev := s.events.get(timeout=30), Done):
                 if isinstance(ev, Token):

@@ -9,12 +9,13 @@ import threading
 
 import pytest
 import torch
+from fake_decoders import Fixed as _Fixed
+from fake_decoders import Opinionated as _Opinionated
 
-from improv.engine import live
+from improv.engine.constraint_set import ConstraintSet
 from improv.engine.constraints import (
     BeatGrid,
     Constraint,
-    ConstraintSet,
     MaxDuration,
     NoteDensity,
     Parts,
@@ -30,19 +31,13 @@ from improv.engine.live import (
     Token,
     contiguous_runs,
     opens_pair,
+    policy,
+    scheduler,
+    state,
 )
 from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 
 V = Vocab(TokenizerConfig())
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is ~10x faster than two on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 LEAD, COUNTER, HARMONY, BASS, DRUMS = range(5)
@@ -170,21 +165,6 @@ def test_append_equals_prompt(engine):
     assert tokens_of(drain(a)) == solo(engine, p + extra, SEEDED, 20)
 
 
-class _Opinionated:
-    """A decoder whose logits favour one token by `bias`: a model with a strong opinion."""
-
-    def __init__(self, inner, token: int, bias: float) -> None:
-        self.inner, self.token, self.bias = inner, token, bias
-
-    def extend(self, slots, tokens, all_logits: bool = False):
-        out = self.inner.extend(slots, tokens, all_logits).clone()
-        out[..., self.token] += self.bias
-        return out
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-
 def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine, monkeypatch):
     """A model that wants to wait 2 s, under melody notes every 150 ms: its shift is clipped
     to land on each note, and it plays nothing. Masking the shift instead would hand its
@@ -223,7 +203,7 @@ def _accompanists(sched: Scheduler, n: int = 4) -> list:
 
 
 def _accompaniment_notes(engine, max_retries: int, monkeypatch) -> tuple[int, list[Token]]:
-    monkeypatch.setattr(live, "MAX_NOTE_RETRIES", max_retries)
+    monkeypatch.setattr(policy, "MAX_NOTE_RETRIES", max_retries)
     sched = Scheduler(engine, max_sessions=4)
     sessions = _accompanists(sched)
     for s in sessions:
@@ -251,22 +231,10 @@ def test_a_note_the_constraints_forbid_is_not_turned_into_another_note(engine, m
             assert V.on_base <= b.token < V.off_base and b.position == a.position + 1
 
 
-class _Fixed(_Opinionated):
-    """A decoder whose logits are always `logits` (V,): a model whose every choice the test
-    sets (the cache still works underneath)."""
-
-    def __init__(self, inner, logits: torch.Tensor) -> None:
-        self.inner, self.logits = inner, logits
-
-    def extend(self, slots, tokens, all_logits: bool = False):
-        out = self.inner.extend(slots, tokens, all_logits)
-        return self.logits.to(out.dtype).expand_as(out).clone()
-
-
 def _under_a_melody(engine, monkeypatch, logits: torch.Tensor, backoffs: int) -> int:
     """Accompaniment notes (4 seeds) under a forced melody note every 50 ticks, held 40, from a
     model whose logits are `logits`."""
-    monkeypatch.setattr(live, "MAX_BACKOFFS", backoffs)
+    monkeypatch.setattr(policy, "MAX_BACKOFFS", backoffs)
     make = engine.new_decoder
     monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), logits))
     sched = Scheduler(engine, max_sessions=4)
@@ -299,7 +267,7 @@ def test_a_melody_event_expected_after_a_wait_draws_the_wait_again(engine, monke
         x[[V.note_on(LEAD, k) for k in range(60, 72)]] = 0.0
     else:
         x[[V.note_off(LEAD, k) for k in range(72, 84)]] = 3.0
-    waiting = _under_a_melody(engine, monkeypatch, x, live.MAX_BACKOFFS)
+    waiting = _under_a_melody(engine, monkeypatch, x, policy.MAX_BACKOFFS)
     masking = _under_a_melody(engine, monkeypatch, x, 0)
     assert masking > 20 and waiting < masking / 2, (waiting, masking)
 
@@ -317,7 +285,7 @@ def test_a_note_drawn_while_it_sounds_after_a_wait_draws_the_wait_again(engine, 
     x[[V.note_off(HARMONY, k) for k in range(61, 72)]] = 0.0
 
     def notes(backoffs: int) -> list[tuple[int, int]]:
-        monkeypatch.setattr(live, "MAX_BACKOFFS", backoffs)
+        monkeypatch.setattr(policy, "MAX_BACKOFFS", backoffs)
         make = engine.new_decoder
         monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), x))
         sched = Scheduler(engine, max_sessions=1)
@@ -327,7 +295,7 @@ def test_a_note_drawn_while_it_sounds_after_a_wait_draws_the_wait_again(engine, 
         toks = [e.token for e in drain(s) if isinstance(e, Token)]
         return [V.note_of(t) for t in toks if V.type_of(t) is TokenType.NOTE_ON]
 
-    waiting, masking = notes(live.MAX_BACKOFFS), notes(0)
+    waiting, masking = notes(policy.MAX_BACKOFFS), notes(0)
     assert waiting[0] == (HARMONY, 60) and len(masking) > 20
     assert len(waiting) < len(masking) / 2, (waiting, masking)
 
@@ -367,10 +335,10 @@ def test_a_rejected_note_draws_again_from_kept_logits(engine, monkeypatch):
         engine, "new_decoder", lambda *a, **k: _Opinionated(make(*a, **k), lead_ons, 3.0)
     )
 
-    monkeypatch.setattr(live, "MAX_BACKOFFS", 0)  # every rejection a retry of the note
+    monkeypatch.setattr(policy, "MAX_BACKOFFS", 0)  # every rejection a retry of the note
 
     def run(kept: int) -> tuple[list[tuple[int, int]], int, int]:
-        monkeypatch.setattr(live, "LOGITS_KEPT", kept)
+        monkeypatch.setattr(state, "LOGITS_KEPT", kept)
         sched = Scheduler(engine, max_sessions=2)
         s = sched.open_session(
             [V.BOS, V.TASK_ACCOMPANY],
@@ -397,9 +365,9 @@ def test_a_held_vel_is_sent_with_its_on_under_the_request_that_accepts_it(engine
     s.generate(max_tokens=400)
     for _ in range(400):
         sched.step()
-        if s._vel_held():
+        if sched.state(s).vel_held():
             break
-    assert s._vel_held(), "no VEL sampled"
+    assert sched.state(s).vel_held(), "no VEL sampled"
     rid = s.generate(max_tokens=20)
     sched.run_until_idle()
     toks = [e for e in drain(s) if isinstance(e, Token)]
@@ -486,7 +454,7 @@ def test_clock_floor_never_places_an_event_before_now(make_model):
     seeded = SamplingParams(temperature=1.0, top_k=64, seed=5)
     s = sched.open_session([V.BOS, V.TASK_ACCOMPANY], constraints=acc, sampling=seeded)
     now = {"tick": 200.0}
-    s.clock = lambda: now["tick"]
+    s.set_clock(lambda: now["tick"])
     lead = [V.velocity(20), V.note_on(LEAD, 60)]
     s.insert(120, lead)  # the player's event, before the clock's now: given where it was played
     s.generate(until_tick=400)
@@ -526,7 +494,7 @@ def test_clock_floor_never_places_an_event_before_now(make_model):
 
 def _assert_cache_is_the_context(engine, sched, s) -> None:
     """The session's cache == a fresh prefill of its context (head + tokens): same logits."""
-    ctx = s._head + s.tokens()
+    ctx = s.context()
     assert sched.decoder.length(s.slot) == len(ctx)
     probe = V.shift(7)
     got = sched.decoder.extend([s.slot], [[probe]])[0]
@@ -545,7 +513,7 @@ def test_shadow_slide_swaps_in_the_slid_context_without_blocking(engine):
     assert [e.position for e in toks] == list(range(84, 84 + 150))
     assert sched.stats["slides"] >= 2 and sched.stats["blocking_slides"] == 0
     assert s.window_start > 0 and sched.decoder.length(s.slot) <= 128
-    assert ConstraintSet(V).check(s._head + s.tokens()) is None
+    assert ConstraintSet(V).check(s.context()) is None
     _assert_cache_is_the_context(engine, sched, s)
 
 
@@ -563,12 +531,12 @@ def test_a_rollback_during_the_shadow_prefill_keeps_it_right(engine, where):
     sched = Scheduler(engine, max_sessions=1, max_len=128, keep_len=64, shadow_chunk=8)
     s = sched.open_session(make_prompt(20), sampling=SEEDED)
     s.generate(max_tokens=40)
-    while sched._shadow_owner is None:  # run until a shadow prefill is under way
+    while sched.slider.owner is None:  # run until a shadow prefill is under way
         assert sched.step()
-    sh = s._shadow
+    sh = sched.state(s).shadow
     while sh.fed == 0:  # fed once the session nears overflow (it samples all along)
         assert sched.step()
-    assert s._shadow is sh
+    assert sched.state(s).shadow is sh
     target = {
         "after_start": s.position - 2,
         "inside_window": sh.start - 4,
@@ -577,11 +545,11 @@ def test_a_rollback_during_the_shadow_prefill_keeps_it_right(engine, where):
     s.crop(target)
     sched.step()
     # cut inside the shadow's window: it is cut too; before it: dropped (made again later)
-    assert (s._shadow is None) == (where == "before_window")
+    assert (sched.state(s).shadow is None) == (where == "before_window")
     s.generate(max_tokens=60)
     sched.run_until_idle()
     assert sched.stats["blocking_slides"] == 0
-    assert ConstraintSet(V).check(s._head + s.tokens()) is None
+    assert ConstraintSet(V).check(s.context()) is None
     _assert_cache_is_the_context(engine, sched, s)
 
 
@@ -630,14 +598,14 @@ def test_cancel_stops_at_the_next_step_and_close_frees(engine):
 class NotesOnly(Constraint):
     """Only a note may start next (no time, no note-off): the server's respond lead-in."""
 
-    def restrict(self, cand, state, vocab) -> None:
+    def restrict(self, cand, state, vocab, own) -> None:
         cand.time_ok[:] = False
         cand.off_ok[:] = False
         cand.end_ok[:] = False
 
 
 class Explodes(Constraint):
-    def restrict(self, cand, state, vocab) -> None:
+    def restrict(self, cand, state, vocab, own) -> None:
         raise RuntimeError("boom")
 
 
@@ -679,7 +647,7 @@ def test_context_overflow_slides_and_keeps_positions(engine):
     toks = [e for e in evs if isinstance(e, Token)]
     assert [e.position for e in toks] == list(range(toks[0].position, toks[0].position + 150))
     assert s.window_start > 0 and sched.decoder.length(s.slot) <= 96
-    ctx = s._head + s.tokens()
+    ctx = s.context()
     assert ctx[:2] == [V.BOS, V.TASK_CONTINUE]
     assert ConstraintSet(V).check(ctx) is None  # the slid context is a valid sequence
     # Rollback can't reach before the window start: clamped there.
@@ -693,7 +661,7 @@ def test_context_overflow_slides_and_keeps_positions(engine):
 
 
 def test_background_thread_callbacks_and_cancel_from_another_thread(engine, monkeypatch, caplog):
-    monkeypatch.setattr(live, "REPORT_EVERY_S", 0.0)  # the load line, at every loop
+    monkeypatch.setattr(scheduler, "REPORT_EVERY_S", 0.0)  # the load line, at every loop
     caplog.set_level("INFO", logger="improv.engine.live")
     got: list[tuple[bool, object]] = []
     cancelled = threading.Event()
@@ -749,7 +717,7 @@ def _late_sounds(make_model, measured_lead: bool) -> tuple[int, int]:
     sched = Scheduler(engine, max_sessions=1)
     sched.now = lambda: t["now"]
     if not measured_lead:
-        sched._event_out = lambda wait_s: None
+        sched.timing.event_out = lambda wait_s: None
     out: list[tuple[Token, float]] = []
     s = sched.open_session(
         [V.BOS, V.TASK_ACCOMPANY],
@@ -758,7 +726,7 @@ def _late_sounds(make_model, measured_lead: bool) -> tuple[int, int]:
         on_event=lambda ev: out.append((ev, t["now"])) if isinstance(ev, Token) else None,
     )
     tps = V.ticks_per_second
-    s.clock = lambda: t["now"] * tps
+    s.set_clock(lambda: t["now"] * tps)
     s.generate(until_tick=500)
     sched.run_until_idle()
     sounds = [(ev, at) for ev, at in out if ev.token >= V.on_base]

@@ -1,0 +1,213 @@
+"""`LiveSession`: the handle a caller holds on a live session. Thread-safe and small: every
+method checks its arguments and queues a command (applied in call order at the start of the
+scheduler's next step); reads return what the scheduler last published (`Status`)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+
+from ..constraints import BeatGrid, Constraint
+from .history import History
+from .types import (
+    Append,
+    Cancel,
+    CancelFence,
+    ClockFn,
+    Close,
+    Command,
+    Crop,
+    Event,
+    EventCallback,
+    Generate,
+    Insert,
+    Request,
+    Reset,
+    RollbackTo,
+    SamplingParams,
+    SetClock,
+    SetGrid,
+    SetSampling,
+    Status,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class LiveSession:
+    """One live player's session. Every method may be called from any thread."""
+
+    def __init__(
+        self,
+        sid: int,
+        status: Status,
+        submit: Callable[[int, Command], None],
+        check_tokens: Callable[[Iterable[int]], list[int]],
+        next_request_id: Callable[[], int],
+        constraints: list[Constraint],
+        history: History,
+        on_event: EventCallback | None,
+    ) -> None:
+        self.id = sid
+        self.events: queue.Queue[Event] = queue.Queue()  # events, without an on_event callback
+        self.fence = CancelFence()
+        self._status = status
+        self._submit, self._check, self._next_rid = submit, check_tokens, next_request_id
+        self._specs = constraints  # as set through this handle (specs are immutable)
+        self._history = history  # read only through its locked copies
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._close_sent = False
+
+    # --- commands -------------------------------------------------------------------------------
+    def append(self, tokens: Iterable[int]) -> None:
+        """Given tokens at the end (they carry their own time). Cancels a running request."""
+        toks = self._check(tokens)
+        self.fence.cancel()
+        self._submit(self.id, Append(toks))
+
+    def insert(self, tick: int, tokens: Iterable[int] = ()) -> None:
+        """A given event at absolute `tick` (see docs/engine-live.md: rollback or force)."""
+        if tick < 0:
+            raise ValueError(f"tick must be >= 0, got {tick}")
+        self._submit(self.id, Insert(int(tick), self._check(tokens)))
+
+    def generate(
+        self,
+        max_tokens: int | None = None,
+        until_tick: int | None = None,
+        start_tick: int | None = None,
+        lead_in: bool = False,
+    ) -> int:
+        """Sample up to max_tokens tokens / up to token time until_tick; returns the request id.
+
+        Replaces a running request (it ends with reason "superseded"). `start_tick`: sample from
+        that token time on: the time tokens up to it are appended first, in the same forward,
+        as sampled (not given) tokens without Token events, so an insert before it rolls them
+        back like the rest (the server's respond mode samples a response ahead of its start).
+        `lead_in`: the request's first event is a note: no time token, note-off or end until
+        a note-on at or after its start (a response starts when the player's silence ends).
+        """
+        if max_tokens is None and until_tick is None:
+            raise ValueError("generate needs max_tokens or until_tick (or both)")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if start_tick is not None and start_tick < 0:
+            raise ValueError(f"start_tick must be >= 0, got {start_tick}")
+        with self.fence.lock:  # a cancel from another thread sees the id and its command both
+            rid = self._next_rid()
+            self.fence.issue(rid)
+            req = Request(rid, max_tokens, until_tick, start_tick, lead_in_asked=lead_in)
+            self._submit(self.id, Generate(req))
+        return rid
+
+    def cancel(self) -> None:
+        """Stop the running request; no further Token of it is delivered after this returns."""
+        self.fence.cancel()
+        self._submit(self.id, Cancel())
+
+    def crop(self, position: int) -> None:
+        """Keep the first `position` tokens (moved back to an event boundary)."""
+        self._submit(self.id, Crop(int(position)))
+
+    def rollback_to_tick(self, tick: int) -> None:
+        """Keep the tokens whose token time is <= tick."""
+        self._submit(self.id, RollbackTo(int(tick)))
+
+    def reset(self, prompt: Iterable[int] | None = None) -> None:
+        """Empty the session and start again from `prompt` (default: the opening prompt)."""
+        toks = None if prompt is None else self._check(prompt)
+        if toks is not None and not toks:
+            raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
+        self.fence.cancel()
+        self._submit(self.id, Reset(toks))
+
+    def close(self) -> None:
+        """Cancel, then free the cache slot (at the next step). Safe to call twice."""
+        with self._lock:
+            if self._close_sent:
+                return
+            self._close_sent = True
+        self.fence.cancel()
+        self._submit(self.id, Close())
+
+    def set_grid(self, step_ticks: float | None, origin_tick: float = 0.0) -> None:
+        """Move the BeatGrid (the tempo someone else keeps changed); `None`: no grid."""
+        grid = BeatGrid(step_ticks, origin_tick)
+        with self._lock:
+            self._specs = [c for c in self._specs if not isinstance(c, BeatGrid)] + [grid]
+        self._submit(self.id, SetGrid(grid))
+
+    def set_sampling(self, sampling: SamplingParams) -> None:
+        """New sampling settings from the next draw on (a seed of None keeps the session's)."""
+        self._submit(self.id, SetSampling(sampling))
+
+    def set_clock(self, clock: ClockFn | None) -> None:
+        """The token time it is now (float ticks), called on the scheduler thread: a running
+        request never places an event before it could be heard (docs/engine-live.md, "Clock
+        floor"). None: no clock."""
+        self._submit(self.id, SetClock(clock))
+
+    # --- reads ----------------------------------------------------------------------------------
+    def constraint(self, kind: type[Constraint]) -> Constraint | None:
+        """The spec of this session's first constraint of `kind` (immutable: read it)."""
+        with self._lock:
+            return next((c for c in self._specs if isinstance(c, kind)), None)
+
+    def tokens(self) -> list[int]:
+        """A copy of the tokens from the window start (all of them until the context slid)."""
+        return self._history.tokens()
+
+    def context(self) -> list[int]:
+        """A copy of what the model sees: a slid context's header, then `tokens()`."""
+        return self._history.context()
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    @property
+    def position(self) -> int:
+        return self._status.position
+
+    @property
+    def tick(self) -> int:
+        return self._status.tick
+
+    @property
+    def window_start(self) -> int:
+        """Position of the first token still held (0 until the context slid)."""
+        return self._status.window_start
+
+    @property
+    def generating(self) -> bool:
+        return self._status.generating
+
+    @property
+    def closed(self) -> bool:
+        return self._status.closed
+
+    @property
+    def slot(self) -> int:
+        return self._status.slot
+
+    @property
+    def lag(self) -> dict[str, int]:
+        """What the clock floor moved: {"pushes", "ticks"}."""
+        st = self._status
+        return {"pushes": st.lag_pushes, "ticks": st.lag_ticks}
+
+    # --- the scheduler thread's side -------------------------------------------------------------
+    def _publish(self, status: Status) -> None:
+        self._status = status  # one reference swap: readers see a whole Status
+
+    def _emit(self, ev: Event) -> None:
+        if self._on_event is None:
+            self.events.put(ev)
+            return
+        try:
+            self._on_event(ev)
+        except Exception:  # a broken callback must not stop the other sessions
+            logger.exception("session %d: on_event callback failed", self.id)

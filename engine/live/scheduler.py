@@ -1,0 +1,470 @@
+"""The scheduler: one thread advances every live session with one batched forward per step.
+
+A step, over the sessions' public interface only (the vllm v1 shape):
+
+    drain commands -> prepare (forced events, stops, overflow) -> pack rows -> forward
+    -> mask + policy -> sample -> update (accept / reject) -> publish
+
+The scheduler thread owns the decoder (model + KV cache), every `SessionState` and the shadow
+slot (`ContextSlider`). Callers hold `LiveSession` handles, which only queue commands.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..constraint_set import ConstraintSet
+from ..constraints import Constraint
+from ..decoder import Decoder
+from ..sampling import apply_mask, logits_to_probs, sample
+from ..tokenizer.vocab import Vocab
+from . import policy
+from .handle import LiveSession
+from .history import History
+from .shadow import ContextSlider
+from .state import SessionState
+from .timing import Timing
+from .types import ClockFn, Command, EventCallback, Open, SamplingParams, SchedulerFull, Status
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 10.0  # the scheduler's load line in the log, while it works
+
+
+class EngineLike(Protocol):
+    vocab: Vocab
+
+    def new_decoder(self, max_batch: int, max_seq: int | None = None) -> Decoder: ...
+
+
+def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted slots -> [(start index, end index)) of runs of consecutive slot numbers."""
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+class CommandQueue:
+    """The one ordered queue from every handle to the scheduler thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._items: deque[tuple[int, Command]] = deque()
+
+    def put(self, sid: int, cmd: Command) -> None:
+        with self._wake:
+            self._items.append((sid, cmd))
+            self._wake.notify()
+
+    def drain(self) -> list[tuple[int, Command]]:
+        with self._lock:
+            out = list(self._items)
+            self._items.clear()
+            return out
+
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        with self._wake:
+            if not self._items and not stop.is_set():
+                self._wake.wait(timeout)
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+
+class Scheduler:
+    """Advances many live sessions with one batched forward per step, on one thread."""
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        max_sessions: int = 16,
+        max_len: int | None = None,
+        keep_len: int | None = None,
+        prefill_chunk: int = 256,
+        shadow_chunk: int = 32,
+        max_batch_pad: int = 8,
+        idle_wait_s: float = 0.05,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        self.vocab: Vocab = engine.vocab
+        # Two spare slots: the scratch space for swapping two sessions' slots, and the shadow,
+        # where a session's slid context is prefilled while it plays on.
+        self.decoder: Decoder = engine.new_decoder(max_sessions + 2, max_len)
+        self.device = self.decoder.device
+        self.max_sessions = max_sessions
+        self.max_len = self.decoder.max_seq
+        self.keep_len = keep_len or self.max_len // 2
+        if not 8 <= self.keep_len < self.max_len:
+            raise ValueError(f"keep_len must be in 8..{self.max_len - 1}, got {self.keep_len}")
+        self.prefill_chunk, self.max_batch_pad = prefill_chunk, max_batch_pad
+        self.idle_wait_s = idle_wait_s
+        self._scratch = max_sessions
+        self.slider = ContextSlider(
+            self.decoder, max_sessions + 1, self.max_len, self.keep_len, shadow_chunk
+        )
+        self.shadow_len = self.slider.start_len
+        self.timing = Timing()
+        self._queue = CommandQueue()
+        # Slots are taken at open_session (it raises SchedulerFull at once) and given back by
+        # the scheduler thread: the one table both sides change, under `_lock`.
+        self._lock = threading.Lock()
+        self._free = list(range(max_sessions - 1, -1, -1))  # pop() gives the lowest slot
+        self._states: dict[int, SessionState] = {}  # open, as the scheduler thread sees them
+        self._ids = itertools.count()
+        self._rids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.steps = 0  # steps that ran a forward
+        # Cumulative seconds in the step's phases and tokens sampled (benchmarks, server metrics).
+        self.stats = {
+            "forward_s": 0.0,
+            "mask_s": 0.0,
+            "sample_s": 0.0,
+            "tokens": 0,
+            "notes_rejected": 0,
+            "backoffs": 0,
+            "forwards": 0,  # decoder calls (a step runs one per contiguous run of slots)
+            "slides": 0,  # slid contexts swapped in from the shadow slot
+            "blocking_slides": 0,  # overflows before one was ready (the session waited)
+        }
+
+    # --- timings (the clock floor's) ----------------------------------------------------------------
+    @property
+    def now(self) -> Callable[[], float]:
+        return self.timing.now
+
+    @now.setter
+    def now(self, fn: Callable[[], float]) -> None:
+        self.timing.now = fn
+
+    @property
+    def step_s_ema(self) -> float:
+        return self.timing.step_s_ema
+
+    @property
+    def event_lead_s(self) -> float:
+        return self.timing.event_lead_s
+
+    def reset_timing(self) -> None:
+        self.timing.reset()
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        if self._thread is not None:
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="improv-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._queue.wake()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> Scheduler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        last_t, last = time.monotonic(), dict(self.stats, steps=self.steps)
+        while not self._stop.is_set():
+            if (now := time.monotonic()) - last_t >= REPORT_EVERY_S and self.steps > last["steps"]:
+                self._report(now - last_t, last)
+                last_t, last = now, dict(self.stats, steps=self.steps)
+            try:
+                busy = self.step()
+            except Exception:
+                logger.exception("scheduler step failed; ending every running request")
+                for s in list(self._states.values()):
+                    s.finish("error")
+                busy = False
+            if not busy:
+                self._queue.wait(self.idle_wait_s, self._stop)
+
+    def _report(self, seconds: float, last: dict[str, float]) -> None:
+        """One log line on the scheduler's load since `last` (operators; the benchmarks)."""
+        st = self.stats
+        steps = self.steps - last["steps"]
+        tokens = st["tokens"] - last["tokens"]
+        logger.info(
+            "scheduler: %d sessions, %.0f steps/s, %.0f tokens/s, %.1f rows/step, "
+            "%.1f forwards/step, forward %.2f ms/step, %.0f%% busy, %d notes rejected, "
+            "event lead %.1f ms",
+            len(self._states),
+            steps / seconds,
+            tokens / seconds,
+            tokens / max(steps, 1),
+            (st["forwards"] - last["forwards"]) / max(steps, 1),
+            1000 * (st["forward_s"] - last["forward_s"]) / max(steps, 1),
+            100 * sum(st[k] - last[k] for k in ("forward_s", "mask_s", "sample_s")) / seconds,
+            st["notes_rejected"] - last["notes_rejected"],
+            1000 * self.timing.event_lead_s,
+        )
+
+    # --- sessions (any thread) ----------------------------------------------------------------------
+    def open_session(
+        self,
+        prompt: Iterable[int],
+        constraints: Sequence[Constraint] = (),
+        sampling: SamplingParams | None = None,
+        on_event: EventCallback | None = None,
+        allow_end: bool = False,
+        clock: ClockFn | None = None,
+    ) -> LiveSession:
+        """A new session on a free cache slot; its prompt is prefilled at the next steps.
+
+        allow_end: let the model sample EOS (it then ends the request and is not appended).
+        clock: the token time it is now (see `LiveSession.set_clock`).
+        """
+        toks = self.check_tokens(prompt)
+        if not toks:
+            raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
+        sampling = sampling or SamplingParams()
+        # clip_time: a shift past the next forced event / the request's end is shortened to
+        # land on it instead of being masked (masking would push the model into playing notes).
+        cs = ConstraintSet(self.vocab, constraints, allow_end=allow_end, clip_time=True)
+        with self._lock:
+            if not self._free:
+                raise SchedulerFull(f"all {self.max_sessions} session slots are in use")
+            slot = self._free.pop()
+            sid = next(self._ids)
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(62)
+        history = History(self.vocab, cs)
+        s = LiveSession(
+            sid,
+            Status(slot),
+            self._queue.put,
+            self.check_tokens,
+            self._next_request_id,
+            list(constraints),
+            history,
+            on_event,
+        )
+        st = SessionState(
+            sid, slot, self.vocab, history, toks, sampling, seed, clock, s.fence, s._emit,
+            s._publish, self.timing,
+        )  # fmt: skip
+        self._queue.put(sid, Open(st))  # the state is handed over whole
+        return s
+
+    @property
+    def n_open(self) -> int:
+        """Sessions holding a slot (closed ones free theirs at the next step)."""
+        with self._lock:
+            return self.max_sessions - len(self._free)
+
+    def check_tokens(self, tokens: Iterable[int]) -> list[int]:
+        toks = [int(t) for t in tokens]
+        bad = [t for t in toks if not 0 <= t < self.vocab.size]
+        if bad:
+            raise ValueError(f"token ids must be in 0..{self.vocab.size - 1}, got {bad[0]}")
+        return toks
+
+    def _next_request_id(self) -> int:
+        with self._lock:
+            return next(self._rids)
+
+    def state(self, session: LiveSession) -> SessionState | None:
+        """A session's state (scheduler thread only: tests and tools that step by hand)."""
+        return self._states.get(session.id)
+
+    # --- the step (scheduler thread) --------------------------------------------------------------
+    def step(self) -> bool:
+        """Apply queued commands, advance every session by one forward; True if work was done."""
+        t_step = self.timing.now()
+        cmds = self._queue.drain()
+        for sid, cmd in cmds:
+            self._apply(sid, cmd)
+        states = list(self._states.values())
+        for s in states:
+            if self._guarded(s, s.prepare, self.max_len, self.keep_len):
+                self.stats["blocking_slides"] += 1
+        self._sync_caches(states)
+        self._pack(states)
+        t0 = time.perf_counter()
+        logits, n_forwards, prefilled = self._forward(states)
+        shadow, swapped = self.slider.step(states, any(s.req is not None for s in states))
+        self.stats["slides"] += swapped
+        n_forwards += shadow
+        self.stats["forwards"] += n_forwards
+        self.stats["forward_s"] += time.perf_counter() - t0
+        rows = [s for s in states if s.req is not None and s.id in logits]
+        t0 = time.perf_counter()
+        masks = {s.id: m for s in rows if (m := self._guarded(s, s.mask)) is not None}
+        self.stats["mask_s"] += time.perf_counter() - t0
+        rows = [s for s in rows if s.id in masks]
+        if rows:
+            self._sample(
+                rows, torch.stack([logits[s.id] for s in rows]), [masks[s.id] for s in rows]
+            )
+        for s in states:
+            s.publish()
+        if n_forwards:
+            self.steps += 1
+        if n_forwards and not prefilled and not shadow:
+            self.timing.decode_step(self.timing.now() - t_step)
+        return bool(cmds) or n_forwards > 0 or bool(rows)
+
+    def _apply(self, sid: int, cmd: Command) -> None:
+        if isinstance(cmd, Open):
+            st = self._states[sid] = cmd.state
+        elif (st := self._states.get(sid)) is None:
+            logger.debug("session %d: %s after close, ignored", sid, type(cmd).__name__)
+            return
+        self._guarded(st, st.apply, cmd)
+        if st.closed:
+            self._release(st)
+        st.publish()
+
+    def _guarded(self, s: SessionState, fn: Callable[..., T], *args: Any) -> T | None:
+        """fn(*args) for one session; if it raises, that session's request ends with "error"
+        (logged) and the other sessions go on. None if it raised."""
+        try:
+            return fn(*args)
+        except Exception:
+            logger.exception("session %d: step failed; its request ends", s.id)
+            s.finish("error")
+            return None
+
+    def run_until_idle(self, max_steps: int = 100_000) -> int:
+        """Step until nothing is left to do (tests, offline use); returns the steps taken."""
+        for i in range(max_steps):
+            if not self.step():
+                return i
+        raise RuntimeError(f"still busy after {max_steps} steps")
+
+    def _release(self, s: SessionState) -> None:
+        self.decoder.reset(s.slot)
+        del self._states[s.id]
+        with self._lock:
+            self._free.append(s.slot)
+            self._free.sort(reverse=True)
+
+    def _sync_caches(self, states: list[SessionState]) -> None:
+        """Crop each session's cache to what its state still counts (rollbacks, resets)."""
+        for s in states:
+            if self.decoder.length(s.slot) > s.cached:
+                self.decoder.crop(s.slot, s.cached)
+
+    def _pack(self, states: list[SessionState]) -> None:
+        """Keep sessions with a running request in the lowest slots, so that their batched
+        forward reads the cache as a view (a gather would copy every row's cache each step)."""
+        active = [s for s in states if s.req is not None]
+        n = len(active)
+        by_slot = {s.slot: s for s in states}
+        movers = [s for s in active if s.slot >= n]
+        if not movers:
+            return
+        with self._lock:
+            # Idle sessions' slots, or free ones (not slots of sessions still being opened).
+            targets = [
+                j
+                for j in range(n)
+                if (j in by_slot and by_slot[j].req is None)
+                or (j not in by_slot and j in self._free)
+            ]
+            for s, j in zip(movers, targets, strict=False):
+                other = by_slot.get(j)
+                src = s.slot
+                if other is None:  # a free slot
+                    self.decoder.move(src, j)
+                    self._free.remove(j)
+                    self._free.append(src)
+                    self._free.sort(reverse=True)
+                else:  # swap with an idle session through the scratch slot
+                    self.decoder.move(src, self._scratch)
+                    self.decoder.move(j, src)
+                    self.decoder.move(self._scratch, j)
+                    other.slot = src
+                    by_slot[src] = other
+                s.slot = j
+                by_slot[j] = s
+
+    def _forward(self, states: list[SessionState]) -> tuple[dict[int, Tensor], int, bool]:
+        """Feed every session's pending tokens: logits (V,) of sessions now fully fed, the
+        number of forwards run, and whether one was a long append's prefill chunk."""
+        out: dict[int, Tensor] = {}
+        n = 0
+        for s in states:  # logits kept: the pending tokens are fed with the next ones
+            if s.req is not None and (kept := s.kept_logits()) is not None:
+                out[s.id] = kept
+        small = sorted(
+            (s for s in states if 0 < s.pending() <= self.max_batch_pad and s.id not in out),
+            key=lambda s: s.slot,
+        )
+        slots = [s.slot for s in small]
+        for a, b in contiguous_runs(slots):
+            run = small[a:b]
+            toks = [s.pending_tokens() for s in run]
+            logits = self.decoder.extend(slots[a:b], toks)  # (B, V)
+            n += 1
+            for s, t, row in zip(run, toks, logits, strict=True):
+                s.fed(len(t))
+                out[s.id] = s.keep_logits(row)
+        prefilled = False
+        for s in states:
+            if s.pending() > self.max_batch_pad and s.id not in out:
+                chunk = s.pending_tokens()[: self.prefill_chunk]
+                logits = self.decoder.extend([s.slot], [chunk])  # (1, V)
+                s.fed(len(chunk))
+                n, prefilled = n + 1, True
+                if s.pending() == 0:
+                    out[s.id] = s.keep_logits(logits[0])
+        return out, n, prefilled
+
+    def _sample(self, rows: list[SessionState], logits: Tensor, masks: list[np.ndarray]) -> None:
+        """logits (B, V) of sessions with a running request and their masks (V,): the policy
+        sets each row's draw, one `sample` for all, then each state takes its token."""
+        t0 = time.perf_counter()
+        draws = [policy.draw(s, m) for s, m in zip(rows, masks, strict=True)]
+        allowed = torch.from_numpy(np.stack([d.mask for d in draws]))  # (B, V) bool
+        t1 = time.perf_counter()
+        logits = apply_mask(logits, allowed)
+        probs = torch.empty_like(logits)  # (B, V)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(rows):  # rows sharing sampling settings share one call
+            p = s.sampling
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+        for (temp, top_k, top_p, min_p), idx in groups.items():
+            probs[idx] = logits_to_probs(logits[idx], temp, top_k, top_p, min_p)
+        # Counter-based draws from (seed, position): one vectorized call for every row, no
+        # per-row generator to reseed (that was ~66 us/row), still batch-invariant.
+        seeds, positions = [s.draw_seed() for s in rows], [s.position for s in rows]
+        toks = sample(probs, seeds=seeds, positions=positions).tolist()  # the one host sync
+        t2 = time.perf_counter()
+        for s, d, t in zip(rows, draws, toks, strict=True):
+            if policy.rejected(d, t):
+                self.stats["notes_rejected"] += 1
+                back = policy.backs_off(s, t)
+                if self._guarded(s, s.reject, t, back) and back:
+                    self.stats["backoffs"] += 1
+            else:
+                self._guarded(s, s.accept, t)
+        st = self.stats
+        st["mask_s"] += t1 - t0 + time.perf_counter() - t2  # masks + state updates
+        st["sample_s"] += t2 - t1
+        st["tokens"] += len(rows)
