@@ -282,10 +282,19 @@ class ConstraintSet:
         return mask.to(device)
 
     def check(self, tokens: Iterable[int], row: int = 0) -> int | None:
-        """Feed tokens to one row, masking each first; index of the first disallowed, or None."""
+        """Feed tokens to one row, masking each first; index of the first disallowed, or None.
+
+        An instrumentation header right after the task token is accepted: it is given in
+        prompts, never sampled, so the masks never allow it."""
+        v = self.vocab
+        prev = -1
         for i, t in enumerate(tokens):
-            if not self.allowed()[row, t]:
+            in_header = self.phase[row] == Phase.HEADER or (
+                t == v.HEADER and v.harmony and v.TASK_CONTINUE <= prev <= v.TASK_ACCOMPANY
+            )
+            if not in_header and not self.allowed()[row, t]:
                 return i
+            prev = t
             pad = np.full(self.n_rows, self.vocab.PAD, dtype=np.int64)
             pad[row] = t
             self.observe(pad)

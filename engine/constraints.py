@@ -104,6 +104,25 @@ def accompaniment_parts(vocab: Vocab) -> list[str]:
 
 
 @dataclass(frozen=True)
+class GivenMarks(Constraint):
+    """The beats (`beats`) and/or the chords (`chords`) are given, forced at their times: the
+    model does not write BAR/BEAT or CHORD tokens of its own. (Without it, a harmony model
+    writes its own meter and harmonic plan, as it learned to.) `hard`: a row that falls back
+    still never invents a chord over given ones."""
+
+    beats: bool = True
+    chords: bool = True
+    hard = True
+
+    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
+        b = len(cand.end_ok)
+        if self.beats:
+            cand.meter_ok = np.zeros((b, 1), dtype=bool)
+        if self.chords:
+            cand.chord_ok = np.zeros((b, 1), dtype=bool)
+
+
+@dataclass(frozen=True)
 class Parts(Constraint):
     """Only these parts may play: masks ON, OFF and PART of every other part.
 

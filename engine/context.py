@@ -4,8 +4,9 @@
 boundary and puts in front of them a header that restores the musical state the dropped tokens
 had set up:
 
-    BOS TASK [infill target PARTs]                  the sequence's own first tokens
+    BOS TASK [infill target PARTs] [HEADER ... HEADER_END]   the sequence's own first tokens
     PART p PROGRAM x      for every part whose program was set in the dropped span
+    CHORD c               the chord of the dropped span's last change (harmony vocabularies)
     VEL v ON(p, k)        for every (non-drum) note still sounding at the cut
 
 so the window reads like a valid sequence of the grammar in docs/tokens.md (every later OFF has
@@ -22,7 +23,8 @@ from .tokenizer.vocab import TokenType, Vocab
 
 
 def header_len(ctx: Sequence[int], vocab: Vocab) -> int:
-    """Length of the part of ctx that is always kept: BOS, TASK, infill target PARTs."""
+    """Length of the part of ctx that is always kept: BOS, TASK, infill target PARTs, the
+    instrumentation header."""
     n = 0
     if n < len(ctx) and ctx[n] == vocab.BOS:
         n += 1
@@ -35,6 +37,10 @@ def header_len(ctx: Sequence[int], vocab: Vocab) -> int:
                 and not (n + 1 < len(ctx) and vocab.type_of(ctx[n + 1]) is TokenType.PROGRAM)
             ):
                 n += 1
+        if vocab.harmony and n < len(ctx) and ctx[n] == vocab.HEADER:
+            end = next((j for j in range(n, len(ctx)) if ctx[j] == vocab.HEADER_END), None)
+            if end is not None:
+                n = end + 1
     return n
 
 
@@ -42,10 +48,12 @@ def _state_at(ctx: Sequence[int], vocab: Vocab, h: int, cut: int) -> list[int]:
     """PART/PROGRAM of every part set in ctx[h:cut], then VEL/ON of every note sounding at cut."""
     programs: dict[int, int] = {}  # part -> program
     sounding: dict[tuple[int, int], int] = {}  # (part, pitch) -> velocity bin
-    part = vel = None
+    part = vel = chord = None
     for tok in ctx[h:cut]:
         t = vocab.type_of(tok)
-        if t is TokenType.PART:
+        if t is TokenType.CHORD:
+            chord = tok
+        elif t is TokenType.PART:
             part = tok - vocab.part_base
         elif t is TokenType.PROGRAM and part is not None:
             programs[part] = tok - vocab.program_base
@@ -60,6 +68,8 @@ def _state_at(ctx: Sequence[int], vocab: Vocab, h: int, cut: int) -> list[int]:
     state: list[int] = []
     for p in sorted(programs):
         state += [vocab.part(p), vocab.program(programs[p])]
+    if chord is not None:
+        state.append(chord)
     for (p, k), v in sorted(sounding.items()):
         state += [vocab.velocity(v), vocab.note_on(p, k)]
     return state
@@ -86,5 +96,14 @@ def slide_context(ctx: Sequence[int], vocab: Vocab, keep_len: int) -> list[int]:
         if excess <= 0 or cut >= last:
             break
         cut += excess  # the state grew: drop more of the window (cut only moves forward)
-    room = keep_len - h - (len(ctx) - cut)
-    return list(ctx[:h]) + state[: max(room, 0) // 2 * 2] + list(ctx[cut:])
+    room = max(keep_len - h - (len(ctx) - cut), 0)
+    return list(ctx[:h]) + _whole_events(state, vocab, room) + list(ctx[cut:])
+
+
+def _whole_events(state: list[int], vocab: Vocab, room: int) -> list[int]:
+    """The longest prefix of `state` within `room` tokens that ends on a whole event (pairs
+    PART PROGRAM and VEL ON stay together; a CHORD is one token)."""
+    n = min(room, len(state))
+    while n > 0 and vocab.type_of(state[n - 1]) in (TokenType.PART, TokenType.VELOCITY):
+        n -= 1
+    return state[:n]

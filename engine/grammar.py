@@ -6,9 +6,12 @@ the phases it may come in and the phase it leads to. The transitions (`advance`,
 and the mask assembly (`assemble`, `assemble_one`) read it; only the families with more to
 them than a row of the table (PART in infill targets, the specials) are written out.
 
-Adding a token family (the vocabulary will gain BAR, BEAT, CHORD and an instrumentation
-header after the OFF ids): its ids in `family_ids`, a `Rule`, its candidate set in
-`Candidates` (and in `family_candidates` / `one_candidates`), and the type in `TokenType`.
+Adding a token family: its ids in `family_ids`, a `Rule`, its candidate set in `Candidates`
+(and in `family_candidates` / `one_candidates`), and the type in `TokenType`. The harmony
+families (BAR/BEAT, CHORD) are events like any other, allowed at a boundary, leaving the row
+there; they exist only in vocabularies with `harmony`. The instrumentation header (HEADER ...
+HEADER_END) is only ever given in a prompt, never sampled: its tokens move the row through
+the HEADER phase, where PART and PROGRAM name parts without starting events.
 
 User constraints (improv.engine.constraints) only remove candidates; `ConstraintSet`
 (improv.engine.constraint_set) combines them with this grammar.
@@ -38,6 +41,7 @@ class Phase(IntEnum):
     AFTER_PART = 5  # expect PROGRAM
     AFTER_VEL = 6  # expect ON
     DONE = 7  # after EOS / FILL_END
+    HEADER = 8  # inside an instrumentation header (given, never sampled)
 
 
 class Section(IntEnum):
@@ -50,7 +54,7 @@ class Section(IntEnum):
 
 
 # Plain ints for the single-row hot path (IntEnum attribute lookups cost microseconds).
-_START, _TASK, _TARGETS_FIRST, _TARGETS, _BODY, _AFTER_PART, _AFTER_VEL, _DONE = range(8)
+_START, _TASK, _TARGETS_FIRST, _TARGETS, _BODY, _AFTER_PART, _AFTER_VEL, _DONE, _HEADER = range(9)
 _NONE = int(Section.NONE)
 BOUNDARY = (Phase.BODY, Phase.TARGETS)  # event boundaries: an event may start here
 
@@ -72,13 +76,15 @@ RULES: dict[TokenType, Rule] = {
     TokenType.VELOCITY: Rule(BOUNDARY, Phase.AFTER_VEL),
     TokenType.NOTE_ON: Rule((Phase.AFTER_VEL,), Phase.BODY),
     TokenType.NOTE_OFF: Rule((Phase.BODY,), Phase.BODY),
+    TokenType.METER: Rule(BOUNDARY, Phase.BODY),
+    TokenType.CHORD: Rule(BOUNDARY, Phase.BODY),
 }
 
 
 def family_ids(vocab: Vocab) -> dict[TokenType, slice]:
     """The ids of each event family (a contiguous range; OFF is not assumed to be the last)."""
     v = vocab
-    return {
+    ids = {
         TokenType.TIME: slice(v.shift_base, v.part_base),
         TokenType.PART: slice(v.part_base, v.program_base),
         TokenType.PROGRAM: slice(v.program_base, v.vel_base),
@@ -86,6 +92,10 @@ def family_ids(vocab: Vocab) -> dict[TokenType, slice]:
         TokenType.NOTE_ON: slice(v.on_base, v.off_base),
         TokenType.NOTE_OFF: slice(v.off_base, v.off_base + 128 * v.n_parts),
     }
+    if v.harmony:
+        ids[TokenType.METER] = slice(v.BAR, v.BEAT + 1)
+        ids[TokenType.CHORD] = slice(v.chord_base, v.HEADER)
+    return ids
 
 
 def family_at(ty: TokenType, phase: int) -> bool:
@@ -106,6 +116,10 @@ class Candidates:
     # masking time tokens, so the set can clip a sampled shift rather than bias the draw.
     ceiling: np.ndarray
     wait_ceiling: np.ndarray | None = None  # (B,) the same without passable limits
+    # (B, 2) BAR, BEAT allowed; (B, C) CHORD(index) allowed (harmony vocabularies). Off where
+    # the beats or chords are given: the model hears them, it does not write its own.
+    meter_ok: np.ndarray | None = None
+    chord_ok: np.ndarray | None = None
 
 
 class GrammarState:
@@ -161,9 +175,10 @@ class Tables:
             [v.EOS, v.FILL_SUFFIX, v.FILL_MIDDLE, v.FILL_END], dtype=np.int64
         )  # (4,) the closing token of each Section
         # (8 phases,) the phase after each event family, as plain ints (hot path)
-        self.then = {ty: int(r.then) for ty, r in RULES.items()}
+        self.rules = {ty: r for ty, r in RULES.items() if ty in self.ids}  # this vocab's
+        self.then = {ty: int(r.then) for ty, r in self.rules.items()}
         self.at_phase = [
-            [ty for ty, r in RULES.items() if ph in r.at] for ph in range(len(Phase))
+            [ty for ty, r in self.rules.items() if ph in r.at] for ph in range(len(Phase))
         ]  # the event families allowed in each phase
 
 
@@ -203,6 +218,11 @@ def advance(s: GrammarState, tok: np.ndarray, t: Tables) -> None:
         s.section[fm] = Section.MIDDLE
         ph[fm] = Phase.BODY
     ph[(tok == v.EOS) | (tok == v.FILL_END)] = Phase.DONE
+    head = ty == TokenType.HEADER
+    in_header = (ph == Phase.HEADER) & ~head  # PART/PROGRAM named in a header start nothing
+    if head.any():
+        ph[head & (tok == v.HEADER)] = Phase.HEADER
+        ph[head & (tok != v.HEADER)] = Phase.BODY
 
     s.tick += t.ticks_table[tok]
 
@@ -227,9 +247,10 @@ def advance(s: GrammarState, tok: np.ndarray, t: Tables) -> None:
         r_off = np.nonzero(is_off)[0]
         s.sounding[r_off, part[r_off], pitch[r_off]] = False
 
-    for fam, rule in RULES.items():  # the phase after each event family
+    for fam, rule in t.rules.items():  # the phase after each event family
         ph[ty == fam] = rule.then
     ph[in_targets] = Phase.TARGETS
+    ph[in_header] = Phase.HEADER
 
 
 def advance_one(s: GrammarState, tok: int, t: Tables) -> None:
@@ -237,11 +258,15 @@ def advance_one(s: GrammarState, tok: int, t: Tables) -> None:
     with `advance` is tested)."""
     v = t.vocab
     ty = t.type_list[tok]
-    if ty == TokenType.SPECIAL:
+    if ty == TokenType.SPECIAL or ty == TokenType.HEADER:
         if tok != v.PAD:  # the specials are rare: the vectorized transition
             advance(s, np.array([tok]), t)
         return
     ph = int(s.phase[0])
+    if ph == _HEADER:  # PART/PROGRAM inside a header: only a PART is remembered
+        if ty == TokenType.PART:
+            s.last_part[0] = tok - v.part_base
+        return
     if ty == TokenType.TIME:
         s.tick[0] += t.ticks_list[tok]
     elif ty == TokenType.NOTE_ON or ty == TokenType.NOTE_OFF:
@@ -273,7 +298,13 @@ def family_candidates(cand: Candidates, s: GrammarState) -> dict[TokenType, np.n
         TokenType.VELOCITY: cand.on_ok.reshape(b, -1).any(axis=1)[:, None],
         TokenType.NOTE_ON: cand.on_ok.reshape(b, -1),
         TokenType.NOTE_OFF: cand.off_ok.reshape(b, -1),
+        TokenType.METER: _or_all(cand.meter_ok, b),
+        TokenType.CHORD: _or_all(cand.chord_ok, b),
     }
+
+
+def _or_all(ok: np.ndarray | None, b: int) -> np.ndarray:
+    return np.ones((b, 1), dtype=bool) if ok is None else ok
 
 
 def one_candidates(ty: TokenType, cand: Candidates, s: GrammarState) -> np.ndarray | bool:
@@ -288,7 +319,10 @@ def one_candidates(ty: TokenType, cand: Candidates, s: GrammarState) -> np.ndarr
         return bool(cand.on_ok.any())
     if ty == TokenType.NOTE_ON:
         return cand.on_ok[0].reshape(-1)
-    return cand.off_ok[0].reshape(-1)  # NOTE_OFF
+    if ty == TokenType.NOTE_OFF:
+        return cand.off_ok[0].reshape(-1)
+    ok = cand.meter_ok if ty == TokenType.METER else cand.chord_ok
+    return True if ok is None else ok[0]
 
 
 def assemble(cand: Candidates, s: GrammarState, t: Tables) -> np.ndarray:
@@ -298,7 +332,7 @@ def assemble(cand: Candidates, s: GrammarState, t: Tables) -> np.ndarray:
     ph = s.phase
     mask = np.zeros((b, v.size), dtype=bool)  # (B, V)
     fam = family_candidates(cand, s)
-    for ty, rule in RULES.items():
+    for ty, rule in t.rules.items():
         rows = np.isin(ph, rule.at)
         mask[rows, t.ids[ty]] = fam[ty][rows]
 

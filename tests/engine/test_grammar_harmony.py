@@ -1,0 +1,99 @@
+"""The grammar with harmony tokens: beats and chords at event boundaries, the header given in
+prompts and never sampled, and GivenMarks keeping the model from writing its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from improv.engine.constraint_set import ConstraintSet
+from improv.engine.constraints import GivenMarks, Parts
+from improv.engine.grammar import Phase
+from improv.engine.tokenizer.harmony import parse_label
+from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
+
+V = Vocab(TokenizerConfig(harmony=True))
+LEAD, HARMONY, BASS = 0, 2, 3
+AM = V.chord(parse_label("A:min"))
+
+
+def _header() -> list[int]:
+    return [V.HEADER, V.part(HARMONY), V.program(0), V.part(BASS), V.HEADER_END]
+
+
+def test_header_then_marks_then_notes() -> None:
+    cs = ConstraintSet(V)
+    toks = [V.BOS, V.TASK_ACCOMPANY, *_header(), V.BAR, AM, V.velocity(20), V.note_on(HARMONY, 57)]
+    toks += [V.shift(50), V.BEAT, V.note_off(HARMONY, 57)]
+    assert cs.check(toks) is None
+    assert cs.phase[0] == Phase.BODY
+    # the header named PART_bass without a PROGRAM: that started no event
+    assert cs.state.sounding[0, HARMONY].sum() == 0
+
+
+def test_marks_only_at_event_boundaries_and_the_header_never_sampled() -> None:
+    cs = ConstraintSet(V)
+    cs.feed([V.BOS, V.TASK_CONTINUE])
+    m = cs.allowed()[0]
+    assert m[V.BAR] and m[V.BEAT] and m[AM] and m[V.chord(0)]
+    assert not m[V.HEADER] and not m[V.HEADER_END]
+    cs.feed([V.velocity(10)])  # between VEL and ON: no mark may cut in
+    m = cs.allowed()[0]
+    assert not m[V.BAR] and not m[AM] and m[V.note_on(LEAD, 60)]
+    cs.feed([V.note_on(LEAD, 60), V.part(HARMONY)])  # between PART and PROGRAM: neither
+    assert not cs.allowed()[0, V.BEAT]
+
+
+def test_given_marks_keep_the_model_from_writing_its_own() -> None:
+    for beats, chords in ((True, False), (False, True), (True, True)):
+        cs = ConstraintSet(V, [GivenMarks(beats=beats, chords=chords), Parts(["harmony"])])
+        cs.feed([V.BOS, V.TASK_ACCOMPANY])
+        m = cs.allowed()[0]
+        assert m[V.BAR] != beats and m[V.BEAT] != beats
+        assert m[AM] != chords
+        # given marks are observed all the same (forced tokens are fed, not sampled)
+        cs.feed([V.BAR, AM, V.shift(10)])
+        assert cs.phase[0] == Phase.BODY and cs.tick[0] == 10
+
+
+def test_an_older_vocabulary_has_no_harmony_families() -> None:
+    old = Vocab(TokenizerConfig())
+    cs = ConstraintSet(old, [GivenMarks()])
+    cs.feed([old.BOS, old.TASK_CONTINUE])
+    assert cs.allowed().shape == (1, old.size)
+
+
+@pytest.mark.parametrize("prompt", [[V.BOS, V.TASK_CONTINUE], [V.BOS, V.TASK_ACCOMPANY]])
+def test_single_row_path_equals_vectorized_with_marks(prompt: list[int]) -> None:
+    rng = np.random.default_rng(0)
+    rows = 3
+    batch = ConstraintSet(V, [Parts(["harmony", "bass"])], n_rows=rows)
+    singles = [ConstraintSet(V, [Parts(["harmony", "bass"])]) for _ in range(rows)]
+    for r in range(rows):
+        batch.feed(prompt + _header(), row=r)
+        singles[r].feed(prompt + _header())
+    seen: set[TokenType] = set()
+    for _ in range(300):
+        m = batch.allowed()
+        for r in range(rows):
+            assert np.array_equal(singles[r].allowed()[0], m[r])
+        nxt = np.array([rng.choice(np.flatnonzero(m[r])) for r in range(rows)])
+        seen |= {V.type_of(int(t)) for t in nxt}
+        batch.observe(nxt)
+        for r in range(rows):
+            singles[r].observe([nxt[r]])
+    assert {TokenType.METER, TokenType.CHORD} <= seen
+
+
+def test_the_context_slide_keeps_the_header_and_restates_the_chord() -> None:
+    from improv.engine.context import slide_context
+
+    ctx = [V.BOS, V.TASK_ACCOMPANY, *_header(), V.BAR, AM]
+    for k in range(40):
+        ctx += [V.velocity(20), V.note_on(HARMONY, 57 + k % 3), V.shift(10)]
+        ctx += [V.note_off(HARMONY, 57 + k % 3), V.BEAT]
+    out = slide_context(ctx, V, 60)
+    assert len(out) <= 60
+    assert out[: 2 + len(_header())] == ctx[: 2 + len(_header())]
+    assert AM in out[2 + len(_header()) :]  # the sounding chord, though its change was cut
+    assert ConstraintSet(V).check(out) is None
