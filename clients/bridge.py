@@ -19,7 +19,7 @@ from typing import Any
 
 import mido
 
-from improv.server.ports import (
+from improv.midi import (
     CLOCK_TYPES,
     FORWARDED,
     Backend,

@@ -27,9 +27,9 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from improv.engine.live import SamplingParams
 from improv.engine.tokenizer import MidiReadError, Notes
+from improv.protocol import messages as p
 
 from . import generation as gen
-from . import protocol as p
 from .gm import GM_PROGRAMS
 from .live import LiveConnection
 from .runtime import Runtime, SessionLimit

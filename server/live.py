@@ -42,8 +42,8 @@ from improv.engine.constraints import (
 from improv.engine.live import Done, Event, LiveSession, Rollback, SamplingParams, Token
 from improv.engine.tokenizer.stream import DRUM_CHANNEL, part_channel
 from improv.engine.tokenizer.vocab import TokenType, Vocab
+from improv.protocol import messages as p
 
-from . import protocol as p
 from .runtime import Runtime, SessionLimit
 
 logger = logging.getLogger(__name__)

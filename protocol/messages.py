@@ -2,11 +2,11 @@
 
 Every frame is one JSON text object with a `type`. Times are milliseconds on the session clock
 (0 = when the connection was accepted). MIDI travels as raw bytes (the Web MIDI / rtmidi shape).
-docs/protocol.md is generated from these models (`python -m improv.server.protocol`), and
-tests/server/test_protocol.py checks that it is up to date.
+docs/protocol.md is generated from these models (`python -m improv.protocol.doc`), and
+tests/protocol/test_messages.py checks that it is up to date.
 
-The same models drive an in-process session (`improv.server.live.LiveConnection`): a MIDI port
-bridge feeds `ClientMessage`s to `handle()` and receives `ServerMessage`s through its `send`.
+The same models drive an in-process session (the server's `LiveConnection`): a MIDI port
+session feeds `ClientMessage`s to `handle()` and receives `ServerMessage`s through its `send`.
 """
 
 from __future__ import annotations
