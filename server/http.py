@@ -25,11 +25,11 @@ from fastapi import (
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from improv.engine import generation as gen
 from improv.engine.live import SamplingParams
 from improv.engine.tokenizer import MidiReadError, Notes
 from improv.protocol import messages as p
 
-from . import generation as gen
 from .gm import GM_PROGRAMS
 from .live import LiveConnection
 from .runtime import Runtime, SessionLimit

@@ -1,10 +1,13 @@
-"""Offline generation for the HTTP API: continue, infill, accompany.
+"""Offline generation: continue, infill, accompany a MIDI file's notes.
 
-Each request runs as one session on the shared scheduler (so it is batched with the live
-sessions and never blocks the event loop): the prompt is prefilled, given events are inserted at
-their ticks (`LiveSession.insert` forces them while the model generates), and the sampled tokens
-come back as events, turned into notes here. Files are reassembled at the note level: every
-note that was not regenerated comes back exactly as it was read.
+A planner (`plan_continue`, `plan_infill`, `plan_accompany`) turns the notes and the request into
+a `Job`: the prompt, the given events to force at their ticks, the constraints, and a
+`NoteBuilder` that turns the sampled tokens back into notes. `execute` (the whole result) and
+`stream_events` (note events as they come) run a job as one session of a live `Scheduler` (so the
+server batches it with the live sessions), opened through `Sessions`, the one thing a host
+provides: the server's runtime (the shared scheduler, its HTTP slots) or `SchedulerSessions` (a
+scheduler of its own: `improv generate`, benchmarks). Files are reassembled at the note level:
+every note that was not regenerated comes back exactly as it was read.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from improv.engine.constraints import (
+from .constraints import (
     Candidates,
     Constraint,
     GrammarState,
@@ -26,21 +30,21 @@ from improv.engine.constraints import (
     Programs,
     TimeLimit,
 )
-from improv.engine.live import Done, Event, SamplingParams, Token
-from improv.engine.tokenizer import Note, Notes
-from improv.engine.tokenizer.encode import quantize
-from improv.engine.tokenizer.layouts import make_accompany, make_infill
-from improv.engine.tokenizer.vocab import TokenType, Vocab
-
-from .runtime import Runtime
+from .live import Done, Event, EventCallback, LiveSession, SamplingParams, Scheduler, Token
+from .tokenizer import Note, Notes, Tokenizer
+from .tokenizer.decode import NoteOff, NoteOn, OpenNotes, TokenDecoder
+from .tokenizer.encode import quantize
+from .tokenizer.layouts import make_accompany, make_infill
+from .tokenizer.vocab import Vocab
 
 logger = logging.getLogger(__name__)
 
 MAX_TOKENS_PER_SECOND = 400  # safety cap on one request (dense piano is ~50 tokens/s)
+MAX_NOTE_SECONDS = 8.0  # no generated note sounds longer (the server's IMPROV_MAX_NOTE_SECONDS)
 
 
 class GenerationError(ValueError):
-    """The request can't be served as asked (the message says why): a 422."""
+    """The request can't be served as asked (the message says why; the server answers 422)."""
 
 
 @dataclass
@@ -53,8 +57,62 @@ class Request:
     max_tokens: int | None = None
 
 
-async def run(rt: Runtime, req: Request) -> AsyncIterator[Token]:
-    """The sampled tokens of one request, as they come (a session on the shared scheduler)."""
+class Sessions(Protocol):
+    """What a host gives offline jobs: the model's vocabulary and tokenizer, its limits, and
+    engine sessions (an async context manager: the session is closed, and any capacity it took
+    released, on the way out)."""
+
+    vocab: Vocab
+    tokenizer: Tokenizer
+    max_len: int  # tokens a session's context holds
+    max_note_seconds: float
+
+    def session(
+        self,
+        prompt: list[int],
+        constraints: list[Constraint],
+        sampling: SamplingParams,
+        on_event: EventCallback,
+    ) -> AbstractAsyncContextManager[LiveSession]: ...
+
+
+class SchedulerSessions:
+    """`Sessions` on a scheduler of its own, for `max_sessions` jobs at once (the CLI, benchmarks):
+    `with SchedulerSessions(engine, k) as sessions: asyncio.run(execute(sessions, job))`."""
+
+    def __init__(
+        self, engine: Any, max_sessions: int = 1, max_note_seconds: float = MAX_NOTE_SECONDS
+    ) -> None:
+        self.scheduler = Scheduler(engine, max_sessions=max_sessions)
+        self.vocab: Vocab = engine.vocab
+        self.tokenizer: Tokenizer = engine.tokenizer
+        self.max_len = self.scheduler.max_len
+        self.max_note_seconds = max_note_seconds
+
+    def __enter__(self) -> SchedulerSessions:
+        self.scheduler.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.scheduler.stop()
+
+    @asynccontextmanager
+    async def session(
+        self,
+        prompt: list[int],
+        constraints: list[Constraint],
+        sampling: SamplingParams,
+        on_event: EventCallback,
+    ) -> AsyncIterator[LiveSession]:
+        s = self.scheduler.open_session(prompt, constraints, sampling, on_event)
+        try:
+            yield s
+        finally:
+            s.close()
+
+
+async def run(sessions: Sessions, req: Request) -> AsyncIterator[Token]:
+    """The sampled tokens of one request, as they come (a session on the host's scheduler)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -64,10 +122,7 @@ async def run(rt: Runtime, req: Request) -> AsyncIterator[Token]:
         except RuntimeError:  # loop gone
             pass
 
-    rt.acquire_http()
-    s = None
-    try:
-        s = await rt.open_session(req.prompt, req.constraints, req.sampling, on_event)
+    async with sessions.session(req.prompt, req.constraints, req.sampling, on_event) as s:
         rid = s.generate(max_tokens=req.max_tokens, until_tick=req.until_tick)
         for tick, toks in req.forced:  # forced while the request runs (docs/engine-live.md)
             s.insert(tick, toks)
@@ -79,78 +134,60 @@ async def run(rt: Runtime, req: Request) -> AsyncIterator[Token]:
                 if ev.reason == "error":
                     raise RuntimeError("generation failed in the scheduler")
                 return
-    finally:
-        if s is not None:
-            s.close()
-        rt.release_http()
 
 
 class NoteBuilder:
-    """Sampled (token, tick) -> notes; `events` for streaming, `notes` when done."""
+    """Sampled (token, tick) -> notes (the events of `TokenDecoder`); `feed` returns note events
+    for streaming, `notes` the notes when done. A note lasts at least one tick."""
 
     def __init__(self, vocab: Vocab, programs: dict[int, int], tick_offset: int = 0) -> None:
         self.v = vocab
-        self.programs = dict(programs)  # part -> program until the model sets one
         self.offset = tick_offset  # session tick of time 0 of the output
-        self.open: dict[tuple[int, int], tuple[int, int, int]] = {}  # key -> tick, vel, program
         self.notes: list[Note] = []
-        self._part: int | None = None
-        self._vel = 64
-        self._drum_ticks = max(1, round(vocab.config.drum_note_ms / vocab.config.tick_ms))
+        # programs: part -> program until the model sets one
+        self._dec = TokenDecoder(vocab, programs)
+        self._open = OpenNotes()
 
     def _sec(self, tick: int) -> float:
         return (tick - self.offset) / self.v.ticks_per_second
 
-    def _close(self, key: tuple[int, int], tick: int) -> dict[str, Any]:
-        start, vel, prog = self.open.pop(key)
-        tick = max(tick, start + 1)
-        self.notes.append(Note(self._sec(start), self._sec(tick), key[1], vel, key[0], prog))
+    def _close(self, on: NoteOn, tick: int) -> dict[str, Any]:
+        tick = max(tick, on.tick + 1)
+        self.notes.append(
+            Note(self._sec(on.tick), self._sec(tick), on.pitch, on.velocity, on.part, on.program)
+        )
         return {
             "type": "note_off",
             "time": self._sec(tick),
-            "pitch": key[1],
-            "part": self._name(key[0]),
+            "pitch": on.pitch,
+            "part": self._name(on.part),
         }
 
     def _name(self, part: int) -> str:
         return self.v.config.parts[part]
 
     def feed(self, tok: int, tick: int) -> list[dict[str, Any]]:
-        v = self.v
-        ty = v.type_of(tok)
-        if ty is TokenType.PART:
-            self._part = tok - v.part_base
-        elif ty is TokenType.PROGRAM and self._part is not None:
-            self.programs[self._part] = tok - v.program_base
-            self._part = None
-        elif ty is TokenType.VELOCITY:
-            self._vel = max(1, v.bin_velocity(tok - v.vel_base))
-        elif ty is TokenType.NOTE_ON:
-            part, pitch = key = v.note_of(tok)
-            out = [self._close(key, tick)] if key in self.open else []
-            prog = self.programs.get(part, 0)
-            self.open[key] = (tick, self._vel, prog)
-            out.append(
-                {
-                    "type": "note_on",
-                    "time": self._sec(tick),
-                    "pitch": pitch,
-                    "velocity": self._vel,
-                    "part": self._name(part),
-                    "program": prog,
-                }
-            )
-            if part == v.drums:
-                out.append(self._close(key, tick + self._drum_ticks))
-            return out
-        elif ty is TokenType.NOTE_OFF:
-            key = v.note_of(tok)
-            if key in self.open:
-                return [self._close(key, tick)]
-        return []
+        out = []
+        for ev in self._dec.feed(tok, tick):
+            if isinstance(ev, NoteOn):
+                if (ended := self._open.start(ev)) is not None:
+                    out.append(self._close(ended, ev.tick))
+                out.append(
+                    {
+                        "type": "note_on",
+                        "time": self._sec(ev.tick),
+                        "pitch": ev.pitch,
+                        "velocity": ev.velocity,
+                        "part": self._name(ev.part),
+                        "program": ev.program,
+                    }
+                )
+            elif isinstance(ev, NoteOff) and (on := self._open.end(ev)) is not None:
+                out.append(self._close(on, ev.tick))
+        return out
 
     def finish(self, tick: int) -> list[dict[str, Any]]:
-        return [self._close(k, tick) for k in sorted(self.open)]
+        return [self._close(on, tick) for on in self._open.finish()]
 
     def result(self) -> Notes:
         return Notes.from_list(self.notes)
@@ -179,14 +216,14 @@ class Job:
 
 
 def plan_continue(
-    rt: Runtime,
+    sessions: Sessions,
     notes: Notes,
     seconds: float,
     sampling: SamplingParams,
     parts: list[str] | None = None,
     programs: dict[str, int] | None = None,
 ) -> Job:
-    v, tok = rt.vocab, rt.tokenizer
+    v, tok = sessions.vocab, sessions.tokenizer
     # The model hears the prompt from its first note (training examples open on a note, not on
     # a file's leading silence); the output is moved back to the file's time.
     first = int(quantize(float(notes.start.min()), v.ticks_per_second)) if len(notes) else 0
@@ -194,7 +231,7 @@ def plan_continue(
         notes.shifted(-first / v.ticks_per_second), task="continue", eos=False
     )
     end = time_ticks(v, prompt) + int(round(seconds * v.ticks_per_second))
-    cons: list[Constraint] = [MaxDuration(rt.settings.max_note_seconds, parts)]
+    cons: list[Constraint] = [MaxDuration(sessions.max_note_seconds, parts)]
     if parts:
         cons.append(Parts(parts))
     if programs:
@@ -220,16 +257,16 @@ class GapTimes(Constraint):
 
 
 def plan_infill(
-    rt: Runtime,
+    sessions: Sessions,
     notes: Notes,
     start: float,
     end: float,
     sampling: SamplingParams,
     parts: list[str] | None = None,
 ) -> Job:
-    v = rt.vocab
+    v = sessions.vocab
     idx = [v.part_index[x] for x in parts] if parts else None
-    max_len = rt.scheduler.max_len
+    max_len = sessions.max_len
     ex = None
     # The whole example must fit the context (sliding would cut the fill-in-the-middle layout):
     # shrink the context around the gap until it does.
@@ -248,7 +285,7 @@ def plan_infill(
     targets = parts or list(v.config.parts)
     cons: list[Constraint] = [
         Parts(targets),
-        MaxDuration(rt.settings.max_note_seconds, targets),
+        MaxDuration(sessions.max_note_seconds, targets),
         GapTimes([e.tick for e in ex.forced], ex.end_tick),
         TimeLimit(ex.end_tick),
     ]
@@ -261,7 +298,7 @@ def plan_infill(
 
 
 def plan_accompany(
-    rt: Runtime,
+    sessions: Sessions,
     notes: Notes,
     sampling: SamplingParams,
     parts: list[str],
@@ -270,7 +307,7 @@ def plan_accompany(
 ) -> Job:
     """`parts` generated along with `notes`' other parts (the lead, and a bass line, say), which
     are given: forced at their times and returned unchanged."""
-    v = rt.vocab
+    v = sessions.vocab
     lead = notes.select(~np.isin(notes.part, [v.part_index[x] for x in parts]))
     _, events = make_accompany(v, lead, lead_parts=sorted(set(lead.part.tolist())))
     # The accompaniment starts with the lead: an intro over the silence before it would be in
@@ -280,7 +317,7 @@ def plan_accompany(
     # to accompany); the output is moved back to the file's time.
     first = events[0].tick if events else 0
     end = (events[-1].tick - first if events else 0) + int(round(tail_seconds * v.ticks_per_second))
-    cons: list[Constraint] = [Parts(parts), MaxDuration(rt.settings.max_note_seconds, parts)]
+    cons: list[Constraint] = [Parts(parts), MaxDuration(sessions.max_note_seconds, parts)]
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items() if k in parts}))
     seconds = end / v.ticks_per_second
@@ -299,18 +336,18 @@ def _cap(seconds: float) -> int:
     return int(max(seconds, 1.0) * MAX_TOKENS_PER_SECOND) + 256
 
 
-async def execute(rt: Runtime, job: Job) -> Notes:
+async def execute(sessions: Sessions, job: Job) -> Notes:
     """Run a job to the end; the given notes plus the generated ones."""
-    async for ev in run(rt, job.request):
+    async for ev in run(sessions, job.request):
         job.builder.feed(ev.token, ev.tick)
     job.builder.finish(job.end_tick)
     return Notes.concat([job.given, job.builder.result()]).sorted()
 
 
-async def stream_events(rt: Runtime, job: Job) -> AsyncIterator[dict[str, Any]]:
+async def stream_events(sessions: Sessions, job: Job) -> AsyncIterator[dict[str, Any]]:
     """Newline-JSON events as the notes are generated, then a `done` event."""
     n = 0
-    async for ev in run(rt, job.request):
+    async for ev in run(sessions, job.request):
         for out in job.builder.feed(ev.token, ev.tick):
             n += out["type"] == "note_on"
             yield out
