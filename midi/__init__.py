@@ -20,7 +20,7 @@ from .backends import (
     resolve,
 )
 from .player import Player
-from .ports import CLOCK_TYPES, FORWARDED, InputPort, OutputPort, note_balance
+from .ports import CLOCK_TYPES, FORWARDED, InputPort, OutputPort, note_balance, open_both
 from .tempo import TempoFollower
 
 __all__ = [
@@ -37,5 +37,6 @@ __all__ = [
     "default_backend",
     "list_ports",
     "note_balance",
+    "open_both",
     "resolve",
 ]

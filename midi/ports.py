@@ -231,6 +231,17 @@ class InputPort(_Port):
         self.held.clear()
 
 
+def open_both(out: OutputPort, inp: InputPort) -> None:
+    """Open an output and an input, or neither (the first error is raised)."""
+    try:
+        out.open()
+        inp.open()
+    except Exception:
+        out.close()
+        inp.close()
+        raise
+
+
 def note_balance(messages: Iterable[mido.Message]) -> tuple[int, int]:
     """(note-ons, note-offs) in a message list; a note-on with velocity 0 is a note-off."""
     on = off = 0

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    ValidationError,
     create_model,
     field_validator,
     model_validator,
@@ -350,3 +351,13 @@ def schemas() -> dict[str, Any]:
 
 def schema_json() -> str:
     return json.dumps(schemas(), indent=2, sort_keys=True)
+
+
+def explain(e: ValidationError) -> str:
+    """A short message for an `error` reply: where, and what (pydantic's text names the valid
+    range)."""
+    parts = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"][1:]) or str(err["loc"][0]) if err["loc"] else ""
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)

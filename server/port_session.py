@@ -25,6 +25,7 @@ from improv.midi import (
     PortError,
     TempoFollower,
     default_backend,
+    open_both,
     resolve,
 )
 
@@ -96,13 +97,7 @@ class PortSession:
             c.virtual,
             SERVER_CLIENT,
         )
-        try:
-            self.out.open()
-            self.inp.open()
-        except PortError:
-            self.out.close()
-            self.inp.close()
-            raise
+        open_both(self.out, self.inp)
         self.inp.on_change = self._input_changed
         self.player = Player(self.out, self._clock)
         await self._open_connection()
