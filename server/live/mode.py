@@ -28,6 +28,7 @@ from improv.engine.constraints import (
     Programs,
 )
 from improv.engine.live import Done, Event, LiveSession, Rollback, SamplingParams, Token
+from improv.engine.tokenizer.stream import StreamEncoder
 from improv.engine.tokenizer.vocab import TokenType
 from improv.protocol import messages as p
 
@@ -64,7 +65,10 @@ class Mode:
         self.playback = ctx.playback
         self.params = params
         self.session: LiveSession | None = None  # the engine session
-        self.enc: Any = None  # the player's StreamEncoder
+        # the player's events -> tokens (the model's own are observed: time, programs)
+        self.enc: StreamEncoder = self.rt.tokenizer.stream_encoder(
+            part="lead", program=params.player_program
+        )
         self.cancel_floor = -1  # Tokens of requests <= this are dropped (cancelled)
         self.request: int | None = None  # respond: the running response; accompany: the latest
         self.last_player_ms = 0.0
@@ -76,7 +80,6 @@ class Mode:
         """Start at session time `now` (tick 0 of the engine session)."""
         self._loop = asyncio.get_running_loop()
         self.clock.origin = now
-        self.enc = self.rt.tokenizer.stream_encoder(part="lead", program=self.params.player_program)
         self.last_player_ms = now
         self.playback.lookahead_ms = self.params.lookahead_ms
         await self._open_engine(prompt=None)
