@@ -118,8 +118,10 @@ class Playback:
         note.off.at_once = at_once
 
     def _forget_past(self) -> None:
+        if len(self.events) <= KEEP_EVENTS:
+            return
         cutoff = self.clock.now_ms() - FORGET_AFTER_MS
-        if len(self.events) > KEEP_EVENTS and self.events[0].time_ms < cutoff:
+        if self.events[0].time_ms < cutoff:
             self.events = [x for x in self.events if x.time_ms >= cutoff or not x.sent]
             self.notes = [
                 n for n in self.notes if n.off is None or not n.off.sent or n.off.time_ms >= cutoff
