@@ -264,7 +264,12 @@ class Mode:
     def _on_engine_event(self, ev: Event) -> None:
         if self.session is None or ev.session != self.session.id:
             return  # a closed or replaced engine session
-        self._dispatch_engine_event(ev)
+        if not self._held(ev):
+            self._dispatch_engine_event(ev)
+
+    def _held(self, ev: Event) -> bool:
+        """Hook: keep `ev` back (respond holds a speculation's events)."""
+        return False
 
     def _dispatch_engine_event(self, ev: Event) -> None:
         try:

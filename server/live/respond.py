@@ -252,16 +252,14 @@ class Respond(Mode):
         self.responding = False
 
     # --- engine events ----------------------------------------------------------------------------
-    def _on_engine_event(self, ev: Event) -> None:
-        if self.session is None or ev.session != self.session.id:
-            return  # a closed or replaced engine session
+    def _held(self, ev: Event) -> bool:
         spec = self.spec
-        if spec is not None and not isinstance(ev, Rollback) and ev.request == spec.request:
-            self._hold(spec, ev)  # sent when committed, or dropped
-            return
-        self._dispatch_engine_event(ev)
+        if spec is None or isinstance(ev, Rollback) or ev.request != spec.request:
+            return False
+        self._hold(spec, ev)  # sent when committed, or dropped
+        return True
 
-    def _hold(self, spec: Speculation, ev: Event) -> None:
+    def _hold(self, spec: Speculation, ev: Token | Done) -> None:
         spec.held.append(ev)
         if spec.opening is not None or not isinstance(ev, Token):
             return
