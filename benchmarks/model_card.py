@@ -59,7 +59,7 @@ def compare(gen: dict[str, float], real: dict[str, float]) -> dict[str, dict[str
 
 
 async def _run_jobs(rt: object, jobs: list) -> list[Notes]:
-    from improv.server.generation import execute
+    from improv.engine.generation import execute
 
     return await asyncio.gather(*(execute(rt, j) for j in jobs))  # type: ignore[arg-type]
 
@@ -89,16 +89,13 @@ def main() -> None:
 
     from improv.cli.render import render_piano_roll
     from improv.engine.engine import Engine
+    from improv.engine.generation import SchedulerSessions, plan_accompany, plan_continue
     from improv.engine.live import SamplingParams
-    from improv.server.generation import plan_accompany, plan_continue
-    from improv.server.runtime import Runtime
-    from improv.server.settings import Settings
 
     out = args.out or args.checkpoint
     engine = Engine.load(str(args.checkpoint), device="cpu")
-    rt = Runtime(
-        engine, Settings(checkpoint=str(args.checkpoint), max_sessions=1, http_sessions=args.songs)
-    )
+    rt = SchedulerSessions(engine, max_sessions=args.songs)
+    rt.scheduler.start()  # stopped below
     tok = rt.tokenizer
     v = tok.vocab
     harmony, counter, bass = (v.part_index[x] for x in ("harmony", "counter", "bass"))
@@ -145,7 +142,7 @@ def main() -> None:
         solo = asyncio.run(_run_jobs(rt, solo_jobs))
         rejected = rt.scheduler.stats["notes_rejected"] - rejected
     finally:
-        rt.close()
+        rt.scheduler.stop()
     solo_notes = sum(len(o) - len(j.given) for o, j in zip(solo, solo_jobs, strict=True))
 
     cont_gen, cont_real, acc_gen, acc_real, chord_gen, chord_real = [], [], [], [], [], []

@@ -1,7 +1,8 @@
 """`improv generate`, `improv infill`, `improv accompany`: offline generation on this machine.
 
-The same planning and scheduler path as the HTTP API (improv.server.generation), so a file made
-here is what the server would send back; `--variations K` runs K takes as one batch.
+The same planners and scheduler path as the HTTP API (improv.engine.generation), on a scheduler
+of this command's own (no server runtime), so a file made here is what the server would send
+back; `--variations K` runs K takes as one batch.
 """
 
 from __future__ import annotations
@@ -84,10 +85,8 @@ def _run(
 ) -> int:
     """Load the model, plan K jobs with seeds seed..seed+K-1, run them as one batch, write files."""
     from improv.engine.engine import Engine
+    from improv.engine.generation import GenerationError, SchedulerSessions, execute
     from improv.engine.live import SamplingParams
-    from improv.server.generation import GenerationError, execute
-    from improv.server.runtime import Runtime
-    from improv.server.settings import Settings
 
     _check(args, name)
     for attr in ("prompt", "song", "melody"):  # fail before the model loads
@@ -100,27 +99,24 @@ def _run(
         )
     engine = Engine.load(args.checkpoint, device=args.device)
     k = args.variations
-    rt = Runtime(engine, Settings(checkpoint=args.checkpoint, max_sessions=1, http_sessions=k))
     _READ_CACHE.clear()  # one command, one read of its input
-    try:
-        tok = rt.tokenizer
+    tok = engine.tokenizer
+    with SchedulerSessions(engine, max_sessions=k) as sessions:
         jobs = []
         for i in range(k):
             seed = None if args.seed is None else args.seed + i
             sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=seed)
             try:
-                jobs.append(plan(rt, tok, sampling))
+                jobs.append(plan(sessions, tok, sampling))
             except GenerationError as e:
                 raise SystemExit(f"improv {name}: {e}") from e
 
         async def all_jobs() -> list:
-            return await asyncio.gather(*(execute(rt, j) for j in jobs))
+            return await asyncio.gather(*(execute(sessions, j) for j in jobs))
 
         t0 = time.perf_counter()
         results = asyncio.run(all_jobs())
         elapsed = time.perf_counter() - t0
-    finally:
-        rt.close()
     for path, notes in zip(_outputs(args.out, k), results, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         tok.notes_to_midi(notes).save(path)
@@ -143,12 +139,12 @@ def generate_command() -> tuple[str, Callable, Callable]:
         _common(p)
 
     def run(args: argparse.Namespace) -> int:
+        from improv.engine.generation import plan_continue
         from improv.engine.tokenizer import Notes
-        from improv.server.generation import plan_continue
 
-        def plan(rt: object, tok: object, sampling: object) -> object:
+        def plan(sessions: object, tok: object, sampling: object) -> object:
             notes = _read(tok, args.prompt, "generate") if args.prompt else Notes.empty()
-            return plan_continue(rt, notes, args.seconds, sampling)  # type: ignore[arg-type]
+            return plan_continue(sessions, notes, args.seconds, sampling)  # type: ignore[arg-type]
 
         return _run(args, "generate", plan, lambda n: args.seconds)
 
@@ -171,19 +167,19 @@ def infill_command() -> tuple[str, Callable, Callable]:
         _common(p, seconds=False)
 
     def run(args: argparse.Namespace) -> int:
-        from improv.server.generation import plan_infill
+        from improv.engine.generation import plan_infill
 
         if not 0 <= args.start < args.end:
             raise SystemExit(
                 f"improv infill: need 0 <= --start < --end, got {args.start}, {args.end}"
             )
 
-        def plan(rt: object, tok: object, sampling: object) -> object:
+        def plan(sessions: object, tok: object, sampling: object) -> object:
             notes = _read(tok, args.song, "infill")
             parts = PART_CHOICES[args.parts]
             if args.parts == "accompaniment":
                 parts = [p for p in tok.parts if p != "lead"]  # type: ignore[attr-defined]
-            return plan_infill(rt, notes, args.start, args.end, sampling, parts=parts)  # type: ignore[arg-type]
+            return plan_infill(sessions, notes, args.start, args.end, sampling, parts=parts)  # type: ignore[arg-type]
 
         return _run(args, "infill", plan, lambda n: args.end - args.start)
 
@@ -207,11 +203,11 @@ def accompany_command() -> tuple[str, Callable, Callable]:
         _common(p, seconds=False)
 
     def run(args: argparse.Namespace) -> int:
-        from improv.server.generation import plan_accompany
+        from improv.engine.generation import plan_accompany
 
         parts = [s.strip() for s in args.parts.split(",") if s.strip()]
 
-        def plan(rt: object, tok: object, sampling: object) -> object:
+        def plan(sessions: object, tok: object, sampling: object) -> object:
             bad = [p for p in parts if p not in tok.parts or p == "lead"]  # type: ignore[attr-defined]
             if bad:
                 raise SystemExit(
@@ -223,7 +219,7 @@ def accompany_command() -> tuple[str, Callable, Callable]:
                 notes = _read(tok, args.melody, "accompany", parts="lead")
             if not (notes.part == v.lead).any():  # type: ignore[attr-defined]
                 raise SystemExit(f"improv accompany: {args.melody} has no melody notes")
-            return plan_accompany(rt, notes, sampling, parts)  # type: ignore[arg-type]
+            return plan_accompany(sessions, notes, sampling, parts)  # type: ignore[arg-type]
 
         return _run(args, "accompany", plan, lambda n: n.duration)
 

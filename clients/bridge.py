@@ -19,7 +19,7 @@ from typing import Any
 
 import mido
 
-from improv.server.ports import (
+from improv.midi import (
     CLOCK_TYPES,
     FORWARDED,
     Backend,
@@ -28,6 +28,7 @@ from improv.server.ports import (
     Player,
     TempoFollower,
     default_backend,
+    open_both,
 )
 
 from .live import LiveClient, local_ms
@@ -92,13 +93,7 @@ class Bridge:
         self.inp = InputPort(
             self.backend, self.in_query, loop, self._on_input, local_ms, self.virtual, BRIDGE_CLIENT
         )
-        try:
-            self.out.open()
-            self.inp.open()
-        except Exception:
-            self.out.close()
-            self.inp.close()
-            raise
+        open_both(self.out, self.inp)
         self.player = Player(self.out, self.session_now)
 
     def _on_input(self, msg: mido.Message, t_local: float) -> None:

@@ -7,7 +7,7 @@
         async for msg in live:                        # midi / retract / error / stopped
             if msg.type == "midi": print(msg.time, msg.data, msg.part)
 
-Messages are the protocol's pydantic models (`improv.server.protocol`, which imports no torch).
+Messages are the protocol's pydantic models (`improv.protocol.messages`, which imports no torch).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import websockets
 
-from improv.server import protocol as p
+from improv.protocol import messages as p
 
 logger = logging.getLogger(__name__)
 

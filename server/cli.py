@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from improv.protocol.args import add_live_arguments, live_start
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,9 +32,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
-    from .ports import add_midi_arguments  # light: mido only; rtmidi loads when a port opens
-
     add_midi_arguments(parser)
+
+
+def add_midi_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --midi-* options of `improv serve` (and --mode / --temperature / --param for the
+    session on those ports)."""
+    g = parser.add_argument_group("MIDI ports (a live session on this machine's ports)")
+    g.add_argument("--midi-in", metavar="NAME", help="input port to play from (substring)")
+    g.add_argument("--midi-out", metavar="NAME", help="output port for the model (substring)")
+    g.add_argument(
+        "--midi-virtual",
+        action="store_true",
+        help="create ports 'improv in' / 'improv out' for other software to connect to",
+    )
+    add_live_arguments(g)
+
+
+def setup_midi(app: Any, args: argparse.Namespace) -> int | None:
+    """Attach a port session when --midi-* was given; an exit code if the ports are wrong."""
+    if not (getattr(args, "midi_in", None) or getattr(args, "midi_out", None)) and not getattr(
+        args, "midi_virtual", False
+    ):
+        return None
+    from improv.midi import MidoBackend, PortError
+
+    from .port_session import MidiConfig, attach_midi, check_ports
+
+    try:
+        config = MidiConfig(args.midi_in, args.midi_out, args.midi_virtual, live_start(args))
+        check_ports(config)
+    except (PortError, ValueError) as e:
+        logger.error("%s", e)
+        return 2
+    except Exception as e:  # no rtmidi / no ALSA or JACK on this machine
+        logger.error("MIDI is unavailable here (%s): %s", MidoBackend().name, e)
+        return 2
+    attach_midi(app, config)
+    return None
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -84,8 +121,6 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     app = create_app(settings)
-    from .ports import setup_midi
-
     if (code := setup_midi(app, args)) is not None:  # --midi-*: a live session on MIDI ports
         return code
     config = uvicorn.Config(

@@ -25,11 +25,12 @@ from fastapi import (
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from improv.engine import generation as gen
+from improv.engine.conditioning import Conditioning, ConditioningError
 from improv.engine.live import SamplingParams
 from improv.engine.tokenizer import MidiReadError, Notes
+from improv.protocol import messages as p
 
-from . import generation as gen
-from . import protocol as p
 from .gm import GM_PROGRAMS
 from .live import LiveConnection
 from .runtime import Runtime, SessionLimit
@@ -123,13 +124,33 @@ async def read_upload(rt: Runtime, file: UploadFile) -> bytes:
 async def read_notes(rt: Runtime, data: bytes, parts: str | None = None) -> Notes:
     try:  # symusic parses in C++; off the loop so a large file can't stall the sessions
         notes = await asyncio.to_thread(rt.tokenizer.read_notes, data, parts)
-    except MidiReadError as e:
-        raise HTTPException(422, f"not a readable MIDI file: {e}") from e
+    except MidiReadError as e:  # its message says what is wrong, once
+        msg = str(e)
+        raise HTTPException(
+            422, msg if "MIDI" in msg else f"not a readable MIDI file: {msg}"
+        ) from e
     except Exception as e:  # a parser failing on garbage is still the input's fault
         raise HTTPException(422, f"not a readable MIDI file: {type(e).__name__}: {e}") from e
     if len(notes) == 0:
         raise HTTPException(422, "the MIDI file has no notes")
     return notes
+
+
+async def conditioning(
+    data: bytes,
+    chords: str | None,
+    beats: str | None,
+    bpm: float | None,
+    beats_per_bar: int | None,
+    until: float,
+) -> Conditioning:
+    """The request's chords, beats and output tempo map (engine/conditioning.py), off the loop."""
+    try:
+        return await asyncio.to_thread(
+            Conditioning.parse, data, chords, beats, bpm, beats_per_bar, until
+        )
+    except ConditioningError as e:
+        raise HTTPException(422, str(e)) from e
 
 
 def sampling(temperature: float, top_p: float, seed: int | None) -> SamplingParams:
@@ -185,16 +206,15 @@ async def respond(
         notes = await gen.execute(rt, job)
     except SessionLimit as e:
         raise HTTPException(503, str(e)) from e
+    missing = gen.missing_parts(rt.vocab, job, notes)
+    headers = {"X-Improv-Missing-Parts": ",".join(missing)} if missing else {}
     if wants_json(accept):
-        return JSONResponse(notes_json(rt, notes, job))
-    midi = rt.tokenizer.notes_to_midi(notes)
+        return JSONResponse(notes_json(rt, notes, job), headers=headers)
+    midi = await asyncio.to_thread(rt.tokenizer.notes_to_midi, notes, job.cond.tempo, job.chords())
     buf = io.BytesIO()
     midi.save(file=buf)
-    return Response(
-        buf.getvalue(),
-        media_type="audio/midi",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
+    headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return Response(buf.getvalue(), media_type="audio/midi", headers=headers)
 
 
 def _check_capacity(rt: Runtime) -> None:
@@ -221,7 +241,9 @@ def notes_json(rt: Runtime, notes: Notes, job: gen.Job) -> dict[str, Any]:
                 "generated": tuple(n) in generated,
             }
             for n in notes.to_list()
-        ]
+        ],
+        "chords": gen.chords_json(job.chords()),
+        "missing_parts": gen.missing_parts(rt.vocab, job, notes),
     }
 
 
@@ -230,6 +252,23 @@ TopP = Annotated[float, Form(gt=0.0, le=1.0)]
 Seed = Annotated[int | None, Form(ge=0, le=2**62)]
 Accept = Annotated[str | None, Header()]
 Stream = Annotated[bool, Form(description="newline-delimited JSON events as they are generated")]
+Chords = Annotated[
+    str | None,
+    Form(
+        description="chord-lab lines 'start end label' (s, Harte: C:maj, A:min7, N), or a chart "
+        "laid on the beats: 'C Am F G' (a chord a bar) or '| C | Am F |'; none: the model plans "
+        "its own (returned as markers / JSON chords)"
+    ),
+]
+Beats = Annotated[
+    str | None,
+    Form(description="lines 'seconds [1 if downbeat]'; overrides the file's tempo map"),
+]
+Bpm = Annotated[
+    float | None,
+    Form(ge=20, le=400, description="steady beats from the file's time 0 (and the output tempo)"),
+]
+BeatsPerBar = Annotated[int | None, Form(ge=1, le=16, description="with bpm or beats; default 4")]
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -255,6 +294,10 @@ async def continue_(
         str | None, Form(description="comma-separated parts the model may play")
     ] = None,
     programs: Annotated[str | None, Form(description="GM programs, e.g. 'lead=73,bass=33'")] = None,
+    chords: Chords = None,
+    beats: Beats = None,
+    bpm: Bpm = None,
+    beats_per_bar: BeatsPerBar = None,
     stream: Stream = False,
     accept: Accept = None,
 ) -> Response:
@@ -263,10 +306,13 @@ async def continue_(
         raise HTTPException(
             422, f"seconds must be in (0, {rt.settings.max_generate_seconds}], got {seconds}"
         )
-    notes = await read_notes(rt, await read_upload(rt, file))
-    job = gen.plan_continue(
-        rt, notes, seconds, sampling(temperature, top_p, seed),
-        parse_parts(parts, "parts"), parse_programs(programs),
+    data = await read_upload(rt, file)
+    notes = await read_notes(rt, data)
+    until = float(notes.end.max()) + seconds
+    cond = await conditioning(data, chords, beats, bpm, beats_per_bar, until)
+    job = await asyncio.to_thread(
+        gen.plan_continue, rt, notes, seconds, sampling(temperature, top_p, seed),
+        parse_parts(parts, "parts"), parse_programs(programs), cond,
     )  # fmt: skip
     return await respond(rt, job, accept, stream, "continued.mid")
 
@@ -287,6 +333,10 @@ async def infill(
     temperature: Temperature = 1.0,
     top_p: TopP = 0.95,
     seed: Seed = None,
+    chords: Chords = None,
+    beats: Beats = None,
+    bpm: Bpm = None,
+    beats_per_bar: BeatsPerBar = None,
     stream: Stream = False,
     accept: Accept = None,
 ) -> Response:
@@ -296,16 +346,19 @@ async def infill(
         raise HTTPException(422, f"end must be after start, got start={start} end={end}")
     if end - start > lim:
         raise HTTPException(422, f"the gap must be at most {lim} s long, got {end - start:.3f}")
-    notes = await read_notes(rt, await read_upload(rt, file))
+    data = await read_upload(rt, file)
+    notes = await read_notes(rt, data)
     length = float(notes.end.max())
     if start >= length:
         raise HTTPException(
             422, f"start must be before the end of the music ({length:.2f} s), got {start}"
         )
+    cond = await conditioning(data, chords, beats, bpm, beats_per_bar, max(length, end))
     try:
-        job = gen.plan_infill(
-            rt, notes, start, end, sampling(temperature, top_p, seed), parse_parts(parts, "parts")
-        )
+        job = await asyncio.to_thread(
+            gen.plan_infill, rt, notes, start, end, sampling(temperature, top_p, seed),
+            parse_parts(parts, "parts"), cond,
+        )  # fmt: skip
     except gen.GenerationError as e:
         raise HTTPException(422, str(e)) from e
     return await respond(rt, job, accept, stream, "infilled.mid")
@@ -329,6 +382,10 @@ async def accompany(
     temperature: Temperature = 1.0,
     top_p: TopP = 0.95,
     seed: Seed = None,
+    chords: Chords = None,
+    beats: Beats = None,
+    bpm: Bpm = None,
+    beats_per_bar: BeatsPerBar = None,
     stream: Stream = False,
     accept: Accept = None,
 ) -> Response:
@@ -348,15 +405,17 @@ async def accompany(
         notes = await read_notes(rt, data, "lead")
         if not (notes.part == rt.vocab.lead).any():
             raise HTTPException(422, "no melody found: the file has only drums")
-    job = gen.plan_accompany(
-        rt, notes, sampling(temperature, top_p, seed), chosen, parse_programs(programs)
-    )
-    length = float(job.given.end.max())
+    length = float(notes.end.max())  # checked before any planning: cheap first
     if length > rt.settings.max_accompany_seconds:
         raise HTTPException(
             422,
             f"the melody must be at most {rt.settings.max_accompany_seconds} s long, got {length:.1f}",
         )
+    cond = await conditioning(data, chords, beats, bpm, beats_per_bar, length + 1.0)
+    job = await asyncio.to_thread(
+        gen.plan_accompany, rt, notes, sampling(temperature, top_p, seed), chosen,
+        parse_programs(programs), 1.0, cond,
+    )  # fmt: skip
     return await respond(rt, job, accept, stream, "accompanied.mid")
 
 

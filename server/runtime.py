@@ -7,6 +7,7 @@ ports, tests): `Runtime.load(settings)` ... `runtime.close()`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import heapq
 import itertools
@@ -14,6 +15,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from improv.engine.live import SamplingParams, Scheduler, SchedulerFull
@@ -226,6 +228,35 @@ class Runtime:
                 if asyncio.get_running_loop().time() > deadline:
                     raise
                 await asyncio.sleep(0.005)
+
+    # --- offline jobs (improv.engine.generation.Sessions) -------------------------------------------
+    @property
+    def max_len(self) -> int:
+        return self.scheduler.max_len
+
+    @property
+    def max_note_seconds(self) -> float:
+        return self.settings.max_note_seconds
+
+    @contextlib.asynccontextmanager
+    async def session(
+        self,
+        prompt: list[int],
+        constraints: list[Any],
+        sampling: SamplingParams,
+        on_event: EventCallback,
+    ) -> AsyncIterator[LiveSession]:
+        """An engine session for an offline job, in one of the HTTP slots (SessionLimit when
+        they are all taken); closed and its slot released on the way out."""
+        self.acquire_http()
+        s = None
+        try:
+            s = await self.open_session(prompt, constraints, sampling, on_event)
+            yield s
+        finally:
+            if s is not None:
+                s.close()
+            self.release_http()
 
     async def close_connections(self, reason: str) -> None:
         """Server shutdown: every live session sends its note-offs and `stopped`."""

@@ -45,6 +45,8 @@ def test_wheel_contains_every_package(tmp_path):
         "trainer": "improv/trainer",
         "cli": "improv/cli",
         "models": "improv/models",
+        "protocol": "improv/protocol",
+        "midi": "improv/midi",
     }.items():
         for init in (ROOT / src).rglob("__init__.py"):
             rel = init.relative_to(ROOT / src).as_posix()

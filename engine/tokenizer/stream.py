@@ -4,7 +4,8 @@
 token as soon as its note-on comes in). Fed a file's messages in time order, it writes exactly
 what `Tokenizer.encode` writes for that file (tests/engine/tokenizer/test_stream.py).
 
-`StreamDecoder` turns tokens into timed MIDI messages as soon as each is determined.
+`StreamDecoder` turns tokens into timed MIDI messages as soon as each is determined (the token
+language is decoded by `decode.TokenDecoder`; this only makes MIDI messages of its events).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import NamedTuple
 
 import mido
 
+from .decode import NoteOff, NoteOn, OpenNotes, ProgramChange, TokenDecoder
 from .notes import Note
 from .vocab import TokenType, Vocab
 
@@ -228,7 +230,8 @@ class TimedMessage(NamedTuple):
 
 
 class StreamDecoder:
-    """Tokens -> timed MIDI messages, each as soon as it is determined.
+    """Tokens -> timed MIDI messages, each as soon as it is determined (the events of
+    `TokenDecoder`, on the channels of `part_channel`).
 
     A note-on is emitted at its ON token; its note-off at its OFF token (drum hits: together with
     the note-on, `drum_note_ms` later). `finish()` closes whatever still sounds, so a consumer that
@@ -237,15 +240,13 @@ class StreamDecoder:
 
     def __init__(self, vocab: Vocab, start_tick: int = 0) -> None:
         self.vocab = vocab
-        self.tick = start_tick
-        self._velocity = 64
-        self._pending_part: int | None = None
-        self._program: dict[int, int] = {}
-        self._open: dict[
-            tuple[int, int], tuple[int, int, int]
-        ] = {}  # key -> (tick, velocity, program)
+        self._dec = TokenDecoder(vocab, tick=start_tick)
+        self._open = OpenNotes()
         self.notes: list[Note] = []  # completed notes, for file decoding
-        self._drum_ticks = max(1, round(vocab.config.drum_note_ms / vocab.config.tick_ms))
+
+    @property
+    def tick(self) -> int:
+        return self._dec.tick
 
     @property
     def time(self) -> float:
@@ -253,7 +254,7 @@ class StreamDecoder:
 
     @property
     def sounding(self) -> frozenset[tuple[int, int]]:
-        return frozenset(self._open)
+        return frozenset(self._open.open)
 
     def _msg(self, tick: int, part: int, **kw: int | str) -> TimedMessage:
         ch = part_channel(part, self.vocab.drums)
@@ -261,52 +262,28 @@ class StreamDecoder:
             tick / self.vocab.ticks_per_second, mido.Message(channel=ch, **kw), part
         )
 
-    def _close(self, key: tuple[int, int], tick: int) -> TimedMessage:
-        start, vel, prog = self._open.pop(key)
+    def _close(self, on: NoteOn, tick: int) -> TimedMessage:
         tps = self.vocab.ticks_per_second
-        self.notes.append(Note(start / tps, tick / tps, key[1], vel, key[0], prog))
-        return self._msg(tick, key[0], type="note_off", note=key[1], velocity=0)
+        self.notes.append(
+            Note(on.tick / tps, tick / tps, on.pitch, on.velocity, on.part, on.program)
+        )
+        return self._msg(tick, on.part, type="note_off", note=on.pitch, velocity=0)
 
     def feed(self, tok: int) -> list[TimedMessage]:
-        v = self.vocab
-        t = v.type_of(tok)
-        if t is TokenType.TIME:
-            self.tick += v.shift_ticks(tok)
-            return []
-        if t is TokenType.VELOCITY:
-            self._velocity = v.bin_velocity(tok - v.vel_base)
-            return []
-        if t is TokenType.PART:
-            self._pending_part = tok - v.part_base
-            return []
-        if t is TokenType.PROGRAM:
-            if self._pending_part is None:
-                return []
-            part, self._pending_part = self._pending_part, None
-            program = tok - v.program_base
-            self._program[part] = program
-            if part == v.drums:
-                return []
-            return [self._msg(self.tick, part, type="program_change", program=program)]
-        if t is TokenType.NOTE_ON:
-            part, pitch = v.note_of(tok)
-            out: list[TimedMessage] = []
-            key = (part, pitch)
-            if key in self._open:  # ungrammatical re-strike: close the old note first
-                out.append(self._close(key, self.tick))
-            prog = self._program.get(part, 0)
-            out.append(
-                self._msg(self.tick, part, type="note_on", note=pitch, velocity=self._velocity)
-            )
-            self._open[key] = (self.tick, self._velocity, prog)
-            if part == v.drums:
-                out.append(self._close(key, self.tick + self._drum_ticks))
-            return out
-        if t is TokenType.NOTE_OFF:
-            key = v.note_of(tok)
-            return [self._close(key, self.tick)] if key in self._open else []
-        return []
+        out: list[TimedMessage] = []
+        for ev in self._dec.feed(tok):
+            if isinstance(ev, ProgramChange):
+                out.append(self._msg(ev.tick, ev.part, type="program_change", program=ev.program))
+            elif isinstance(ev, NoteOn):
+                if (ended := self._open.start(ev)) is not None:
+                    out.append(self._close(ended, ev.tick))
+                out.append(
+                    self._msg(ev.tick, ev.part, type="note_on", note=ev.pitch, velocity=ev.velocity)
+                )
+            elif isinstance(ev, NoteOff) and (on := self._open.end(ev)) is not None:
+                out.append(self._close(on, ev.tick))
+        return out
 
     def finish(self) -> list[TimedMessage]:
         """Note-offs, at the current time, for every note still sounding."""
-        return [self._close(key, self.tick) for key in sorted(self._open)]
+        return [self._close(on, self.tick) for on in self._open.finish()]

@@ -15,7 +15,7 @@ import pytest
 from jack_midi import Recorder, jack_server, play_phrase, wait_port
 
 from improv.clients.bridge import Bridge
-from improv.server.ports import MemoryBackend, note_balance
+from improv.midi import MemoryBackend, note_balance
 
 
 def on(note: int, vel: int = 90) -> mido.Message:

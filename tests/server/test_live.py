@@ -360,9 +360,9 @@ def test_a_lookahead_change_keeps_a_note_off_after_its_note_on(runtime):
         harmony = conn.vocab.config.parts.index("harmony")
         t = conn.now_ms() + 300
         try:
-            on = conn._gen(t, [0x92, 40, 90], harmony, None)  # goes out at t
+            on = conn.playback.emit(t, [0x92, 40, 90], harmony, None)  # goes out at t
             await conn.handle({"type": "params", "lookahead_ms": 1000})
-            conn._gen(t, [0x82, 40, 0], harmony, None)  # goes out now
+            conn.playback.emit(t, [0x82, 40, 0], harmony, None)  # goes out now
             await asyncio.sleep(0.1)
             assert on.sent  # rescheduled with the new lookahead, not left for later
         finally:
@@ -390,7 +390,7 @@ def test_a_new_mode_never_rolls_back_what_the_last_one_played(runtime):
         try:
             await conn.handle({"type": "start", "mode": "accompany", "seed": 4, "lookahead_ms": 0})
             await play(60)
-            heard = [e for e in conn._events if e.sent and not e.cancelled and e.position]
+            heard = [e for e in conn.playback.events if e.sent and not e.cancelled and e.position]
             await conn.handle({"type": "start", "mode": "accompany", "seed": 5})  # a new session
             await play(64)
         finally:
@@ -424,13 +424,13 @@ def test_a_reopen_on_a_fresh_history_ends_the_notes_sounding(tiny_ckpt, server_f
             for i in range(400):  # until the context has slid and a generated note sounds
                 await conn.handle({"type": "midi", "data": [144 if i % 2 == 0 else 128, 60, 90]})
                 await asyncio.sleep(0.03)
-                s = conn._s
-                if s is not None and s.window_start > 0 and conn._open and i % 2:
+                s = conn.active.session
+                if s is not None and s.window_start > 0 and conn.playback.open and i % 2:
                     break
-            assert conn._s.window_start > 0 and conn._open
+            assert conn.active.session.window_start > 0 and conn.playback.open
             await conn.handle({"type": "params", "parts": ["bass"]})
-            assert not conn._open
-            assert all(n.off is not None and not n.off.cancelled for n in conn._notes)
+            assert not conn.playback.open
+            assert all(n.off is not None and not n.off.cancelled for n in conn.playback.notes)
         finally:
             await conn.close()
 
@@ -453,12 +453,12 @@ def test_a_rollback_retracts_a_sent_note_at_its_own_tick(runtime):
         try:
             await conn.handle({"type": "start", "mode": "accompany", "lookahead_ms": 1000})
             harmony = conn.vocab.config.parts.index("harmony")
-            tick = conn._tick(conn.now_ms() + 200)
-            t = conn._ms(tick)
-            conn._gen(t, [0x92, 48, 80], harmony, 10)  # stays
-            conn._gen(t, [0x92, 52, 80], harmony, 12)  # rolled back
+            tick = conn.clock.tick(conn.now_ms() + 200)
+            t = conn.clock.ms(tick)
+            conn.playback.emit(t, [0x92, 48, 80], harmony, 10)  # stays
+            conn.playback.emit(t, [0x92, 52, 80], harmony, 12)  # rolled back
             await asyncio.sleep(0.05)  # both sent (a second ahead)
-            conn._on_rollback(Rollback(conn._s.id, 11, tick))
+            conn.playback.rollback(Rollback(conn.active.session.id, 11, tick))
             await asyncio.sleep(0.05)
         finally:
             await conn.close()
@@ -629,22 +629,22 @@ def test_trigger_ends_notes_an_earlier_response_left_sounding_for_the_model(runt
             await conn.handle({"type": "trigger"})
             for _ in range(400):
                 await asyncio.sleep(0.025)
-                if not conn._responding:
+                if not conn.active.responding:
                     break
             # Sampled ahead of real time: let it sound to its end (a trigger before then
             # answers from now and rolls back what has not sounded yet).
             await asyncio.sleep(0.3)
-            left = [v.note_off(*k) for k in conn._model_sounding]
+            left = [v.note_off(*k) for k in conn.playback.model_sounding]
             if left:
                 break
         assert left, "no response left a note sounding: nothing to check"
-        before = len(conn._s.tokens())
+        before = len(conn.active.session.tokens())
         await conn.handle({"type": "trigger"})
         for _ in range(400):
             await asyncio.sleep(0.025)
-            if not conn._responding:
+            if not conn.active.responding:
                 break
-        after = conn._s.tokens()[before:]
+        after = conn.active.session.tokens()[before:]
         await conn.close()
         return left, after
 
@@ -677,7 +677,7 @@ def test_bass_split_hears_the_left_hand_as_the_bass(runtime):
         await conn.handle({"type": "midi", "data": [128, 40, 0]})
         await conn.handle({"type": "params", "bass_split": 60, "parts": ["harmony", "bass"]})
         await asyncio.sleep(0.1)
-        tokens = list(conn._s.tokens())
+        tokens = list(conn.active.session.tokens())
         await conn.close()
         return out, tokens
 
@@ -708,10 +708,10 @@ def test_bass_split_key_struck_again_stays_the_bass(runtime):
         await conn.handle({"type": "midi", "data": [144, 36, 90]})
         await conn.handle({"type": "params", "bass_split": None})
         await conn.handle({"type": "midi", "data": [144, 36, 90]})
-        held = conn._enc.sounding
+        held = conn.active.enc.sounding
         await conn.handle({"type": "midi", "data": [128, 36, 0]})
         await conn.handle({"type": "midi", "data": [128, 36, 0]})
-        left = conn._enc.sounding
+        left = conn.active.enc.sounding
         await conn.close()
         return held, left
 

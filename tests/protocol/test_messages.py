@@ -7,17 +7,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from improv.server import protocol as p
-from improv.server.protocol_doc import render, update
+from improv.protocol import messages as p
+from improv.protocol.doc import render, update
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
 
 def test_docs_protocol_is_up_to_date():
     text = DOC.read_text()
-    assert update(text) == text, (
-        "run: .venv/bin/python -m improv.server.protocol_doc docs/protocol.md"
-    )
+    assert update(text) == text, "run: .venv/bin/python -m improv.protocol.doc docs/protocol.md"
     assert render() in text
 
 

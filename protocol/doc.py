@@ -1,9 +1,9 @@
 """Generate the reference part of docs/protocol.md from the pydantic models.
 
-    python -m improv.server.protocol_doc docs/protocol.md     # rewrite the generated section
+    python -m improv.protocol.doc docs/protocol.md     # rewrite the generated section
 
 Only the text between `<!-- generated:start -->` and `<!-- generated:end -->` is replaced; the
-prose around it is hand-written. tests/server/test_protocol.py fails when the file is stale.
+prose around it is hand-written. tests/protocol/test_messages.py fails when the file is stale.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import protocol as p
+from . import messages as p
 
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 
@@ -103,7 +103,7 @@ def render() -> str:
     out += [
         "## JSON Schema",
         "",
-        "Generated from `improv.server.protocol` (`client_adapter` / `server_adapter`).",
+        "Generated from `improv.protocol.messages` (`client_adapter` / `server_adapter`).",
         "",
         "```json",
         p.schema_json(),

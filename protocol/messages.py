@@ -2,11 +2,11 @@
 
 Every frame is one JSON text object with a `type`. Times are milliseconds on the session clock
 (0 = when the connection was accepted). MIDI travels as raw bytes (the Web MIDI / rtmidi shape).
-docs/protocol.md is generated from these models (`python -m improv.server.protocol`), and
-tests/server/test_protocol.py checks that it is up to date.
+docs/protocol.md is generated from these models (`python -m improv.protocol.doc`), and
+tests/protocol/test_messages.py checks that it is up to date.
 
-The same models drive an in-process session (`improv.server.live.LiveConnection`): a MIDI port
-bridge feeds `ClientMessage`s to `handle()` and receives `ServerMessage`s through its `send`.
+The same models drive an in-process session (the server's `LiveConnection`): a MIDI port
+session feeds `ClientMessage`s to `handle()` and receives `ServerMessage`s through its `send`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    ValidationError,
     create_model,
     field_validator,
     model_validator,
@@ -350,3 +351,13 @@ def schemas() -> dict[str, Any]:
 
 def schema_json() -> str:
     return json.dumps(schemas(), indent=2, sort_keys=True)
+
+
+def explain(e: ValidationError) -> str:
+    """A short message for an `error` reply: where, and what (pydantic's text names the valid
+    range)."""
+    parts = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"][1:]) or str(err["loc"][0]) if err["loc"] else ""
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)

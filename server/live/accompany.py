@@ -1,0 +1,101 @@
+"""Accompany mode: the model plays along with the player, sampling `horizon_ms` past now.
+
+It starts with the player's first note, hears the player's keys below `bass_split` as a bass
+line, and rests (its notes off) when the player has been silent `rest_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import mido
+
+from improv.engine.live import LiveSession
+from improv.engine.tokenizer.stream import DRUM_CHANNEL
+from improv.protocol import messages as p
+
+from .mode import Mode, ModeContext
+
+ACCOMPANY_TICK_S = 0.05  # how often accompany extends its sampling horizon
+
+
+class Accompany(Mode):
+    name = "accompany"
+
+    def __init__(self, ctx: ModeContext, params: p.LiveParams) -> None:
+        super().__init__(ctx, params)
+        self.lead_heard = False  # the player has played a note (the model waits for it)
+        self._horizon_tick = -1
+        self._bass_keys: set[tuple[int, int]] = set()  # (channel, key) held as the bass part
+        self._timer: asyncio.Task[None] | None = None
+
+    def _default_parts(self) -> list[str]:
+        return p.ACCOMPANY_PARTS + (["drums"] if self.params.drums else [])
+
+    async def open(self, now: float) -> None:
+        await super().open(now)
+        self._timer = asyncio.create_task(self._run(), name=f"live-{self.ctx.session_id}-acc")
+
+    def release(self) -> None:
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
+        self._timer = None
+        super().release()
+
+    def _new_engine_session(self) -> None:
+        self._horizon_tick = -1
+
+    async def _run(self) -> None:
+        """Keep the model sampling `horizon_ms` past now (a new request replaces the old one)."""
+        while True:
+            s = self.session
+            # Not before the player's first note: an intro would be in a key the model can
+            # only guess, and it would hold to it when the player comes in.
+            if s is not None and self.lead_heard:
+                pr, now = self.params, self.clock.now_ms()
+                if (
+                    pr.rest_ms is not None
+                    and not self.enc.sounding
+                    and now - self.last_player_ms >= pr.rest_ms
+                ):
+                    self._rest(s, now)
+                else:
+                    horizon = max(pr.horizon_ms, pr.lookahead_ms + 50)
+                    until = self.clock.tick(now + horizon)
+                    if until > self._horizon_tick:
+                        self._horizon_tick = until
+                        self.request = s.generate(until_tick=until)
+            await asyncio.sleep(ACCOMPANY_TICK_S)
+
+    def _rest(self, s: LiveSession, now: float) -> None:
+        """The player stopped (`rest_ms`): the accompaniment ends now, its notes off for the
+        listener and the model (what it sampled past now was never heard), and waits for the
+        player's next note, as at the start."""
+        s.insert(self.clock.tick(now), self.interrupt(now))
+        self.lead_heard = False
+        self._horizon_tick = -1
+
+    # --- the player -----------------------------------------------------------------------------
+    def _before_player(self, msg: mido.Message, t: float, now: float) -> list[int]:
+        self.lead_heard = self.lead_heard or (msg.type == "note_on" and msg.velocity > 0)
+        return []
+
+    def _player_part(self, msg: mido.Message) -> tuple[str | None, int | None]:
+        """With `bass_split`, keys below it are the bass; a note-off goes where its note-on
+        went, whatever the split is now. (None, None): the encoder's default, the lead."""
+        if msg.type not in ("note_on", "note_off") or msg.channel == DRUM_CHANNEL:
+            return None, None
+        key = (msg.channel, msg.note)
+        bass = self.vocab.part_index["bass"]
+        # a key struck again while it sounds as the bass stays the bass (the encoder ends the
+        # old note first), else that note would sound on in the model's history
+        restrike = key in self._bass_keys and (bass, msg.note) in self.enc.sounding
+        if msg.type == "note_on" and msg.velocity > 0 and not restrike:
+            split = self.params.bass_split
+            if split is not None and msg.note < split:
+                self._bass_keys.add(key)
+            else:
+                self._bass_keys.discard(key)
+        if key in self._bass_keys:
+            return "bass", p.PLAYER_BASS_PROGRAM
+        return None, None

@@ -1,0 +1,119 @@
+"""Offline generation with chords and beats: forced at their times, the model's own plan when
+none are given, the instrumentation header, the output's chords."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from improv.engine.conditioning import Conditioning, ConditioningError
+from improv.engine.engine import Engine
+from improv.engine.generation import (
+    SchedulerSessions,
+    execute,
+    plan_accompany,
+    plan_continue,
+    plan_infill,
+)
+from improv.engine.live import SamplingParams
+from improv.engine.tokenizer import Note, Notes
+from improv.engine.tokenizer.harmony import CHORD, chord_label, parse_label
+from improv.engine.tokenizer.vocab import TokenizerConfig
+
+HARMONY = TokenizerConfig(harmony=True)
+
+
+@pytest.fixture(scope="module")
+def sessions(make_model):
+    model = make_model(vocab_size=1771)
+    with SchedulerSessions(Engine.from_model(model, HARMONY), max_sessions=2) as s:
+        yield s
+
+
+def _melody(seconds: float = 6.0) -> Notes:
+    return Notes.from_list(
+        [Note(0.5 * i, 0.5 * i + 0.4, 60 + i % 5, 90, 0, 0) for i in range(int(seconds * 2))]
+    )
+
+
+def _history(sessions, job) -> list[int]:
+    """The tokens the engine session saw: run the job, then read them back."""
+    seen: list[list[int]] = []
+    orig = sessions.session
+
+    def spy(*a, **k):
+        cm = orig(*a, **k)
+
+        class Wrap:
+            async def __aenter__(self):
+                self.s = await cm.__aenter__()
+                return self.s
+
+            async def __aexit__(self, *exc):
+                seen.append(self.s.tokens())
+                return await cm.__aexit__(*exc)
+
+        return Wrap()
+
+    sessions.session = spy
+    try:
+        asyncio.run(execute(sessions, job))
+    finally:
+        sessions.session = orig
+    return seen[0]
+
+
+def test_accompaniment_hears_the_given_chords_at_their_times(sessions) -> None:
+    v = sessions.vocab
+    cond = Conditioning.parse(chords="C Am F G", bpm=120, beats_per_bar=4, until=8.0)
+    job = plan_accompany(
+        sessions, _melody(), SamplingParams(seed=1), ["harmony", "bass"], cond=cond
+    )
+    assert job.request.prompt[2] == v.HEADER  # the parts asked for are named
+    toks = _history(sessions, job)
+    names = [v.name(t) for t in toks]
+    chords = [n for n in names if n.startswith("CHORD_")]
+    assert chords[:4] == ["CHORD_C:maj", "CHORD_A:min", "CHORD_F:maj", "CHORD_G:maj"]
+    assert names.count("BAR") >= 3
+    # the chords sit at their bars: tick of each CHORD
+    tick, at = 0, []
+    for t in toks:
+        tick += v.shift_ticks(t)
+        if v.type_of(t).name == "CHORD":
+            at.append(tick)
+    assert at[:4] == [0, 200, 400, 600]  # 2 s bars at 120 bpm, from the first note
+    assert [chord_label(c) for c in job.chords().value[:2]] == ["C:maj", "A:min"]
+
+
+def test_without_chords_the_model_writes_its_own_plan(sessions) -> None:
+    cond = Conditioning.parse(bpm=120, until=8.0)  # beats only
+    job = plan_continue(
+        sessions, _melody(3.0), 4.0, SamplingParams(seed=3, temperature=1.5), cond=cond
+    )
+    notes = asyncio.run(execute(sessions, job))
+    assert len(notes) >= len(_melody(3.0))
+    own = job.chords()
+    # random weights: whatever chords it wrote come back, in order, inside the continuation
+    assert (own.kind == CHORD).all() and (np.diff(own.time) >= 0).all()
+
+
+def test_infill_with_chords(sessions) -> None:
+    song = _melody(8.0)
+    cond = Conditioning.parse(chords="0 4 C:maj\n4 8 G:7\n", until=8.0)
+    job = plan_infill(sessions, song, 2.0, 5.0, SamplingParams(seed=2), ["lead"], cond=cond)
+    assert parse_label("G:7") in job.cond.chords.value
+    toks = _history(sessions, job)
+    assert sessions.vocab.chord(parse_label("G:7")) in toks
+
+
+def test_bad_chords_and_beats_get_clear_errors() -> None:
+    with pytest.raises(ConditioningError, match="chord chart"):
+        Conditioning.parse(chords="C Am F G")  # no beats to lay it on
+    with pytest.raises(ConditioningError, match="bpm must be in 20..400"):
+        Conditioning.parse(bpm=1000)
+    with pytest.raises(ConditioningError, match="not a chord"):
+        Conditioning.parse(chords="C Hm", bpm=100)
+    with pytest.raises(ConditioningError, match="chord line 1"):
+        Conditioning.parse(chords="0.0 zz")
