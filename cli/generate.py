@@ -41,6 +41,28 @@ def _common(p: argparse.ArgumentParser, seconds: bool = True) -> None:
         p.add_argument(
             "--seconds", type=float, default=30.0, help="length to generate (default 30)"
         )
+    g = p.add_argument_group("harmony and meter (models with chord and beat tokens)")
+    g.add_argument(
+        "--chords",
+        help="a chart laid on the beats ('C Am F G', '| C | Am F |') or chord-lab lines "
+        "'start end label' (seconds, Harte: C:maj, A:min7), inline or a file; default: the "
+        "model plans its own (written as MIDI markers)",
+    )
+    g.add_argument(
+        "--beats",
+        help="beat times, lines 'seconds [1 if downbeat]', inline or a file (overrides the "
+        "file's tempo map)",
+    )
+    g.add_argument("--bpm", type=float, help="steady beats from time 0 (and the output's tempo)")
+    g.add_argument("--beats-per-bar", type=int, help="with --bpm or --beats (default 4)")
+    g.add_argument(
+        "--no-chord-tones",
+        dest="chord_tones",
+        action="store_false",
+        default=None,
+        help="let harmony and bass leave the chord (they keep to it where chords are given, "
+        "and in accompaniment)",
+    )
 
 
 def _check(args: argparse.Namespace, name: str) -> None:
@@ -52,6 +74,31 @@ def _check(args: argparse.Namespace, name: str) -> None:
         raise SystemExit(f"improv {name}: --variations must be in 1..64, got {args.variations}")
     if getattr(args, "seconds", 1.0) is not None and not 0 < getattr(args, "seconds", 1.0) <= 600:
         raise SystemExit(f"improv {name}: --seconds must be in (0, 600], got {args.seconds}")
+
+
+def _text(value: str | None) -> str | None:
+    """An inline value, or the text of the file it names."""
+    if value is not None and "\n" not in value and Path(value).is_file():
+        return Path(value).read_text()
+    return value
+
+
+def _conditioning(args: argparse.Namespace, name: str, midi: str | None, until: float) -> object:
+    """--chords/--beats/--bpm/--beats-per-bar (and the input file's tempo map)."""
+    from improv.engine.conditioning import Conditioning, ConditioningError
+
+    try:
+        return Conditioning.parse(
+            Path(midi).read_bytes() if midi else None,
+            _text(args.chords),
+            _text(args.beats),
+            args.bpm,
+            args.beats_per_bar,
+            until,
+            chord_tones=args.chord_tones,
+        )
+    except ConditioningError as e:
+        raise SystemExit(f"improv {name}: {e}") from e
 
 
 def _outputs(out: str, k: int) -> list[Path]:
@@ -85,7 +132,12 @@ def _run(
 ) -> int:
     """Load the model, plan K jobs with seeds seed..seed+K-1, run them as one batch, write files."""
     from improv.engine.engine import Engine
-    from improv.engine.generation import GenerationError, SchedulerSessions, execute
+    from improv.engine.generation import (
+        GenerationError,
+        SchedulerSessions,
+        execute,
+        missing_parts,
+    )
     from improv.engine.live import SamplingParams
 
     _check(args, name)
@@ -117,10 +169,12 @@ def _run(
         t0 = time.perf_counter()
         results = asyncio.run(all_jobs())
         elapsed = time.perf_counter() - t0
-    for path, notes in zip(_outputs(args.out, k), results, strict=True):
+    for path, notes, job in zip(_outputs(args.out, k), results, jobs, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tok.notes_to_midi(notes).save(path)
-        log.info("wrote %s (%d notes)", path, len(notes))
+        tok.notes_to_midi(notes, job.cond.tempo, job.chords()).save(path)
+        silent = missing_parts(tok.vocab, job, notes)
+        missing = f"; asked-for parts that stayed silent: {', '.join(silent)}" if silent else ""
+        log.info("wrote %s (%d notes%s)", path, len(notes), missing)
     made = sum(music_seconds(n) for n in results)
     log.info(
         "generated %.1f s of music in %.1f s (%.1fx real time)",
@@ -144,7 +198,9 @@ def generate_command() -> tuple[str, Callable, Callable]:
 
         def plan(sessions: object, tok: object, sampling: object) -> object:
             notes = _read(tok, args.prompt, "generate") if args.prompt else Notes.empty()
-            return plan_continue(sessions, notes, args.seconds, sampling)  # type: ignore[arg-type]
+            until = (notes.duration if len(notes) else 0.0) + args.seconds  # type: ignore[attr-defined]
+            cond = _conditioning(args, "generate", args.prompt, until)
+            return plan_continue(sessions, notes, args.seconds, sampling, cond=cond)  # type: ignore[arg-type]
 
         return _run(args, "generate", plan, lambda n: args.seconds)
 
@@ -179,7 +235,8 @@ def infill_command() -> tuple[str, Callable, Callable]:
             parts = PART_CHOICES[args.parts]
             if args.parts == "accompaniment":
                 parts = [p for p in tok.parts if p != "lead"]  # type: ignore[attr-defined]
-            return plan_infill(sessions, notes, args.start, args.end, sampling, parts=parts)  # type: ignore[arg-type]
+            cond = _conditioning(args, "infill", args.song, max(notes.duration, args.end))  # type: ignore[attr-defined]
+            return plan_infill(sessions, notes, args.start, args.end, sampling, parts, cond)  # type: ignore[arg-type]
 
         return _run(args, "infill", plan, lambda n: args.end - args.start)
 
@@ -219,7 +276,8 @@ def accompany_command() -> tuple[str, Callable, Callable]:
                 notes = _read(tok, args.melody, "accompany", parts="lead")
             if not (notes.part == v.lead).any():  # type: ignore[attr-defined]
                 raise SystemExit(f"improv accompany: {args.melody} has no melody notes")
-            return plan_accompany(sessions, notes, sampling, parts)  # type: ignore[arg-type]
+            cond = _conditioning(args, "accompany", args.melody, notes.duration + 1.0)  # type: ignore[attr-defined]
+            return plan_accompany(sessions, notes, sampling, parts, cond=cond)  # type: ignore[arg-type]
 
         return _run(args, "accompany", plan, lambda n: n.duration)
 

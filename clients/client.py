@@ -52,6 +52,15 @@ def _csv(value: Sequence[str] | str | None) -> str | None:
     return ",".join(value)
 
 
+def _harmony(
+    chords: str | None, beats: str | Sequence[float] | None, bpm: float | None, bpb: int | None
+) -> dict[str, Any]:
+    """The harmony and meter form fields (beat times may be given as numbers)."""
+    if beats is not None and not isinstance(beats, str):
+        beats = "\n".join(f"{float(t):.6f}" for t in beats)
+    return {"chords": chords, "beats": beats, "bpm": bpm, "beats_per_bar": bpb}
+
+
 def _programs(value: Mapping[str, int] | str | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -92,8 +101,16 @@ class Client:
         seed: int | None = None,
         parts: Sequence[str] | str | None = None,
         programs: Mapping[str, int] | str | None = None,
+        *,
+        chords: str | None = None,
+        beats: str | Sequence[float] | None = None,
+        bpm: float | None = None,
+        beats_per_bar: int | None = None,
     ) -> mido.MidiFile:
-        """The prompt followed by `seconds` of continuation."""
+        """The prompt followed by `seconds` of continuation. `chords`: a chart ('C Am F G',
+        '| C | Am F |', laid on the beats) or chord-lab lines ('0.0 2.0 C:maj'); `beats`: beat
+        times (s) or lines 'seconds [1 if downbeat]'; `bpm`: steady beats from time 0. Default:
+        the file's tempo map, and the model's own chords (returned as MIDI markers)."""
         return self._generate(
             "/v1/continue",
             midi,
@@ -103,6 +120,7 @@ class Client:
             seed=seed,
             parts=_csv(parts),
             programs=_programs(programs),
+            **_harmony(chords, beats, bpm, beats_per_bar),
         )
 
     def infill(
@@ -114,8 +132,14 @@ class Client:
         temperature: float = 1.0,
         top_p: float = 0.95,
         seed: int | None = None,
+        *,
+        chords: str | None = None,
+        beats: str | Sequence[float] | None = None,
+        bpm: float | None = None,
+        beats_per_bar: int | None = None,
     ) -> mido.MidiFile:
-        """The file with [start, end) seconds regenerated (everything outside is kept)."""
+        """The file with [start, end) seconds regenerated (everything outside is kept); chords
+        and beats as for `continue_`."""
         return self._generate(
             "/v1/infill",
             midi,
@@ -125,6 +149,7 @@ class Client:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            **_harmony(chords, beats, bpm, beats_per_bar),
         )
 
     def accompany(
@@ -136,8 +161,13 @@ class Client:
         temperature: float = 1.0,
         top_p: float = 0.95,
         seed: int | None = None,
+        *,
+        chords: str | None = None,
+        beats: str | Sequence[float] | None = None,
+        bpm: float | None = None,
+        beats_per_bar: int | None = None,
     ) -> mido.MidiFile:
-        """The melody plus generated accompaniment parts."""
+        """The melody plus generated accompaniment parts; chords and beats as for `continue_`."""
         return self._generate(
             "/v1/accompany",
             midi,
@@ -147,6 +177,7 @@ class Client:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            **_harmony(chords, beats, bpm, beats_per_bar),
         )
 
     def _generate(self, path: str, midi: MidiInput, **form: Any) -> mido.MidiFile:

@@ -57,6 +57,14 @@ class Conditioning:
     beats: Marks | None = None  # BAR/BEAT marks in file time (s), None: no known beat
     chords: Marks | None = None  # CHORD marks in file time (s), None: the model plans its own
     tempo: TempoMap | None = None  # the output file's tempo map and meter
+    # harmony and bass start only on chord tones (constraints.ChordTones). None: where chords
+    # are given, and in accompaniment (the model's own plan then binds its comping too)
+    chord_tones: bool | None = None
+
+    def wants_chord_tones(self, accompany: bool) -> bool:
+        if self.chord_tones is not None:
+            return self.chord_tones
+        return accompany or self.chords is not None
 
     @property
     def marks(self) -> Marks:
@@ -72,6 +80,7 @@ class Conditioning:
         beats_per_bar: int | None = None,
         until: float = 600.0,
         file_beats: bool = True,
+        chord_tones: bool | None = None,
     ) -> Conditioning:
         """The chords, beats and tempo map of a request (see the module docstring). `until`:
         how far the beats run (the end of the output). Raises ConditioningError."""
@@ -116,4 +125,4 @@ class Conditioning:
         for name, m in (("beats", beat_marks), ("chords", chord_marks)):
             if m is not None and len(m) > MAX_MARKS:
                 raise ConditioningError(f"at most {MAX_MARKS} {name} in one request, got {len(m)}")
-        return cls(beat_marks, chord_marks, tempo)
+        return cls(beat_marks, chord_marks, tempo, chord_tones)

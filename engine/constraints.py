@@ -301,6 +301,51 @@ class MaxDuration(Constraint):
 
 
 @dataclass(frozen=True)
+class ChordTones(Constraint):
+    """Notes of `parts` (default harmony and bass) start only on tones of the sounding chord:
+    the last CHORD token of the row's history, given (a chart, the player's left hand) or the
+    model's own plan. Where no chord sounds (none yet, or CHORD_N), nothing is removed.
+
+    A small model hears a chord and mostly plays in it; this makes "mostly" "always" for the
+    parts whose job is the harmony (a comping piano, a bass), as a player reading a chart
+    would. The counter-melody and the lead keep their passing tones. Harmony vocabularies only.
+    """
+
+    parts: tuple[str | int, ...] = ("harmony", "bass")
+    row_fields = ("chord",)
+
+    def __post_init__(self) -> None:
+        _set(self, parts=tuple(self.parts))
+
+    def init(self, vocab: Vocab, n_rows: int) -> Own:
+        from .tokenizer.harmony import N_CHORDS, chord_tones
+
+        tones = np.zeros((N_CHORDS, 128), dtype=bool)  # (C, 128): pitches in each chord
+        for c in range(1, N_CHORDS):
+            pcs = list(chord_tones(c))
+            tones[c] = np.isin(np.arange(128) % 12, pcs)
+        return {
+            "tones": tones,
+            "parts": part_mask(vocab, self.parts),  # (P,)
+            "chord": np.zeros(n_rows, dtype=np.int64),  # (B,) the sounding chord, 0: none
+        }
+
+    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
+        chord = own["chord"]
+        if not vocab.harmony or not chord.any():
+            return
+        ok = own["tones"][chord]  # (B, 128); row 0 of the table (no chord) is all False
+        ok[chord == 0] = True
+        cand.on_ok[:, own["parts"], :] &= ok[:, None, :]
+
+    def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab, own: Own) -> None:
+        if not vocab.harmony:
+            return
+        is_chord = (tokens >= vocab.chord_base) & (tokens < vocab.HEADER)
+        own["chord"][is_chord] = tokens[is_chord] - vocab.chord_base
+
+
+@dataclass(frozen=True)
 class TimeLimit(Constraint):
     """A row's time may not pass `max_tick` (ticks of token time; None: no limit): a ceiling.
 

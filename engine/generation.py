@@ -22,11 +22,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from .conditioning import Conditioning
-from .constraints import Constraint, GivenMarks, MaxDuration, Parts, Programs, TimeLimit
+from .constraints import ChordTones, Constraint, GivenMarks, MaxDuration, Parts, Programs, TimeLimit
 from .live import Done, Event, EventCallback, LiveSession, SamplingParams, Scheduler, Token
 from .tokenizer import Note, Notes, Tokenizer
 from .tokenizer.decode import ChordChange, NoteOff, NoteOn, OpenNotes, TokenDecoder
-from .tokenizer.encode import quantize
+from .tokenizer.encode import mark_events, quantize
 from .tokenizer.harmony import CHORD, Marks, chord_label
 from .tokenizer.layouts import make_accompany, make_infill
 from .tokenizer.vocab import Vocab
@@ -232,11 +232,17 @@ class Job:
         return self.builder.chord_marks()
 
 
-def _given_marks(cond: Conditioning) -> list[Constraint]:
-    """The model writes no beats or chords of its own where they are given."""
-    if cond.beats is None and cond.chords is None:
+def _given_marks(cond: Conditioning, vocab: Vocab, accompany: bool = False) -> list[Constraint]:
+    """The model writes no beats or chords of its own where they are given; harmony and bass
+    keep to the chord where `cond` asks (harmony vocabularies)."""
+    if not vocab.harmony:
         return []
-    return [GivenMarks(beats=cond.beats is not None, chords=cond.chords is not None)]
+    out: list[Constraint] = []
+    if cond.beats is not None or cond.chords is not None:
+        out.append(GivenMarks(beats=cond.beats is not None, chords=cond.chords is not None))
+    if cond.wants_chord_tones(accompany):
+        out.append(ChordTones())
+    return out
 
 
 def _header(
@@ -254,16 +260,14 @@ def _header(
 def _forced_marks(
     vocab: Vocab, marks: Marks, lo: float, hi: float, shift: int
 ) -> list[tuple[int, tuple[int, ...]]]:
-    """(session tick, (token,)) of the marks in [lo, hi) s of file time; `shift`: the session
-    tick of file time 0."""
+    """(session tick, (token,)) of the marks in [lo, hi) s of file time, in the order the
+    encoder writes them (by tick: the meter, then the chord); `shift`: the session tick of file
+    time 0."""
     if not vocab.harmony or len(marks) == 0:
         return []
     w = marks.select((marks.time >= lo) & (marks.time < hi))
-    ticks = quantize(w.time, vocab.ticks_per_second) + shift
-    return [
-        (int(t), (vocab.mark(int(k), int(x)),))
-        for t, k, x in zip(ticks.tolist(), w.kind.tolist(), w.value.tolist(), strict=True)
-    ]
+    ticks, toks = mark_events(w, vocab, -(10**9))  # annotations a hair apart share a tick
+    return [(int(t) + shift, (tok,)) for t, tok in zip(ticks, toks, strict=True)]
 
 
 def plan_continue(
@@ -296,7 +300,7 @@ def plan_continue(
         v, marks, t0 + p_ticks / v.ticks_per_second, t0 + end / v.ticks_per_second, -first
     )
     forced = [f for f in forced if f[0] > p_ticks or (f[0] == p_ticks and not body)]
-    cons: list[Constraint] = [MaxDuration(sessions.max_note_seconds, parts), *_given_marks(cond)]
+    cons: list[Constraint] = [MaxDuration(sessions.max_note_seconds, parts), *_given_marks(cond, v)]
     if parts:
         cons.append(Parts(parts))
     if programs:
@@ -339,7 +343,7 @@ def plan_infill(
     cons: list[Constraint] = [
         Parts(targets),
         MaxDuration(sessions.max_note_seconds, targets),
-        *_given_marks(cond),
+        *_given_marks(cond, v),
         # The gap's end in the grammar's own (section) time; forced events are time ceilings
         # in it too (the engine moves them there).
         TimeLimit(ex.end_tick),
@@ -383,7 +387,7 @@ def plan_accompany(
     cons: list[Constraint] = [
         Parts(parts),
         MaxDuration(sessions.max_note_seconds, parts),
-        *_given_marks(cond),
+        *_given_marks(cond, v, accompany=True),
     ]
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items() if k in parts}))

@@ -97,3 +97,25 @@ def test_the_context_slide_keeps_the_header_and_restates_the_chord() -> None:
     assert out[: 2 + len(_header())] == ctx[: 2 + len(_header())]
     assert AM in out[2 + len(_header()) :]  # the sounding chord, though its change was cut
     assert ConstraintSet(V).check(out) is None
+
+
+def test_chord_tones_keep_harmony_and_bass_in_the_sounding_chord() -> None:
+    from improv.engine.constraints import ChordTones
+
+    cs = ConstraintSet(V, [ChordTones()])
+    cs.feed([V.BOS, V.TASK_ACCOMPANY, V.velocity(20)])
+    assert cs.allowed()[0, V.note_on(HARMONY, 61)]  # no chord yet: anything
+    cs.feed([V.note_on(HARMONY, 61), AM, V.velocity(20)])
+    m = cs.allowed()[0]
+    a_minor = {9, 0, 4}
+    for pitch in range(40, 80):
+        assert m[V.note_on(HARMONY, pitch)] == (pitch % 12 in a_minor)
+        assert m[V.note_on(BASS, pitch)] == (pitch % 12 in a_minor)
+        assert m[V.note_on(LEAD, pitch)]  # the lead (and counter) keep their passing tones
+    cs.feed([V.note_on(HARMONY, 57), V.chord(0), V.velocity(20)])  # CHORD_N: free again
+    assert cs.allowed()[0, V.note_on(HARMONY, 62)]
+    snap = cs.snapshot()
+    cs.feed([V.chord(parse_label("C:maj")), V.velocity(20)])
+    assert not cs.allowed()[0, V.note_on(HARMONY, 57)]  # A is not in C major
+    cs.restore(snap)  # rollback restores the sounding chord
+    assert cs.allowed()[0, V.note_on(HARMONY, 62)]

@@ -1,0 +1,107 @@
+"""/v1/continue|infill|accompany with chords, beats and bpm, through the Python client, against a
+real uvicorn server with a random-weight harmony model."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import mido
+import pytest
+import torch
+from midi_factory import TPB, midi_bytes, notes_track
+
+from improv.clients import Client, ImprovError
+from improv.engine.checkpoint import save_checkpoint
+from improv.engine.config import ModelConfig
+from improv.engine.model import Transformer
+from improv.engine.tokenizer import TempoMap, TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def harmony_server(tmp_path_factory, server_factory):
+    start_server, make_runtime = server_factory
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", max_seq_len=1024, vocab_size=1771))
+    path = tmp_path_factory.mktemp("harmony") / "ckpt"
+    save_checkpoint(path, model, TokenizerConfig(harmony=True), {})
+    rt = make_runtime(path, max_sessions=2, http_sessions=2)
+    server = start_server(rt)
+    yield server
+    server.stop()
+    rt.close()
+
+
+def _melody(beats: int = 12, tempo_us: int = 500_000) -> bytes:
+    track = notes_track("MELODY", [(b * TPB, TPB - 20, 60 + b % 7, 90) for b in range(beats)])
+    return midi_bytes([track], tempo_events=((0, tempo_us),))
+
+
+def _markers(mf: mido.MidiFile) -> list[str]:
+    return [m.text for m in mf.tracks[0] if m.type == "marker"]
+
+
+def test_chart_and_bpm_come_back_as_markers_and_tempo(harmony_server) -> None:
+    with Client(harmony_server.url) as c:
+        out = c.accompany(
+            _melody(), parts=["harmony", "bass"], chords="| C | Am F |", bpm=90, seed=1
+        )
+    assert _markers(out)[:3] == ["C:maj", "A:min", "F:maj"]
+    tempo = [m.tempo for m in out.tracks[0] if m.type == "set_tempo"]
+    assert tempo == [666_667]  # 90 bpm
+
+
+def test_json_has_the_chords_and_the_input_tempo_map_is_kept(harmony_server) -> None:
+    song = _melody(tempo_us=750_000)  # 80 bpm in the file
+    r = httpx.post(
+        f"{harmony_server.url}/v1/continue",
+        files={"file": ("s.mid", song, "audio/midi")},
+        data={"seconds": "2", "chords": "0 3 D:min7\n3 6 G:7\n", "seed": "3"},
+        headers={"Accept": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["label"] for c in body["chords"]] == ["D:min7", "G:7"]
+    m = httpx.post(
+        f"{harmony_server.url}/v1/continue",
+        files={"file": ("s.mid", song, "audio/midi")},
+        data={"seconds": "2", "seed": "3"},
+        timeout=60,
+    )
+    assert TempoMap.from_midi(m.content).tempo_mspq.tolist() == [750_000]
+
+
+def test_the_stream_carries_given_chords_first(harmony_server) -> None:
+    with httpx.stream(
+        "POST",
+        f"{harmony_server.url}/v1/accompany",
+        files={"file": ("s.mid", _melody(), "audio/midi")},
+        data={"stream": "true", "chords": "C G", "bpm": "120", "parts": "harmony", "seed": "4"},
+        timeout=60,
+    ) as r:
+        events = [json.loads(line) for line in r.iter_lines() if line]
+    assert events[0] == {"type": "chord", "time": 0.0, "label": "C:maj"}
+    assert events[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"chords": "C Am"}, "chord chart"),  # no beats to lay it on: the file has no tempo
+        ({"chords": "C Xm", "bpm": "100"}, "not a chord"),
+        ({"bpm": "900"}, "less than or equal to 400"),
+        ({"beats_per_bar": "40", "bpm": "100"}, "less than or equal to 16"),
+        ({"beats": "0.5\nsoon\n"}, "beat line 2"),
+    ],
+)
+def test_bad_harmony_fields_get_a_422_that_says_why(harmony_server, fields, message) -> None:
+    mf = mido.MidiFile(ticks_per_beat=TPB)  # no tempo events: no beats of its own
+    mf.tracks.append(notes_track("MELODY", [(0, TPB, 60, 90), (TPB, TPB, 62, 90)]))
+    buf = io.BytesIO()
+    mf.save(file=buf)
+    with Client(harmony_server.url) as c:
+        with pytest.raises(ImprovError) as e:
+            c._generate("/v1/accompany", buf.getvalue(), **fields)
+    assert e.value.status == 422 and message in str(e.value.message)
