@@ -10,13 +10,14 @@ import httpx
 import mido
 import pytest
 import torch
-from midi_factory import TPB, midi_bytes, notes_track
 
 from improv.clients import Client, ImprovError
 from improv.engine.checkpoint import save_checkpoint
 from improv.engine.config import ModelConfig
 from improv.engine.model import Transformer
 from improv.engine.tokenizer import TempoMap, TokenizerConfig
+
+from midi_factory import TPB, midi_bytes, notes_track
 
 
 @pytest.fixture(scope="module")
