@@ -39,6 +39,7 @@ from music_metrics import (
     eighth_grid_share,
     note_density,
     polyphony,
+    summary,
 )
 
 from improv.engine.conditioning import Conditioning
@@ -85,17 +86,24 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from improv.engine.engine import Engine
-    from improv.engine.generation import SchedulerSessions, plan_accompany, plan_infill
+    from improv.engine.generation import (
+        SchedulerSessions,
+        plan_accompany,
+        plan_continue,
+        plan_infill,
+    )
     from improv.engine.live import SamplingParams
 
     engine = Engine.load(str(args.checkpoint), device="cpu", backend=args.backend)
     if not engine.vocab.harmony:
         raise SystemExit(f"{args.checkpoint} has no harmony tokens: nothing to measure here")
-    sessions = SchedulerSessions(engine, max_sessions=args.songs)
+    sessions = SchedulerSessions(engine, max_sessions=2 * args.songs)
     tok, v = sessions.tokenizer, sessions.vocab
     harmony, bass, drums = (v.part_index[x] for x in ("harmony", "bass", "drums"))
     songs = song_paths(args.data, args.songs)
-    given, own, band, fill, refs = [], [], [], [], []
+    jobs: dict[str, list] = {k: [] for k in VARIANTS}
+    jobs.update(band=[], fill=[], cont_1=[], cont_2=[])
+    refs = []
     for i, path in enumerate(songs):
         notes = tok.read_notes(path)
         beats = read_beat_list((path.parent / "beat_midi.txt").read_text())
@@ -106,118 +114,125 @@ def main() -> None:
         lead = window(notes, a_lo, a_hi)
         lead = lead.select(lead.part == v.lead)
         sampling = SamplingParams(seed=args.seed + i)
+        for name, (with_chords, chord_tones) in VARIANTS.items():
+            cond = Conditioning(beats, chords if with_chords else None, tempo, chord_tones)
+            jobs[name].append(
+                plan_accompany(sessions, lead, sampling, ["harmony"], tail_seconds=0.0, cond=cond)
+            )
         both = Conditioning(beats, chords, tempo)
-        given.append(
-            plan_accompany(sessions, lead, sampling, ["harmony"], tail_seconds=0.0, cond=both)
-        )
-        beats_only = Conditioning(beats, None, tempo)
-        own.append(
-            plan_accompany(sessions, lead, sampling, ["harmony"], tail_seconds=0.0, cond=beats_only)
-        )
-        band.append(
+        jobs["band"].append(
             plan_accompany(
                 sessions, lead, sampling, ["harmony", "bass", "drums"], tail_seconds=0.0, cond=both
             )
         )
         mid = a_lo + args.seconds / 2
         song_window = window(notes, a_lo - 10.0, a_hi)
-        fill.append(
+        jobs["fill"].append(
             plan_infill(sessions, song_window, mid - 3.0, mid + 3.0, sampling, ["lead"], both)
         )
-        refs.append((path, notes, a_lo, a_hi, beats, chords, tempo, mid))
+        # (e) continuation of plain music: no chords, no beats (a file without annotations)
+        t0 = float(notes.start.min())
+        prompt = window(notes, t0, t0 + 20.0)
+        for k, seed in (("cont_1", args.seed), ("cont_2", args.seed + 1000)):
+            jobs[k].append(
+                plan_continue(sessions, prompt, args.seconds, SamplingParams(seed=seed + i))
+            )
+        refs.append((notes, a_lo, a_hi, beats, chords, tempo, mid, t0 + 20.0))
 
+    outs: dict[str, list[Notes]] = {}
+    seconds: dict[str, float] = {}
     with sessions:
-        t = time.perf_counter()
-        out_given = asyncio.run(_run(sessions, given))
-        t_given = time.perf_counter() - t
-        out_own = asyncio.run(_run(sessions, own))
-        out_band = asyncio.run(_run(sessions, band))
-        out_fill = asyncio.run(_run(sessions, fill))
+        for name, js in jobs.items():
+            t = time.perf_counter()
+            outs[name] = asyncio.run(_run(sessions, js))
+            seconds[name] = time.perf_counter() - t
 
-    rows: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "a_chord_tones",
-            "real_chord_tones",
-            "b_chord_tones_annotated",
-            "b_chord_tones_own",
-            "b_own_changes",
-            "c_grid_given",
-            "c_grid_own",
-            "c_grid_real",
-            "d_density_gen",
-            "d_density_real",
-            "d_poly_gen",
-            "d_poly_real",
-            "d_above_gen",
-            "d_above_real",
-            "g_fill_gen",
-            "g_fill_real",
-        )
-    }
-    all_three = tempo_equal = 0
-    for k, (_, notes, a_lo, a_hi, beats, chords, tempo, mid) in enumerate(refs):
-        real = window(notes, a_lo, a_hi)
-        piano = real.select(real.part == harmony)
-        melody = real.select(real.part == v.lead)
-        g = window(out_given[k], a_lo, a_hi)
-        g = g.select(g.part == harmony)
-        o = window(out_own[k], a_lo, a_hi)
-        o = o.select(o.part == harmony)
-        own_chords = own[k].chords()
-        rows["a_chord_tones"].append(chord_tone_share_marks(g, chords, a_hi))
-        rows["real_chord_tones"].append(chord_tone_share_marks(piano, chords, a_hi))
-        rows["b_chord_tones_annotated"].append(chord_tone_share_marks(o, chords, a_hi))
-        rows["b_chord_tones_own"].append(chord_tone_share_marks(o, own_chords, a_hi))
-        rows["b_own_changes"].append(float((own_chords.kind == CHORD).sum()))
-        bt = beats.time[(beats.time >= a_lo - 1) & (beats.time < a_hi + 1)]
-        rows["c_grid_given"].append(eighth_grid_share(g, bt))
-        rows["c_grid_own"].append(eighth_grid_share(o, bt))
-        rows["c_grid_real"].append(eighth_grid_share(piano, bt))
-        rows["d_density_gen"].append(note_density(g, args.seconds))
-        rows["d_density_real"].append(note_density(piano, args.seconds))
-        rows["d_poly_gen"].append(polyphony(g))
-        rows["d_poly_real"].append(polyphony(piano))
-        rows["d_above_gen"].append(above_melody_share(g, melody))
-        rows["d_above_real"].append(above_melody_share(piano, melody))
-        b = window(out_band[k], a_lo, a_hi)
-        all_three += all((b.part == p).any() for p in (harmony, bass, drums))
-        midi = tok.notes_to_midi(out_band[k], tempo=band[k].cond.tempo, chords=band[k].chords())
-        buf = io.BytesIO()
-        midi.save(file=buf)
-        back = TempoMap.from_midi(buf.getvalue())
-        tempo_equal += (
-            back is not None
-            and tempo is not None
-            and back.tempo_mspq.tolist() == tempo.tempo_mspq.tolist()
-            and back.tempo_ticks.tolist() == tempo.tempo_ticks.tolist()
-            and back.tpq == tempo.tpq
-        )
-        f = out_fill[k]
-        for key, src in (("g_fill_gen", f), ("g_fill_real", notes)):
-            in_span = (src.part == v.lead) & (src.start >= mid - 3) & (src.start < mid + 3)
-            rows[key].append(float(in_span.sum()))
-
-    m = {k: mean(x) for k, x in rows.items()}
-    report = {
+    report: dict = {
         "checkpoint": str(args.checkpoint),
         "songs": [p.parent.name for p in songs],
         "seconds": args.seconds,
         "seeds": f"{args.seed} + song index",
-        "means": m,
-        "f_all_three": all_three,
-        "f_tempo_maps_equal": tempo_equal,
         "n": len(songs),
-        "speed": {
-            "music_seconds": args.seconds * len(songs),
-            "wall_seconds": round(t_given, 1),
-            "x_real_time": round(args.seconds * len(songs) / t_given, 2),
-        },
-        "g_fill_count_rel_diff": abs(m["g_fill_gen"] - m["g_fill_real"])
-        / max(m["g_fill_real"], 1e-9),
-        "machine": machine(),
-        "command": command_line(),
     }
+    for name in VARIANTS:
+        rows: dict[str, list[float]] = {}
+
+        def add(key: str, x: float, rows: dict[str, list[float]] = rows) -> None:
+            rows.setdefault(key, []).append(x)
+
+        for k, (notes, a_lo, a_hi, beats, chords, _, _, _) in enumerate(refs):
+            real = window(notes, a_lo, a_hi)
+            piano = real.select(real.part == harmony)
+            melody = real.select(real.part == v.lead)
+            g = window(outs[name][k], a_lo, a_hi)
+            g = g.select(g.part == harmony)
+            own = jobs[name][k].chords()
+            bt = beats.time[(beats.time >= a_lo - 1) & (beats.time < a_hi + 1)]
+            add("chord_tones", chord_tone_share_marks(g, chords, a_hi))
+            add("real_chord_tones", chord_tone_share_marks(piano, chords, a_hi))
+            add("own_chord_tones", chord_tone_share_marks(g, own, a_hi))
+            add("own_changes", float((own.kind == CHORD).sum()))
+            add("grid", eighth_grid_share(g, bt))
+            add("real_grid", eighth_grid_share(piano, bt))
+            add("density", note_density(g, args.seconds))
+            add("real_density", note_density(piano, args.seconds))
+            add("polyphony", polyphony(g))
+            add("real_polyphony", polyphony(piano))
+            add("above", above_melody_share(g, melody))
+            add("real_above", above_melody_share(piano, melody))
+        report[name] = {k: mean(x) for k, x in rows.items()}
+
+    all_three = tempo_equal = 0
+    fill_gen, fill_real = [], []
+    cont: dict[str, list[dict[str, float]]] = {"cont_1": [], "cont_2": [], "real": []}
+    for k, (notes, a_lo, a_hi, _, _, tempo, mid, p_end) in enumerate(refs):
+        b = window(outs["band"][k], a_lo, a_hi)
+        all_three += all((b.part == p).any() for p in (harmony, bass, drums))
+        job = jobs["band"][k]
+        midi = tok.notes_to_midi(outs["band"][k], tempo=job.cond.tempo, chords=job.chords())
+        buf = io.BytesIO()
+        midi.save(file=buf)
+        back = TempoMap.from_midi(buf.getvalue())
+        tempo_equal += bool(
+            back is not None
+            and tempo is not None
+            and back.tpq == tempo.tpq
+            and back.tempo_mspq.tolist() == tempo.tempo_mspq.tolist()
+            and back.tempo_ticks.tolist() == tempo.tempo_ticks.tolist()
+        )
+        for dst, src in ((fill_gen, outs["fill"][k]), (fill_real, notes)):
+            in_span = (src.part == v.lead) & (src.start >= mid - 3) & (src.start < mid + 3)
+            dst.append(float(in_span.sum()))
+        for key in ("cont_1", "cont_2"):
+            cont[key].append(
+                summary(window(outs[key][k], p_end, p_end + args.seconds), args.seconds, drums)
+            )
+        cont["real"].append(
+            summary(window(notes, p_end, p_end + args.seconds), args.seconds, drums)
+        )
+    real_cont = {s: mean([r[s] for r in cont["real"]]) for s in cont["real"][0]}
+    report["continuation"] = {
+        key: {
+            s: {
+                "generated": mean([r[s] for r in cont[key]]),
+                "real": real_cont[s],
+                "rel_diff": abs(mean([r[s] for r in cont[key]]) - real_cont[s]) / abs(real_cont[s]),
+            }
+            for s in real_cont
+        }
+        for key in ("cont_1", "cont_2")
+    }
+    report["f_all_three"] = all_three
+    report["f_tempo_maps_equal"] = tempo_equal
+    report["g_fill"] = {"generated": mean(fill_gen), "real": mean(fill_real)}
+    n_music = args.seconds * len(songs)
+    report["speed"] = {
+        "music_seconds": n_music,
+        "wall_seconds": round(seconds["guarded"], 1),
+        "x_real_time": round(n_music / seconds["guarded"], 2),
+    }
+    report["machine"] = machine()
+    report["command"] = command_line()
     out = args.out or args.checkpoint
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality-harmony.json").write_text(json.dumps(report, indent=2))
@@ -226,8 +241,18 @@ def main() -> None:
         write_section("harmony", card_section(report), args.checkpoint / "README.md")
 
 
+# name -> (chords given, ChordTones: None = the planners' default (on in accompaniment), False)
+VARIANTS = {
+    "guarded": (True, None),
+    "model": (True, False),
+    "own_guarded": (False, None),
+    "own_model": (False, False),
+}
+
+
 def card_section(q: dict) -> str:
-    m, n = q["means"], q["n"]
+    n = q["n"]
+    g, m, og, om = (q[k] for k in ("guarded", "model", "own_guarded", "own_model"))
 
     def pct(x: float) -> str:
         return f"{100 * x:.1f}%"
@@ -235,31 +260,58 @@ def card_section(q: dict) -> str:
     def rel(a: float, b: float) -> str:
         return f"{100 * (a - b) / b:+.0f}%" if b else "n/a"
 
-    sp = q["speed"]
+    stat_rows = []
+    for s_, name in (
+        ("pitch_class_entropy", "pitch-class entropy"),
+        ("scale_consistency", "scale consistency"),
+        ("note_density", "note density"),
+        ("polyphony", "polyphony"),
+    ):
+        a, b = q["continuation"]["cont_1"][s_], q["continuation"]["cont_2"][s_]
+        stat_rows.append(
+            f"| {name} | {a['generated']:.3f} ({100 * a['rel_diff']:.0f}%) | "
+            f"{b['generated']:.3f} ({100 * b['rel_diff']:.0f}%) | {a['real']:.3f} |"
+        )
+    cont_table = "\n".join(stat_rows)
+    sp, fill = q["speed"], q["g_fill"]
     return f"""{n} POP909 validation songs (the first {n} of splits/valid.txt, sorted), the first
-{q["seconds"]:.0f} s of each song's melody with its annotated beats (beat_midi.txt) and chords
-(chord_midi.txt), seeds {q["seeds"]}, the default sampling (temperature 1, top-p 0.95), no grid
-snapping, through the offline planners and scheduler (benchmarks/harmony_card.py; metrics in
-benchmarks/music_metrics.py). The harmony part alone is generated, against the real PIANO.
+{q["seconds"]:.0f} s of each song's melody with its annotated beats (beat_midi.txt) and, where
+given, chords (chord_midi.txt); seeds {q["seeds"]}; the default sampling (temperature 1, top-p
+0.95); no grid snapping; the offline planners and scheduler (benchmarks/harmony_card.py, metrics
+in benchmarks/music_metrics.py). The harmony part is generated alone, against the real PIANO.
+"guarded" is what the server does by default: harmony and bass start only on tones of the
+sounding chord (`ChordTones`), and the model's own chord changes fall on beats (`ChordsOnBeats`);
+"model alone" turns `ChordTones` off (`chord_tones=false`, `--no-chord-tones`).
 
-| | generated | real PIANO | target |
+| | guarded (default) | model alone | real PIANO | target |
+|---|---|---|---|---|
+| (a) chord tones, chords + beats given | **{pct(g["chord_tones"])}** | {pct(m["chord_tones"])} | {pct(g["real_chord_tones"])} | >= 85% |
+| (b) chord tones, beats only, vs the annotated chord | **{pct(og["chord_tones"])}** | {pct(om["chord_tones"])} | | >= 66% |
+| (b) chord tones of the model's own chord | **{pct(og["own_chord_tones"])}** | {pct(om["own_chord_tones"])} | | >= 85% |
+| (b) the model's chord changes a song | {og["own_changes"]:.1f} | {om["own_changes"]:.1f} | | |
+| (c) onsets within 30 ms of an eighth, chords + beats | **{pct(g["grid"])}** | {pct(m["grid"])} | {pct(g["real_grid"])} | >= real - 5 points |
+| (c) the same, beats only | {pct(og["grid"])} | {pct(om["grid"])} | {pct(g["real_grid"])} | |
+| (d) density (notes/s) | {g["density"]:.2f} ({rel(g["density"], g["real_density"])}) | {m["density"]:.2f} ({rel(m["density"], g["real_density"])}) | {g["real_density"]:.2f} | within 15% |
+| (d) polyphony | {g["polyphony"]:.2f} ({rel(g["polyphony"], g["real_polyphony"])}) | {m["polyphony"]:.2f} ({rel(m["polyphony"], g["real_polyphony"])}) | {g["real_polyphony"]:.2f} | within 15% |
+| (d) notes above the melody | {pct(g["above"])} | {pct(m["above"])} | {pct(g["real_above"])} | within 10 points |
+
+(e) Continuation of plain music (no chords, no beats: a 20 s prompt from each song's start, 30 s
+generated), statistics against the real next 30 s (relative difference), at two seed sets:
+
+| statistic | seeds {q["seeds"]} | seeds +1000 | real |
 |---|---|---|---|
-| (a) chord tones, chords + beats given | **{pct(m["a_chord_tones"])}** | {pct(m["real_chord_tones"])} | >= 85% |
-| (b) chord tones, beats only (vs the annotated chord) | **{pct(m["b_chord_tones_annotated"])}** | {pct(m["real_chord_tones"])} | >= 66% |
-| (b) chord tones of the model's own chord | **{pct(m["b_chord_tones_own"])}** ({m["b_own_changes"]:.1f} changes a song) | | >= 85% |
-| (c) onsets within 30 ms of an eighth, chords + beats given | **{pct(m["c_grid_given"])}** | {pct(m["c_grid_real"])} | >= real - 5 points |
-| (c) the same, beats only | {pct(m["c_grid_own"])} | {pct(m["c_grid_real"])} | |
-| (d) density (notes/s) | {m["d_density_gen"]:.2f} ({rel(m["d_density_gen"], m["d_density_real"])}) | {m["d_density_real"]:.2f} | within 15% |
-| (d) polyphony | {m["d_poly_gen"]:.2f} ({rel(m["d_poly_gen"], m["d_poly_real"])}) | {m["d_poly_real"]:.2f} | within 15% |
-| (d) notes above the melody | {pct(m["d_above_gen"])} | {pct(m["d_above_real"])} | within 10 points |
-| (g) lead infill, notes in a 6 s span | {m["g_fill_gen"]:.1f} ({rel(m["g_fill_gen"], m["g_fill_real"])}) | {m["g_fill_real"]:.1f} (real lead) | within 25% |
+{cont_table}
 
 (f) harmony + bass + drums asked for (chords and beats given): {q["f_all_three"]} of {n}
 accompaniments contain all three; output tempo maps equal to the input's: {q["f_tempo_maps_equal"]}
 of {n}.
 
-Speed: the {n} accompaniments of (a) in one batch, {sp["music_seconds"]:.0f} s of music in
-{sp["wall_seconds"]} s ({sp["x_real_time"]}x real time) on this CPU.
+(g) The lead regenerated over a 6 s span in the middle of each 30 s (infill, chords and beats
+given): {fill["generated"]:.1f} notes against the real lead's {fill["real"]:.1f}
+({rel(fill["generated"], fill["real"])}; target within 25%).
+
+Speed: the {n} guarded accompaniments of (a) in one batch: {sp["music_seconds"]:.0f} s of music
+in {sp["wall_seconds"]} s ({sp["x_real_time"]}x real time) on this CPU.
 
 Command: `{q["command"]}` ({q["machine"]})."""
 

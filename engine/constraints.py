@@ -301,6 +301,101 @@ class MaxDuration(Constraint):
 
 
 @dataclass(frozen=True)
+class ChordsOnBeats(Constraint):
+    """The model's own chord changes fall on strong beats: a CHORD token only right after a
+    BAR, or a BEAT an even number of beats into the bar (beats 1 and 3 of a 4/4 bar), at that
+    beat's tick, once. A harmonic plan that changes on the beat, as the songs it learned from
+    do, rather than whenever sampling wanders into a CHORD token (a young model wrote ~2 a
+    second). Rows that have heard no beat are left alone."""
+
+    strong_only: bool = True  # False: any beat
+    row_fields = ("beat_tick", "beat_n", "chord_tick")
+
+    def init(self, vocab: Vocab, n_rows: int) -> Own:
+        return {
+            "beat_tick": np.full(n_rows, -1, dtype=np.int64),  # (B,) the last BAR/BEAT's tick
+            "beat_n": np.zeros(n_rows, dtype=np.int64),  # (B,) beats since the last BAR
+            "chord_tick": np.full(n_rows, -1, dtype=np.int64),  # (B,) the last CHORD's tick
+        }
+
+    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
+        heard = own["beat_tick"] >= 0
+        if not vocab.harmony or not heard.any():
+            return
+        on_beat = state.tick == own["beat_tick"]
+        if self.strong_only:
+            on_beat &= own["beat_n"] % 2 == 0
+        ok = ~heard | (on_beat & (own["chord_tick"] != state.tick))  # (B,)
+        prev = np.ones((len(ok), 1), dtype=bool) if cand.chord_ok is None else cand.chord_ok
+        cand.chord_ok = prev & ok[:, None]
+
+    def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab, own: Own) -> None:
+        if not vocab.harmony:
+            return
+        bar, beat = tokens == vocab.BAR, tokens == vocab.BEAT
+        own["beat_n"][bar] = 0
+        own["beat_n"][beat] += 1
+        meter = bar | beat
+        own["beat_tick"][meter] = before.tick[meter]
+        chord = (tokens >= vocab.chord_base) & (tokens < vocab.HEADER)
+        own["chord_tick"][chord] = before.tick[chord]
+
+
+@dataclass(frozen=True)
+class StartParts(Constraint):
+    """Every part asked for plays: a part of `parts` silent for `after_ticks` (since the
+    request began, or since its last note) plays at the next downbeat (the next event boundary
+    if the row hears no beats): there, time may not pass until a note of a silent part starts.
+
+    The model hears the instrumentation header, but a part it has not begun (a bass, drums
+    laid over a song that never had them) stays unlikely at every later chance: asked for
+    harmony, bass and drums, it played the bass in almost none of 20 songs. The note is the
+    model's choice (with ChordTones: a chord tone); a part that plays on its own is untouched."""
+
+    parts: tuple[str | int, ...]
+    after_ticks: int = 200
+    row_fields = ("last_on", "bar_tick")
+
+    def __post_init__(self) -> None:
+        _set(self, parts=tuple(self.parts))
+
+    def init(self, vocab: Vocab, n_rows: int) -> Own:
+        return {
+            "want": part_mask(vocab, self.parts),  # (P,)
+            # (B, P) tick of each part's last note-on (or of the request's first token)
+            "last_on": np.full((n_rows, vocab.n_parts), -1, dtype=np.int64),
+            "bar_tick": np.full(n_rows, -1, dtype=np.int64),  # (B,) the last BAR's tick
+        }
+
+    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
+        last = own["last_on"]
+        silent = own["want"][None, :] & (last >= 0)
+        silent &= state.tick[:, None] >= last + self.after_ticks  # (B, P)
+        heard_bar = own["bar_tick"] >= 0
+        due = silent.any(axis=1) & (~heard_bar | (own["bar_tick"] == state.tick))
+        if not due.any():
+            return
+        rows = np.nonzero(due)[0]
+        cand.time_ok[rows] = False
+        cand.end_ok[rows] = False
+        cand.off_ok[rows] = False
+        cand.on_ok[rows] &= silent[rows][:, :, None]
+        cand.part_ok[rows] &= silent[rows]
+
+    def observe(self, tokens: np.ndarray, before: GrammarState, vocab: Vocab, own: Own) -> None:
+        last = own["last_on"]
+        new = last[:, 0] < 0
+        last[new] = before.tick[new, None]
+        on = (tokens >= vocab.on_base) & (tokens < vocab.off_base)
+        if on.any():
+            rows = np.nonzero(on)[0]
+            last[rows, (tokens[rows] - vocab.on_base) // 128] = before.tick[rows]
+        if vocab.harmony:
+            bar = tokens == vocab.BAR
+            own["bar_tick"][bar] = before.tick[bar]
+
+
+@dataclass(frozen=True)
 class ChordTones(Constraint):
     """Notes of `parts` (default harmony and bass) start only on tones of the sounding chord:
     the last CHORD token of the row's history, given (a chart, the player's left hand) or the
@@ -361,6 +456,19 @@ class TimeLimit(Constraint):
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
         if self.max_tick is not None:
             np.minimum(cand.ceiling, self.max_tick, out=cand.ceiling)
+
+
+@dataclass(frozen=True)
+class EndNotBefore(Constraint):
+    """The closing token (EOS, an infill section's end) not before `tick` of token time: an
+    infill's middle runs to the gap's end, not to where the model first thinks of stopping (a
+    middle closed early came back with a third of the real melody's notes)."""
+
+    tick: int
+    hard = True
+
+    def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
+        cand.end_ok &= state.tick >= self.tick
 
 
 @dataclass(frozen=True)

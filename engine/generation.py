@@ -22,7 +22,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from .conditioning import Conditioning
-from .constraints import ChordTones, Constraint, GivenMarks, MaxDuration, Parts, Programs, TimeLimit
+from .constraints import (
+    ChordsOnBeats,
+    ChordTones,
+    Constraint,
+    EndNotBefore,
+    GivenMarks,
+    MaxDuration,
+    Parts,
+    Programs,
+    StartParts,
+    TimeLimit,
+)
 from .live import Done, Event, EventCallback, LiveSession, SamplingParams, Scheduler, Token
 from .tokenizer import Note, Notes, Tokenizer
 from .tokenizer.decode import ChordChange, NoteOff, NoteOn, OpenNotes, TokenDecoder
@@ -240,6 +251,8 @@ def _given_marks(cond: Conditioning, vocab: Vocab, accompany: bool = False) -> l
     out: list[Constraint] = []
     if cond.beats is not None or cond.chords is not None:
         out.append(GivenMarks(beats=cond.beats is not None, chords=cond.chords is not None))
+    if cond.chords is None:
+        out.append(ChordsOnBeats(strong_only=False))
     if cond.wants_chord_tones(accompany):
         out.append(ChordTones())
     return out
@@ -345,8 +358,9 @@ def plan_infill(
         MaxDuration(sessions.max_note_seconds, targets),
         *_given_marks(cond, v),
         # The gap's end in the grammar's own (section) time; forced events are time ceilings
-        # in it too (the engine moves them there).
+        # in it too (the engine moves them there). The middle closes there, not before.
         TimeLimit(ex.end_tick),
+        EndNotBefore(ex.end_tick),
     ]
     req = Request(
         ex.prompt, ex.end_tick + shift, cons, sampling, forced, max_tokens=_cap(end - start)
@@ -389,6 +403,8 @@ def plan_accompany(
         MaxDuration(sessions.max_note_seconds, parts),
         *_given_marks(cond, v, accompany=True),
     ]
+    if v.harmony:  # every part asked for plays (a harmony model)
+        cons.append(StartParts(parts))
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items() if k in parts}))
     seconds = end / v.ticks_per_second

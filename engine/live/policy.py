@@ -1,7 +1,9 @@
 """Musical policy between masking and sampling: which drawn notes to reject, and back-off.
 
-The ON after a sampled VEL is drawn from every ON; one the constraints forbid rejects the whole
-note (VEL too) and the row draws again. Masking it instead would turn the note the model meant
+The ON after a sampled VEL is drawn from every ON of a part the constraints close entirely (the
+melody, under "accompaniment only") and every key that sounds already; such a note rejects the
+whole note (VEL too) and the row draws again. A part they only narrow (a pitch range, the chord's
+tones) draws among its allowed notes. Masking it instead would turn the note the model meant
 (a melody note, under "accompaniment only") into another one: accompaniment on every melody
 note. Bounded: after MAX_NOTE_RETRIES, the mask. Greedy rows keep the mask (a retry would draw
 the same note again).
@@ -101,9 +103,15 @@ def draw(st: SessionState, mask: np.ndarray) -> Draw:
             mask = longer
     if st.sampling.temperature <= 0 or m.retries_here(pos) >= MAX_NOTE_RETRIES:
         return Draw(mask)
-    if st.vel_held():  # the ON after a VEL: from every ON
+    if st.vel_held():  # the ON after a VEL: from every ON of the parts it may not play
+        on = st.tables.ids[TokenType.NOTE_ON]
+        ons = mask[on].reshape(v.n_parts, 128)  # (P, 128)
+        closed = ~ons.any(axis=1)  # (P,) parts with no allowed note: another's (the melody)
+        # ...and keys that sound already (the model lost track of them: a rejected one sends
+        # the wait back). A part that may play some notes (a pitch range, the chord's tones)
+        # draws among them: the note it meant, moved into the chord, rather than none at all.
         wide = mask.copy()
-        wide[st.tables.ids[TokenType.NOTE_ON]] = True
+        wide[on] = (ons | closed[:, None] | st.sounding()).reshape(-1)
         return Draw(wide, mask)
     foreign_offs = st.foreign_offs
     if foreign_offs is not None and can_back_off(st, pos) and st.grammar_boundary():

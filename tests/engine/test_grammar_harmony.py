@@ -119,3 +119,39 @@ def test_chord_tones_keep_harmony_and_bass_in_the_sounding_chord() -> None:
     assert not cs.allowed()[0, V.note_on(HARMONY, 57)]  # A is not in C major
     cs.restore(snap)  # rollback restores the sounding chord
     assert cs.allowed()[0, V.note_on(HARMONY, 62)]
+
+
+def test_the_models_own_chords_change_on_strong_beats() -> None:
+    from improv.engine.constraints import ChordsOnBeats
+
+    cs = ConstraintSet(V, [ChordsOnBeats()])
+    cs.feed([V.BOS, V.TASK_ACCOMPANY])
+    assert cs.allowed()[0, AM]  # no beat heard yet: free
+    cs.feed([V.BAR])
+    assert cs.allowed()[0, AM]  # on the downbeat
+    cs.feed([AM])
+    assert not cs.allowed()[0, V.chord(parse_label("F:maj"))]  # once a beat
+    cs.feed([V.shift(10)])
+    assert not cs.allowed()[0, AM]  # off the beat
+    cs.feed([V.shift(40), V.BEAT])
+    assert not cs.allowed()[0, AM]  # beat 2: weak
+    cs.feed([V.shift(50), V.BEAT])
+    assert cs.allowed()[0, AM]  # beat 3: strong
+
+
+def test_a_silent_part_asked_for_plays_at_the_next_downbeat() -> None:
+    from improv.engine.constraints import StartParts
+
+    cs = ConstraintSet(V, [StartParts(("harmony", "bass"), after_ticks=100)])
+    cs.feed([V.BOS, V.TASK_ACCOMPANY, V.BAR, V.velocity(20), V.note_on(HARMONY, 60)])
+    assert cs.allowed()[0, V.shift(50)]  # not due yet
+    cs.feed([V.shift(100)])
+    assert cs.allowed()[0, V.shift(1)]  # due, but between downbeats: time may pass
+    cs.feed([V.velocity(20), V.note_on(HARMONY, 62), V.shift(20), V.BAR])  # harmony plays on
+    m = cs.allowed()[0]
+    assert not m[V.shift_base : V.long_base].any()  # at the downbeat: a note first
+    cs.feed([V.velocity(20)])
+    m = cs.allowed()[0]
+    assert m[V.note_on(BASS, 40)] and not m[V.note_on(HARMONY, 64)]  # of the silent part
+    cs.feed([V.note_on(BASS, 40)])
+    assert cs.allowed()[0, V.shift(1)]  # it plays: time goes on
