@@ -81,6 +81,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000, help="song i samples with seed + i")
     ap.add_argument("--backend", default="auto", help="engine backend (auto: onnx-int8 on CPU)")
     ap.add_argument("--out", type=Path, default=None, help="quality-harmony.json folder")
+    ap.add_argument(
+        "--eval-data",
+        type=Path,
+        default=None,
+        help="also bits/note on this dataset (data-plain/valid: music without chords or beats)",
+    )
     ap.add_argument("--card", action="store_true", help="write the checkpoint's README section")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -231,6 +237,16 @@ def main() -> None:
         "wall_seconds": round(seconds["guarded"], 1),
         "x_real_time": round(n_music / seconds["guarded"], 2),
     }
+    if args.eval_data is not None:
+        from improv.trainer.eval import eval_checkpoint
+
+        r = eval_checkpoint(args.checkpoint, args.eval_data)
+        report["e_eval"] = {
+            "data": str(args.eval_data),
+            "bits_per_note": r["bits_per_note"],
+            "nats_per_token": r["nats_per_token"],
+            "tokens": r["tokens"],
+        }
     report["machine"] = machine()
     report["command"] = command_line()
     out = args.out or args.checkpoint
@@ -274,6 +290,14 @@ def card_section(q: dict) -> str:
         )
     cont_table = "\n".join(stat_rows)
     sp, fill = q["speed"], q["g_fill"]
+    ev = q.get("e_eval")
+    bits = (
+        f"bits/note on `{ev['data']}` ({ev['tokens']:,} tokens of music without chords or beats; "
+        f"the harmony tokens are not counted): **{ev['bits_per_note']:.2f}** (target: no worse "
+        "than the previous default model's 12.56 on the same music)."
+        if ev
+        else "bits/note: not measured in this run (--eval-data)."
+    )
     return f"""{n} POP909 validation songs (the first {n} of splits/valid.txt, sorted), the first
 {q["seconds"]:.0f} s of each song's melody with its annotated beats (beat_midi.txt) and, where
 given, chords (chord_midi.txt); seeds {q["seeds"]}; the default sampling (temperature 1, top-p
@@ -295,7 +319,9 @@ sounding chord (`ChordTones`), and the model's own chord changes fall on beats (
 | (d) polyphony | {g["polyphony"]:.2f} ({rel(g["polyphony"], g["real_polyphony"])}) | {m["polyphony"]:.2f} ({rel(m["polyphony"], g["real_polyphony"])}) | {g["real_polyphony"]:.2f} | within 15% |
 | (d) notes above the melody | {pct(g["above"])} | {pct(m["above"])} | {pct(g["real_above"])} | within 10 points |
 
-(e) Continuation of plain music (no chords, no beats: a 20 s prompt from each song's start, 30 s
+(e) {bits}
+
+Continuation of plain music (no chords, no beats: a 20 s prompt from each song's start, 30 s
 generated), statistics against the real next 30 s (relative difference), at two seed sets:
 
 | statistic | seeds {q["seeds"]} | seeds +1000 | real |
