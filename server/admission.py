@@ -11,13 +11,16 @@ releases its place. All on the event loop: no locks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import memory
+
+logger = logging.getLogger(__name__)
 
 
 class Busy(RuntimeError):
@@ -109,12 +112,14 @@ class IntakeLimit:
     partly in threads; twenty at once made every step of the loop (/health, the live sessions)
     wait behind twenty others, and held twenty files' worth of memory. The endpoint calls
     `release_intake(request)` when its job is planned (before it waits for a generation slot);
-    the middleware releases on the way out otherwise. When a burst is over, the memory its
+    the middleware releases on the way out otherwise. A body must arrive within
+    BODY_TIMEOUT_S of admission (a client trickling bytes can't hold a place). When a burst is over, the memory its
     files took goes back to the system (server/memory.py)."""
 
     PATHS = ("/v1/continue", "/v1/infill", "/v1/accompany")
     KEY = "improv.release_intake"
     TRIM_AFTER_S = 1.0
+    BODY_TIMEOUT_S = 20.0  # from admission to the body's last byte (4 MiB at 200 KB/s)
     TRIM_EVERY_S = 10.0
 
     def __init__(self, app: ASGIApp, n: int = 2) -> None:
@@ -143,8 +148,22 @@ class IntakeLimit:
                     sem.release()
 
             scope[self.KEY] = release
+            deadline = asyncio.get_running_loop().time() + self.BODY_TIMEOUT_S
+
+            async def receive_in_time() -> Message:
+                """A body that trickles in must not hold a place (slowloris): past the
+                deadline the request is treated as abandoned (FastAPI answers 400)."""
+                if released:  # planned: what is left is waiting for the client to go
+                    return await receive()
+                try:
+                    async with asyncio.timeout(deadline - asyncio.get_running_loop().time()):
+                        return await receive()
+                except TimeoutError:
+                    logger.info("%s: body not received in %g s", scope["path"], self.BODY_TIMEOUT_S)
+                    return {"type": "http.disconnect"}
+
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive_in_time, send)
             finally:
                 release()
         finally:

@@ -328,3 +328,27 @@ def test_generations_queue_then_503_with_retry_after(tiny_ckpt, server_factory):
     finally:
         srv.stop()
         rt.close()
+
+
+def test_a_body_that_trickles_in_does_not_hold_the_intake(server, monkeypatch):
+    """Slow clients (headers sent, the body never finished) give up their place in the intake
+    (a few requests read and planned at once) after IntakeLimit.BODY_TIMEOUT_S."""
+    from improv.server.admission import IntakeLimit
+
+    monkeypatch.setattr(IntakeLimit, "BODY_TIMEOUT_S", 1.0)
+    host, port = server.url.removeprefix("http://").split(":")
+    slow = []
+    for _ in range(4):  # more than the intake's places
+        s = socket.create_connection((host, int(port)))
+        s.sendall(
+            b"POST /v1/continue HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+        )
+        slow.append(s)
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    r = post(server, "/v1/continue", simple_song(2.0), {"seconds": "0.5", "seed": "1"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert time.perf_counter() - t0 < 10
+    for s in slow:
+        s.close()
