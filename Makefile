@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sessions.py
 	$(BIN)/python benchmarks/profile_step.py
 	$(BIN)/python benchmarks/bench_server.py
+	$(BIN)/python benchmarks/bench_hostile.py
 	$(BIN)/python benchmarks/bench_train.py --data data/train --preset small --steps 6
 
 clean:

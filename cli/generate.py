@@ -17,6 +17,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PART_CHOICES = {"lead": ["lead"], "accompaniment": None, "all": None}
+ACCOMPANY_PARTS = ("counter", "harmony", "bass", "drums")
 
 
 def _common(p: argparse.ArgumentParser, seconds: bool = True) -> None:
@@ -145,11 +146,12 @@ def _run(
         path = getattr(args, attr, None)
         if path is not None and not Path(path).is_file():
             raise SystemExit(f"improv {name}: no such file: {path}")
-    if not (Path(args.checkpoint) / "config.json").exists():
-        raise SystemExit(
-            f"improv {name}: no checkpoint at {args.checkpoint} (a folder with config.json)"
-        )
-    engine = Engine.load(args.checkpoint, device=args.device)
+    from improv.engine.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)  # the bundled model from any directory
+    if not (ckpt / "config.json").exists():
+        raise SystemExit(f"improv {name}: no checkpoint at {ckpt} (a folder with config.json)")
+    engine = Engine.load(ckpt, device=args.device)
     k = args.variations
     _READ_CACHE.clear()  # one command, one read of its input
     tok = engine.tokenizer
@@ -263,13 +265,13 @@ def accompany_command() -> tuple[str, Callable, Callable]:
         from improv.engine.generation import plan_accompany
 
         parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+        bad = [p for p in parts if p not in ACCOMPANY_PARTS]
+        if bad or not parts:  # before the model loads
+            raise SystemExit(
+                f"improv accompany: --parts must be among {', '.join(ACCOMPANY_PARTS)}; got {bad}"
+            )
 
         def plan(sessions: object, tok: object, sampling: object) -> object:
-            bad = [p for p in parts if p not in tok.parts or p == "lead"]  # type: ignore[attr-defined]
-            if bad:
-                raise SystemExit(
-                    f"improv accompany: --parts must be among counter, harmony, bass, drums; got {bad}"
-                )
             v = tok.vocab  # type: ignore[attr-defined]
             notes = _read(tok, args.melody, "accompany")
             if not (notes.part == v.lead).any():  # type: ignore[attr-defined]

@@ -42,7 +42,7 @@ def run_bridge(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    from improv.midi import PortError
+    from improv.midi import MidoBackend, PortError
 
     from .bridge import Bridge
 
@@ -60,6 +60,12 @@ def run_bridge(args: argparse.Namespace) -> int:
             lookahead_ms=args.lookahead_ms,
         )
     except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    try:  # before anything else: one line saying what is missing, not rtmidi's traceback
+        if isinstance(bridge.backend, MidoBackend):
+            bridge.backend.probe()
+    except PortError as e:
         logger.error("%s", e)
         return 2
 

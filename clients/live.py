@@ -53,7 +53,8 @@ class LiveClient:
     `server_now()` is the session clock as seen here."""
 
     def __init__(self, url: str, token: str | None = None, open_timeout: float = 5.0) -> None:
-        self.url = live_url(url, token)
+        self.url = live_url(url)  # the token goes in a header: URLs end up in logs
+        self.token = token
         self.open_timeout = open_timeout
         self.offset: float | None = None
         self.rtt_ms: float | None = None
@@ -70,8 +71,13 @@ class LiveClient:
 
     # --- connection -----------------------------------------------------------------------------
     async def connect(self) -> LiveClient:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self._ws = await websockets.connect(
-            self.url, open_timeout=self.open_timeout, max_size=2**20, ping_interval=20
+            self.url,
+            additional_headers=headers,
+            open_timeout=self.open_timeout,
+            max_size=2**20,
+            ping_interval=20,
         )
         self._reader = asyncio.create_task(self._read(), name="live-client-read")
         return self

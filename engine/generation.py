@@ -60,6 +60,8 @@ class Request:
     sampling: SamplingParams
     forced: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tick, tokens)
     max_tokens: int | None = None
+    start_tick: int = 0  # session tick where the generated span begins (what `seconds` counts)
+    done: Done | None = None  # how it ended (set by `run`)
 
 
 class Sessions(Protocol):
@@ -136,6 +138,7 @@ async def run(sessions: Sessions, req: Request) -> AsyncIterator[Token]:
             if isinstance(ev, Token) and ev.request == rid:
                 yield ev
             elif isinstance(ev, Done) and ev.request == rid:
+                req.done = ev
                 if ev.reason == "error":
                     raise RuntimeError("generation failed in the scheduler")
                 return
@@ -236,6 +239,21 @@ class Job:
     cond: Conditioning = field(default_factory=Conditioning)
     parts: tuple[str, ...] = ()  # the parts asked for by name (reported if they stay silent)
 
+    def outcome(self) -> tuple[float, str]:
+        """(seconds generated, why it stopped): "complete" when the whole span asked for was
+        generated, else the reason (e.g. "max_tokens": the request's token cap)."""
+        req, tps = self.request, self.builder.v.ticks_per_second
+        done = req.done
+        if done is None:
+            return 0.0, "not run"
+        reached = min(max(done.tick, req.start_tick), self.end_tick)
+        seconds = round(float(reached - req.start_tick) / tps, 3)
+        if done.reason == "until_tick" or reached >= self.end_tick:
+            return seconds, "complete"
+        if done.reason == "max_tokens":
+            return seconds, f"max_tokens: the request's cap of {req.max_tokens} tokens was reached"
+        return seconds, done.reason
+
     def chords(self) -> Marks:
         """The output's chords (file time): the given ones, else the model's own plan."""
         if self.cond.chords is not None:
@@ -318,7 +336,7 @@ def plan_continue(
         cons.append(Parts(parts))
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items()}))
-    req = Request(prompt, end, cons, sampling, forced, max_tokens=_cap(seconds))
+    req = Request(prompt, end, cons, sampling, forced, max_tokens=_cap(seconds), start_tick=p_ticks)
     builder = NoteBuilder(v, part_programs(notes), tick_offset=-first)
     return Job(req, notes, builder, end, cond, tuple(parts or ()))
 
@@ -363,8 +381,9 @@ def plan_infill(
         EndNotBefore(ex.end_tick),
     ]
     req = Request(
-        ex.prompt, ex.end_tick + shift, cons, sampling, forced, max_tokens=_cap(end - start)
-    )
+        ex.prompt, ex.end_tick + shift, cons, sampling, forced, max_tokens=_cap(end - start),
+        start_tick=ex.start_tick + shift,
+    )  # fmt: skip
     builder = NoteBuilder(v, part_programs(notes), tick_offset=shift)
     return Job(req, ex.kept, builder, ex.end_tick + shift, cond, tuple(parts or ()))
 
@@ -458,7 +477,13 @@ async def stream_events(sessions: Sessions, job: Job) -> AsyncIterator[dict[str,
             yield out
     for out in job.builder.finish(job.end_tick):
         yield out
-    done: dict[str, Any] = {"type": "done", "generated_notes": n}
+    seconds, why = job.outcome()
+    done: dict[str, Any] = {
+        "type": "done",
+        "generated_notes": n,
+        "generated_seconds": seconds,
+        "stop_reason": why,
+    }
     if missing := [p for p in job.parts if p not in played]:
         done["missing_parts"] = missing
     yield done

@@ -13,6 +13,7 @@ Imports no torch, and neither the server nor the clients.
 from .backends import (
     Backend,
     MemoryBackend,
+    MidiUnavailable,
     MidoBackend,
     PortError,
     default_backend,
@@ -28,6 +29,7 @@ __all__ = [
     "FORWARDED",
     "Backend",
     "InputPort",
+    "MidiUnavailable",
     "MemoryBackend",
     "MidoBackend",
     "OutputPort",

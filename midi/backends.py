@@ -8,8 +8,10 @@ a port is first listed or opened, so nothing here needs MIDI hardware or rtmidi 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import mido
@@ -17,6 +19,18 @@ import mido
 
 class PortError(RuntimeError):
     """A port name matches nothing or several ports, or a port cannot be opened."""
+
+
+class MidiUnavailable(PortError):
+    """This machine has no MIDI system the backend can use (no ALSA sequencer, no JACK server,
+    no python-rtmidi); the message says what is missing and how to get it, in one line."""
+
+
+HOW_TO_GET_MIDI = (
+    "ALSA needs /dev/snd/seq (the snd-seq kernel module; in a container: --device /dev/snd); "
+    "or run a JACK server (e.g. `jackd -d dummy`) and set "
+    "MIDO_BACKEND=mido.backends.rtmidi/UNIX_JACK"
+)
 
 
 # --- backends ---------------------------------------------------------------------------------
@@ -43,6 +57,22 @@ class MidoBackend:
         # makes any port given a client_name virtual, and other backends do not know it.
         return {"client_name": client} if virtual and client and "rtmidi" in self.name else {}
 
+    def probe(self) -> None:
+        """Raise MidiUnavailable unless the MIDI system answers (listing ports makes a client,
+        as opening one would). The C libraries' own complaints on stderr are kept out."""
+        try:
+            with _quiet_stderr():
+                self._b.get_input_names()
+        except ImportError as e:
+            raise MidiUnavailable(
+                f"MIDI is unavailable here: {e} (pip install python-rtmidi)"
+            ) from None
+        except Exception as e:  # rtmidi's SystemError / RuntimeError: no ALSA or JACK
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MidiUnavailable(
+                f"MIDI is unavailable here ({self.name}: {first}). {HOW_TO_GET_MIDI}"
+            ) from None
+
     def input_names(self) -> list[str]:
         return list(self._b.get_input_names())
 
@@ -58,6 +88,23 @@ class MidoBackend:
 
     def open_output(self, name: str, virtual: bool, client: str | None) -> Any:
         return self._b.open_output(name, virtual=virtual, **self._kw(client, virtual))
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """fd 2 to /dev/null for a moment (ALSA and JACK print to it from C)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class MemoryBackend:

@@ -10,6 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .admission import IntakeLimit
+from .auth import redact_server_logs
+from .memory import tune_malloc
 from .runtime import Runtime
 from .settings import Settings
 
@@ -23,6 +26,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redact_server_logs()  # uvicorn's loggers are configured by now: no token in them
+        tune_malloc()  # large requests' memory goes back (server/memory.py)
         rt = runtime or Runtime.load(settings)
         app.state.runtime = rt
         try:
@@ -41,6 +46,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.add_middleware(IntakeLimit)  # a few generation requests read and planned at once
     app.include_router(public)
     app.include_router(api)
     app.include_router(ws_router)

@@ -25,12 +25,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
     parser.add_argument(
+        "--max-generations",
+        type=int,
+        help="HTTP generations at once (default 4); more wait in a queue (--generation-queue, "
+        "default 16, at most --generation-wait seconds, default 30), beyond it 503 + Retry-After",
+    )
+    parser.add_argument(
+        "--generation-queue", type=int, help="requests that may wait for a generation (16)"
+    )
+    parser.add_argument(
+        "--generation-wait", type=float, help="seconds a request may wait for one (30)"
+    )
+    parser.add_argument(
         "--context-tokens",
         type=int,
         help="tokens of context a session keeps (default: the model's, 2048 for the default "
         "model); fewer serve more sessions in real time, each hearing less of the past",
     )
-    parser.add_argument("--token", help="require this token (Bearer header / ?token= for ws)")
+    parser.add_argument(
+        "--token",
+        help="require this token (Authorization: Bearer; for ws also a subprotocol or ?token=)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1)")
     add_midi_arguments(parser)
 
@@ -61,6 +76,7 @@ def setup_midi(app: Any, args: argparse.Namespace) -> int | None:
 
     try:
         config = MidiConfig(args.midi_in, args.midi_out, args.midi_virtual, live_start(args))
+        MidoBackend().probe()  # no MIDI system: one line (MidiUnavailable), before the model
         check_ports(config)
     except (PortError, ValueError) as e:
         logger.error("%s", e)
@@ -87,6 +103,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "context_tokens": args.context_tokens,
             "token": args.token,
             "threads": args.threads,
+            "http_sessions": getattr(args, "max_generations", None),
+            "generation_queue": getattr(args, "generation_queue", None),
+            "generation_wait_s": getattr(args, "generation_wait", None),
         }.items()
         if v is not None
     }
@@ -97,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import uvicorn
+    from pydantic import ValidationError
+
+    from improv.engine.checkpoint import resolve_checkpoint
 
     from .app import create_app
     from .settings import is_loopback
@@ -110,9 +132,15 @@ def run(args: argparse.Namespace) -> int:
                 "use the server; set IMPROV_TOKEN when it is published beyond this machine",
                 settings.host,
             )
+    except ValidationError as e:  # one line per bad setting, not pydantic's block
+        for err in e.errors():
+            logger.error("--%s: %s", "-".join(str(x) for x in err["loc"]), err["msg"])
+        return 2
     except ValueError as e:
         logger.error("%s", e)
         return 2
+    # The bundled model from any directory (models/default is the repo's path to it).
+    settings.checkpoint = str(resolve_checkpoint(settings.checkpoint))
     if not (Path(settings.checkpoint) / "config.json").is_file():
         logger.error(
             "no checkpoint at %s (expected config.json + model.safetensors); train one "

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import io
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import (
     APIRouter,
@@ -23,6 +23,8 @@ from fastapi import (
     WebSocket,
 )
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from improv.engine import generation as gen
@@ -31,6 +33,8 @@ from improv.engine.live import SamplingParams
 from improv.engine.tokenizer import MidiReadError, Notes
 from improv.protocol import messages as p
 
+from . import auth
+from .admission import Busy, GenerationGate, Lease, release_intake
 from .gm import GM_PROGRAMS
 from .live import LiveConnection
 from .runtime import Runtime, SessionLimit
@@ -49,18 +53,13 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def _token_ok(settings: Settings, given: str | None) -> bool:
+def _token_ok(settings: Settings, given: bytes | None) -> bool:
     want = settings.token
-    if want is None:
-        return True
-    return given is not None and hmac.compare_digest(given, want.get_secret_value())
+    return auth.token_ok(None if want is None else want.get_secret_value(), given)
 
 
 def require_token(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
-    given = None
-    if authorization and authorization.lower().startswith("bearer "):
-        given = authorization[7:].strip()
-    if not _token_ok(request.app.state.settings, given):
+    if not _token_ok(request.app.state.settings, auth.bearer(authorization)):
         raise HTTPException(
             401,
             "missing or wrong token: send Authorization: Bearer TOKEN",
@@ -68,8 +67,49 @@ def require_token(request: Request, authorization: Annotated[str | None, Header(
         )
 
 
+def get_gate(request: Request) -> GenerationGate:
+    """The generation slots and their queue (sized by the runtime's settings: it owns the
+    engine's HTTP slots), made on first use."""
+    st = request.app.state
+    if getattr(st, "generations", None) is None:
+        s = st.runtime.settings
+        st.generations = GenerationGate(s.http_sessions, s.generation_queue, s.generation_wait_s)
+    return st.generations
+
+
+GateDep = Annotated[GenerationGate, Depends(get_gate)]
+
+
+class Error(BaseModel):
+    """Every error answer: `detail` says what is wrong (and the valid range)."""
+
+    detail: str
+    errors: list[dict[str, Any]] | None = None  # 422 from form validation: pydantic's list
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": Error, "description": description}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+# Documented on every /v1 operation (schemathesis checks the answers against them).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: _error("missing or wrong token (Authorization: Bearer TOKEN)"),
+}
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("the body is not valid multipart/form-data"),
+    413: _error("the file is larger than the upload limit"),
+    422: _error("a field or the file is invalid; detail names it and the valid range"),
+    503: _error(
+        "every generation slot is taken and the queue is full (or the wait ran out)",
+        {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    ),
+}
+
 public = APIRouter()
-api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+api = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], responses=ERRORS)
 ws_router = APIRouter()
 
 
@@ -101,6 +141,10 @@ def model_info(rt: RuntimeDep) -> dict[str, Any]:
             "live_sessions_open": rt.sessions_open(),
             "http_sessions": s.http_sessions,
             "max_upload_bytes": s.max_upload_bytes,
+            "max_upload_notes": s.max_upload_notes,
+            "max_generations": s.http_sessions,
+            "generation_queue": s.generation_queue,
+            "generation_wait_s": s.generation_wait_s,
             "max_generate_seconds": s.max_generate_seconds,
             "max_infill_seconds": s.max_infill_seconds,
             "max_accompany_seconds": s.max_accompany_seconds,
@@ -121,9 +165,16 @@ async def read_upload(rt: Runtime, file: UploadFile) -> bytes:
     return data
 
 
-async def read_notes(rt: Runtime, data: bytes, parts: str | None = None) -> Notes:
-    try:  # symusic parses in C++; off the loop so a large file can't stall the sessions
-        notes = await asyncio.to_thread(rt.tokenizer.read_notes, data, parts)
+async def read_notes(
+    rt: Runtime, data: bytes, parts: str | None = None, max_seconds: float | None = None
+) -> Notes:
+    """The file's notes, parsed off the loop (symusic, C++) so a large file can't stall the
+    sessions; the note count and length are checked on the parsed arrays, before any per-note
+    work (the bound on a request's memory: IMPROV_MAX_UPLOAD_NOTES)."""
+    try:
+        notes = await asyncio.to_thread(
+            rt.tokenizer.read_notes, data, parts, (), rt.settings.max_upload_notes, max_seconds
+        )
     except MidiReadError as e:  # its message says what is wrong, once
         msg = str(e)
         raise HTTPException(
@@ -191,23 +242,74 @@ def wants_json(accept: str | None) -> bool:
     return accept is not None and "application/json" in accept and "audio/midi" not in accept
 
 
-async def respond(
-    rt: Runtime, job: gen.Job, accept: str | None, stream: bool, filename: str
-) -> Response:
-    if stream:
+T = TypeVar("T")
 
-        async def lines() -> AsyncIterator[bytes]:
-            async for ev in gen.stream_events(rt, job):
-                yield (json.dumps(ev) + "\n").encode()
 
-        _check_capacity(rt)
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+class ClientGone(Exception):
+    """The client closed the connection: its work was stopped."""
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the form is read: the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled (its engine session closed, its slot freed) if the client goes away
+    first: an abandoned request must not hold a generation slot."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
     try:
-        notes = await gen.execute(rt, job)
-    except SessionLimit as e:
-        raise HTTPException(503, str(e)) from e
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone()
+    finally:
+        watch.cancel()
+        task.cancel()
+
+
+def _busy(e: Busy) -> HTTPException:
+    return HTTPException(503, str(e), {"Retry-After": str(e.retry_after)})
+
+
+async def respond(
+    request: Request,
+    rt: Runtime,
+    gate: GenerationGate,
+    job: gen.Job,
+    accept: str | None,
+    stream: bool,
+    filename: str,
+) -> Response:
+    """Wait for a generation slot (503 + Retry-After past the queue), run the job unless the
+    client goes away, answer MIDI, JSON or an NDJSON stream."""
+    try:
+        lease = await unless_gone(request, gate.acquire())
+    except Busy as e:
+        raise _busy(e) from e
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it
+    if stream:
+        return _stream(rt, job, lease)
+    try:
+        notes = await unless_gone(request, gen.execute(rt, job))
+    except ClientGone:
+        logger.info("%s: the client went away; its generation was stopped", request.url.path)
+        return Response(status_code=499)
+    except SessionLimit as e:  # the engine's own slots (a backstop behind the gate)
+        raise HTTPException(503, str(e), {"Retry-After": str(gate.retry_after())}) from e
+    finally:
+        lease.release()
     missing = gen.missing_parts(rt.vocab, job, notes)
-    headers = {"X-Improv-Missing-Parts": ",".join(missing)} if missing else {}
+    seconds, why = job.outcome()
+    headers = {"X-Improv-Generated-Seconds": f"{seconds:g}", "X-Improv-Stop-Reason": why}
+    if missing:
+        headers["X-Improv-Missing-Parts"] = ",".join(missing)
     if wants_json(accept):
         return JSONResponse(notes_json(rt, notes, job), headers=headers)
     midi = await asyncio.to_thread(rt.tokenizer.notes_to_midi, notes, job.cond.tempo, job.chords())
@@ -217,13 +319,20 @@ async def respond(
     return Response(buf.getvalue(), media_type="audio/midi", headers=headers)
 
 
-def _check_capacity(rt: Runtime) -> None:
-    """Streaming responses start before generation: refuse a full server up front."""
-    try:
-        rt.acquire_http()
-    except SessionLimit as e:
-        raise HTTPException(503, str(e)) from e
-    rt.release_http()
+def _stream(rt: Runtime, job: gen.Job, lease: Lease) -> StreamingResponse:
+    """NDJSON events as they come; the slot is released when the stream ends, is cancelled
+    (the client went away: Starlette cancels it) or never starts."""
+
+    async def lines() -> AsyncIterator[bytes]:
+        try:
+            async for ev in gen.stream_events(rt, job):
+                yield (json.dumps(ev) + "\n").encode()
+        finally:
+            lease.release()
+
+    return StreamingResponse(
+        lines(), media_type="application/x-ndjson", background=BackgroundTask(lease.release)
+    )
 
 
 def notes_json(rt: Runtime, notes: Notes, job: gen.Job) -> dict[str, Any]:
@@ -244,6 +353,8 @@ def notes_json(rt: Runtime, notes: Notes, job: gen.Job) -> dict[str, Any]:
         ],
         "chords": gen.chords_json(job.chords()),
         "missing_parts": gen.missing_parts(rt.vocab, job, notes),
+        "generated_seconds": job.outcome()[0],
+        "stop_reason": job.outcome()[1],
     }
 
 
@@ -274,7 +385,20 @@ BeatsPerBar = Annotated[int | None, Form(ge=1, le=16, description="with bpm or b
 # --- generation -----------------------------------------------------------------------------------
 # The generation endpoints answer a MIDI file, JSON notes or an NDJSON stream (by Accept/stream).
 MIDI_RESPONSES: dict[int | str, dict] = {
-    200: {"content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}}}
+    200: {
+        "content": {"audio/midi": {}, "application/json": {}, "application/x-ndjson": {}},
+        "headers": {
+            "X-Improv-Generated-Seconds": {
+                "description": "seconds generated (as asked, unless X-Improv-Stop-Reason says)",
+                "schema": {"type": "number"},
+            },
+            "X-Improv-Stop-Reason": {
+                "description": "complete, or why less was generated than asked",
+                "schema": {"type": "string"},
+            },
+        },
+    },
+    **GENERATION_ERRORS,
 }
 
 
@@ -284,7 +408,9 @@ MIDI_RESPONSES: dict[int | str, dict] = {
     responses=MIDI_RESPONSES,
 )
 async def continue_(
+    request: Request,
     rt: RuntimeDep,
+    gate: GateDep,
     file: Annotated[UploadFile, File(description="a MIDI file: the prompt")],
     seconds: Annotated[float, Form(gt=0.0, description="length of the continuation")] = 8.0,
     temperature: Temperature = 1.0,
@@ -306,15 +432,19 @@ async def continue_(
         raise HTTPException(
             422, f"seconds must be in (0, {rt.settings.max_generate_seconds}], got {seconds}"
         )
+    chosen, progs = parse_parts(parts, "parts"), parse_programs(programs)  # cheap checks first
     data = await read_upload(rt, file)
-    notes = await read_notes(rt, data)
-    until = float(notes.end.max()) + seconds
-    cond = await conditioning(data, chords, beats, bpm, beats_per_bar, until)
-    job = await asyncio.to_thread(
-        gen.plan_continue, rt, notes, seconds, sampling(temperature, top_p, seed),
-        parse_parts(parts, "parts"), parse_programs(programs), cond,
-    )  # fmt: skip
-    return await respond(rt, job, accept, stream, "continued.mid")
+    try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
+        notes = await read_notes(rt, data)
+        until = float(notes.end.max()) + seconds
+        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, until)
+        job = await asyncio.to_thread(
+            gen.plan_continue, rt, notes, seconds, sampling(temperature, top_p, seed),
+            chosen, progs, cond,
+        )  # fmt: skip
+    finally:
+        release_intake(request.scope)
+    return await respond(request, rt, gate, job, accept, stream, "continued.mid")
 
 
 @api.post(
@@ -323,7 +453,9 @@ async def continue_(
     responses=MIDI_RESPONSES,
 )
 async def infill(
+    request: Request,
     rt: RuntimeDep,
+    gate: GateDep,
     file: Annotated[UploadFile, File(description="a MIDI file")],
     start: Annotated[float, Form(ge=0.0, description="gap start, seconds")],
     end: Annotated[float, Form(gt=0.0, description="gap end, seconds")],
@@ -346,22 +478,26 @@ async def infill(
         raise HTTPException(422, f"end must be after start, got start={start} end={end}")
     if end - start > lim:
         raise HTTPException(422, f"the gap must be at most {lim} s long, got {end - start:.3f}")
+    chosen = parse_parts(parts, "parts")
     data = await read_upload(rt, file)
-    notes = await read_notes(rt, data)
-    length = float(notes.end.max())
-    if start >= length:
-        raise HTTPException(
-            422, f"start must be before the end of the music ({length:.2f} s), got {start}"
-        )
-    cond = await conditioning(data, chords, beats, bpm, beats_per_bar, max(length, end))
-    try:
-        job = await asyncio.to_thread(
-            gen.plan_infill, rt, notes, start, end, sampling(temperature, top_p, seed),
-            parse_parts(parts, "parts"), cond,
-        )  # fmt: skip
-    except gen.GenerationError as e:
-        raise HTTPException(422, str(e)) from e
-    return await respond(rt, job, accept, stream, "infilled.mid")
+    try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
+        notes = await read_notes(rt, data)
+        length = float(notes.end.max())
+        if start >= length:
+            raise HTTPException(
+                422, f"start must be before the end of the music ({length:.2f} s), got {start}"
+            )
+        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, max(length, end))
+        try:
+            job = await asyncio.to_thread(
+                gen.plan_infill, rt, notes, start, end, sampling(temperature, top_p, seed),
+                chosen, cond,
+            )  # fmt: skip
+        except gen.GenerationError as e:
+            raise HTTPException(422, str(e)) from e
+    finally:
+        release_intake(request.scope)
+    return await respond(request, rt, gate, job, accept, stream, "infilled.mid")
 
 
 @api.post(
@@ -370,7 +506,9 @@ async def infill(
     responses=MIDI_RESPONSES,
 )
 async def accompany(
+    request: Request,
     rt: RuntimeDep,
+    gate: GateDep,
     file: Annotated[UploadFile, File(description="a melody (or any lead part) as MIDI")],
     parts: Annotated[
         str | None, Form(description="accompaniment parts (default harmony; drums=true adds drums)")
@@ -399,24 +537,25 @@ async def accompany(
         raise HTTPException(
             422, "parts: the lead is given; choose from counter, harmony, bass, drums"
         )
+    progs = parse_programs(programs)
     data = await read_upload(rt, file)
-    notes = await read_notes(rt, data)
-    if not (notes.part == rt.vocab.lead).any():
-        notes = await read_notes(rt, data, "lead")
+    # the length is checked as the file is read, before any per-note work: cheap first
+    limit = rt.settings.max_accompany_seconds
+    try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
+        notes = await read_notes(rt, data, max_seconds=limit)
         if not (notes.part == rt.vocab.lead).any():
-            raise HTTPException(422, "no melody found: the file has only drums")
-    length = float(notes.end.max())  # checked before any planning: cheap first
-    if length > rt.settings.max_accompany_seconds:
-        raise HTTPException(
-            422,
-            f"the melody must be at most {rt.settings.max_accompany_seconds} s long, got {length:.1f}",
-        )
-    cond = await conditioning(data, chords, beats, bpm, beats_per_bar, length + 1.0)
-    job = await asyncio.to_thread(
-        gen.plan_accompany, rt, notes, sampling(temperature, top_p, seed), chosen,
-        parse_programs(programs), 1.0, cond,
-    )  # fmt: skip
-    return await respond(rt, job, accept, stream, "accompanied.mid")
+            notes = await read_notes(rt, data, "lead", max_seconds=limit)
+            if not (notes.part == rt.vocab.lead).any():
+                raise HTTPException(422, "no melody found: the file has only drums")
+        length = float(notes.end.max())
+        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, length + 1.0)
+        job = await asyncio.to_thread(
+            gen.plan_accompany, rt, notes, sampling(temperature, top_p, seed), chosen,
+            progs, 1.0, cond,
+        )  # fmt: skip
+    finally:
+        release_intake(request.scope)
+    return await respond(request, rt, gate, job, accept, stream, "accompanied.mid")
 
 
 # --- live -----------------------------------------------------------------------------------------
@@ -424,9 +563,14 @@ async def accompany(
 async def live(ws: WebSocket) -> None:
     """A live session: JSON text frames (docs/protocol.md)."""
     rt: Runtime = ws.app.state.runtime
-    await ws.accept()
-    if not _token_ok(ws.app.state.settings, ws.query_params.get("token")):
-        await ws.close(code=p.CLOSE_POLICY, reason="missing or wrong token: add ?token=TOKEN")
+    offered = list(ws.scope.get("subprotocols") or [])
+    await ws.accept(subprotocol=auth.answer_subprotocol(offered))
+    if not _token_ok(ws.app.state.settings, auth.websocket_token(ws.headers, ws.query_params)):
+        await ws.close(
+            code=p.CLOSE_POLICY,
+            reason="missing or wrong token: Authorization: Bearer, subprotocol improv.bearer.* "
+            "or ?token=",
+        )
         return
 
     async def send(msg: Any) -> None:
@@ -446,7 +590,14 @@ async def live(ws: WebSocket) -> None:
         reader.cancel()
         closed.cancel()
         if not conn.closed:
-            peer_gone = ws.client_state != WebSocketState.CONNECTED or reader.done()
+            # the reader ends on the peer's close; one that failed leaves the peer connected:
+            # it gets its note-offs and `stopped`
+            failed = reader.done() and not reader.cancelled() and reader.exception() is not None
+            peer_gone = ws.client_state != WebSocketState.CONNECTED or (
+                reader.done() and not failed
+            )
+            if failed:
+                logger.error("session %s: reader failed", conn.id, exc_info=reader.exception())
             await conn.close("disconnect" if peer_gone else "error")
     code = {"stop": p.CLOSE_NORMAL, "shutdown": p.CLOSE_GOING_AWAY}.get(
         conn.close_reason or "", 1011

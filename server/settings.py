@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     # scheduler thread's Python code, and the other way round (Python's default is 5 ms).
     switch_interval_ms: float = Field(0.5, gt=0, le=100)
     max_sessions: int = Field(16, ge=1, le=256)  # live WebSocket sessions at once
-    http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (503 beyond)
+    http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (--max-generations)
+    # Generations beyond those wait, at most this many and this long, then 503 with Retry-After.
+    generation_queue: int = Field(16, ge=0, le=1024)
+    generation_wait_s: float = Field(30.0, ge=0, le=600)
+    max_upload_notes: int = Field(100_000, ge=1)  # notes in an uploaded file (memory per request)
     # Context each session keeps (None: the model's). Attention over it is most of a batched
     # step at long contexts (BENCHMARKS.md, engine): fewer tokens serve more live sessions in
     # real time, each hearing less of the past. Sessions slide at it (to half of it).
@@ -42,6 +46,13 @@ class Settings(BaseSettings):
     # no generated note sounds longer (a guard against notes the model never ends)
     max_note_seconds: float = Field(8.0, gt=0, le=60)
     log_level: str = "info"
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("token must not be empty (or blank): leave it unset for no token")
+        return v
 
     def check_bind(self) -> None:
         """Refuse to serve beyond this machine without a token."""

@@ -85,13 +85,16 @@ class Tokenizer:
         midi: MidiLike,
         parts: str | Mapping[str | int, str] | None = None,
         rules: Sequence[tuple[str, str]] = (),
+        max_notes: int | None = None,
+        max_seconds: float | None = None,
     ) -> Notes:
         """Notes of a MIDI file (path, bytes or mido.MidiFile) with their parts.
 
         `parts`: one part for every pitched track (e.g. "lead"), or {track index or name: part};
-        default: the rules in `notes.assign_parts`. Raises MidiReadError if the file is unreadable.
+        default: the rules in `notes.assign_parts`. Raises MidiReadError if the file is unreadable
+        (or beyond `max_notes` / `max_seconds`).
         """
-        notes, _, _ = read_notes(midi, self.config, parts, rules)
+        notes, _, _ = read_notes(midi, self.config, parts, rules, max_notes, max_seconds)
         return notes
 
     def encode(

@@ -229,8 +229,12 @@ def read_notes(
     config: TokenizerConfig,
     parts: str | Mapping[str | int, str] | None = None,
     rules: Sequence[tuple[str, str]] = (),
+    max_notes: int | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[Notes, list[TrackInfo], list[str]]:
-    """Parse a MIDI file into normalised notes. Raises MidiReadError for unreadable input.
+    """Parse a MIDI file into normalised notes. Raises MidiReadError for unreadable input, and
+    for more than `max_notes` notes or a note ending after `max_seconds` (checked on the parsed
+    arrays, before any per-note work: a server's cheap bound on a request).
 
     Normalisation (the same rules as the stream encoder): sustain pedal extends notes released
     while it is down to the pedal release; drum keys go through `config.drum_map`.
@@ -259,6 +263,9 @@ def read_notes(
         TrackInfo(i, str(t.name), int(t.program), bool(t.is_drum), len(t.notes))
         for i, t in enumerate(score.tracks)
     ]
+    total = sum(i.n_notes for i in infos)
+    if max_notes is not None and total > max_notes:
+        raise MidiReadError(f"the file has {total} notes; at most {max_notes} are accepted")
     names = assign_parts(infos, config, parts, rules)
     part_index = {p: i for i, p in enumerate(config.parts)}
     drum_lut = np.arange(128, dtype=np.int16)
@@ -281,6 +288,10 @@ def read_notes(
                 f"note times must be within 0..{MAX_FILE_SECONDS // 3600} h of the start; "
                 f"track {info.index} has a note at {float(start.min() if start.min() < 0 else end.max()):.0f} s "
                 "(corrupt or absurd delta times)"
+            )
+        if max_seconds is not None and len(end) and end.max() > max_seconds:
+            raise MidiReadError(
+                f"the music must be at most {max_seconds:g} s long; it runs to {float(end.max()):.1f} s"
             )
         pitch = arr["pitch"].astype(np.int16)
         sustained = None

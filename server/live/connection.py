@@ -37,7 +37,10 @@ from .stats import LiveStats
 logger = logging.getLogger(__name__)
 
 MAX_ERRORS_PER_S = 20  # error replies per second; more bad frames are dropped (no amplification)
+MAX_JSON_DEPTH = 900  # json's C decoder gives up (RecursionError) near the interpreter's limit
+LOG_EVERY_S = 10.0  # tracebacks of failed messages and counts of dropped errors, at most this often
 MODES: dict[str, type[Mode]] = {"respond": Respond, "accompany": Accompany}
+CLIENT_MESSAGES = (p.Start, p.Params, p.Ping, p.ClientMidi, p.Trigger, p.Stop)  # p.ClientMessage
 
 
 class LiveConnection:
@@ -58,6 +61,9 @@ class LiveConnection:
         self._acquired = False
         self._errors: deque[float] = deque()
         self._dropped_errors = 0
+        self._last_drop_log = -LOG_EVERY_S
+        self._last_failure_log = -LOG_EVERY_S
+        self._failures_unlogged = 0
 
     def now_ms(self) -> float:
         """The session clock (ms since `open`)."""
@@ -147,22 +153,42 @@ class LiveConnection:
                 return
             try:
                 message = json.loads(message)
+            except RecursionError:  # "[[[[..." under the size limit: the decoder's stack
+                self.error("bad_json", f"JSON nested too deeply: at most {MAX_JSON_DEPTH} levels")
+                return
             except ValueError as e:
                 self.error("bad_json", f"not JSON: {e}")
                 return
         if isinstance(message, dict):
             try:
                 message = p.client_adapter.validate_python(message)
-            except ValidationError as e:
-                self.error("bad_message", p.explain(e))
+            except (ValidationError, RecursionError) as e:
+                why = p.explain(e) if isinstance(e, ValidationError) else "nested too deeply"
+                self.error("bad_message", why)
                 return
+        elif not isinstance(message, CLIENT_MESSAGES):  # 1, null, [], "text": not a message
+            self.error(
+                "bad_message",
+                f"a frame is one JSON object with a 'type' (got {type(message).__name__})",
+            )
+            return
         try:
             await self._dispatch(message)
         except SessionLimit as e:
             self.error("internal", str(e))
         except Exception:
-            logger.exception("session %s: failed on %s", self.id, getattr(message, "type", "?"))
+            self._log_failure(getattr(message, "type", "?"))
             self.error("internal", "the server failed on this message; the session goes on")
+
+    def _log_failure(self, what: str) -> None:
+        """The traceback of a failed message, at most once every LOG_EVERY_S (a client
+        repeating a failing frame must not flood the log); the ones left out are counted."""
+        now = time.monotonic()
+        if now - self._last_failure_log < LOG_EVERY_S:
+            self._failures_unlogged += 1
+            return
+        self._last_failure_log, skipped, self._failures_unlogged = now, self._failures_unlogged, 0
+        logger.exception("session %s: failed on %s (%d more not logged)", self.id, what, skipped)
 
     async def _dispatch(self, m: Any) -> None:
         if isinstance(m, p.Ping):
@@ -202,7 +228,8 @@ class LiveConnection:
             self._errors.popleft()
         if len(self._errors) >= MAX_ERRORS_PER_S:
             self._dropped_errors += 1
-            if self._dropped_errors % 100 == 1:
+            if now - self._last_drop_log >= LOG_EVERY_S:
+                self._last_drop_log = now
                 logger.warning("session %s: bad frames dropped (%d)", self.id, self._dropped_errors)
             return
         self._errors.append(now)

@@ -2,6 +2,7 @@
 // the model (synth.js), watch the roll (roll.js). Protocol: docs/protocol.md (WebSocket /v1/live).
 import { Synth } from "./synth.js";
 import { Roll, COLORS } from "./roll.js";
+import { Recorder, download } from "./record.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -22,6 +23,7 @@ const state = {
 const localNow = () => performance.now();
 const serverNow = () => (state.offset === null ? 0 : localNow() + state.offset);
 const roll = new Roll($("roll"), serverNow);
+const rec = new Recorder(); // what was played and answered: "Save MIDI"
 
 // --- status ---------------------------------------------------------------------------------
 function setStatus(kind, text) {
@@ -33,14 +35,17 @@ function setStatus(kind, text) {
 // --- connection -----------------------------------------------------------------------------
 function wsUrl() {
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  return `${proto}//${location.host}/v1/live` + (TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "");
+  return `${proto}//${location.host}/v1/live`;
 }
+// The token travels as a subprotocol (a browser can set no header, and URLs end up in logs).
+const b64url = (s) => btoa(String.fromCharCode(...new TextEncoder().encode(s))).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+const wsProtocols = () => (TOKEN ? ["improv", "improv.bearer." + b64url(TOKEN)] : []);
 
 function connect() {
   clearTimeout(state.reconnectTimer);
   setStatus("connecting", state.retries ? `reconnecting… (attempt ${state.retries + 1})` : "connecting…");
   let ws;
-  try { ws = new WebSocket(wsUrl()); } catch (e) { return scheduleReconnect("cannot connect"); }
+  try { ws = new WebSocket(wsUrl(), wsProtocols()); } catch (e) { return scheduleReconnect("cannot connect"); }
   state.ws = ws;
   ws.onopen = async () => {
     state.samples = []; state.offset = null;
@@ -121,6 +126,9 @@ function onModelMidi(m) {
   const st = m.data[0] & 0xf0, ch = m.data[0] & 0x0f;
   if (st === 0x90 && m.data[2] > 0) roll.noteOn("model", ch, m.data[1], m.data[2], m.time, m.part);
   else if (st === 0x80 || st === 0x90) roll.noteOff("model", ch, m.data[1], m.time);
+  if (st === 0x90 && m.data[2] > 0) rec.on("model", ch, m.data[1], m.data[2], m.time);
+  else if (st === 0x80 || st === 0x90) rec.off("model", ch, m.data[1], m.time);
+  else if (st === 0xc0) rec.program(ch, m.data[1], m.time);
   let i = state.queue.length;
   while (i > 0 && state.queue[i - 1].time > ev.time) i--;
   state.queue.splice(i, 0, ev);
@@ -133,6 +141,7 @@ function onRetract(after) {
   for (const d of state.dispatched) if (d.time > after && d.voice) d.voice.stop(synth.now(), true);
   state.dispatched = state.dispatched.filter((d) => d.time <= after);
   roll.retract(after);
+  rec.retract(after);
 }
 
 function audioTimeOf(sessionMs) {
@@ -159,6 +168,7 @@ function silenceModel() {
   state.queue = []; state.dispatched = [];
   for (let ch = 0; ch < 16; ch++) if (ch !== 15) synth.allOff(ch);
   roll.closeAll("model", serverNow());
+  rec.cut("model", serverNow());
 }
 
 // --- the player ------------------------------------------------------------------------------
@@ -170,6 +180,7 @@ function playerOn(note, vel = 96, from = "kb") {
   synth.noteOn(15, note, vel);
   const t = serverNow();
   roll.noteOn("player", 0, note, vel, t);
+  rec.on("player", 15, note, vel, t);
   send({ type: "midi", data: [0x90, note, vel], time: state.offset === null ? undefined : Math.max(0, t) });
   keyEl(note)?.classList.add("down");
 }
@@ -179,6 +190,7 @@ function playerOff(note, from = "kb") {
   synth.noteOff(15, note);
   const t = serverNow();
   roll.noteOff("player", 0, note, t);
+  rec.off("player", 15, note, t);
   send({ type: "midi", data: [0x80, note, 0], time: state.offset === null ? undefined : Math.max(0, t) });
   if (![...state.held.keys()].some((k) => k.endsWith(":" + note))) keyEl(note)?.classList.remove("down");
 }
@@ -313,6 +325,11 @@ const sendParams = (() => {
 for (const x of ["counter", "harmony", "bass", "drums"]) $("p-" + x).onchange = () => sendParams({ parts: startParams().parts, programs: startParams().programs });
 $("trigger").onclick = () => { synth.ensure(); send({ type: "trigger" }); };
 $("panic").onclick = panic;
+$("save").onclick = () => {
+  if (!rec.length) return flash("nothing played yet: play something first");
+  const stamp = new Date().toISOString().slice(0, 16).replace(/[-:]/g, "").replace("T", "-");
+  download(rec.toMidi(serverNow()), `improv-${stamp}.mid`);
+};
 $("volume").oninput = () => synth.setVolume(+$("volume").value);
 function panic() { releaseAll(); synth.allOff(); state.queue = []; state.dispatched = []; }
 

@@ -163,3 +163,35 @@ def test_render_writes_a_png(tmp_path, song):
     out = tmp_path / "roll.png"
     assert main(["render", str(song), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _improv(args, cwd):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "improv"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return r, time.monotonic() - t0
+
+
+def test_generate_with_the_bundled_model_from_another_directory(tmp_path):
+    """#22 item 7: "no checkpoint at models/default" outside the repository root, no more."""
+    r, _ = _improv(["generate", "-o", "out.mid", "--seconds", "1", "--seed", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out.mid").stat().st_size > 20
+
+
+def test_arguments_are_checked_before_the_model_loads(tmp_path, song):
+    for args, needle in (
+        (["accompany", str(song), "--parts", "tuba", "-o", "x.mid"], "--parts must be among"),
+        (["generate", "--temperature", "9", "-o", "x.mid"], "--temperature must be in"),
+        (["infill", str(song), "--start", "3", "--end", "2", "-o", "x.mid"], "--start < --end"),
+    ):
+        r, took = _improv(args, tmp_path)
+        assert r.returncode != 0 and needle in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and took < 20  # the model takes ~7 s to load

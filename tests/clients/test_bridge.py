@@ -174,3 +174,27 @@ def test_bridge_virtual_on_jack_sigterm(server, runtime):
         rec.close()
         assert ons > 0 and ons == offs, (ons, offs, out[-2000:])
         assert "session stopped (stop)" in out, out[-2000:]
+
+
+def test_bridge_without_a_midi_system_is_one_line_and_exit_2(tmp_path):
+    """#22 item 11: no JACK server (and no ALSA): what is missing and how to get it, no
+    traceback."""
+    import os
+    from pathlib import Path
+
+    env = {
+        **os.environ,
+        "MIDO_BACKEND": "mido.backends.rtmidi/UNIX_JACK",
+        "JACK_DEFAULT_SERVER": "no-such-jack",
+    }
+    exe = Path(sys.executable).parent / "improv"
+    for ports in (["--in", "x", "--out", "y"], ["--virtual"]):
+        r = subprocess.run(
+            [str(exe), "bridge", "ws://127.0.0.1:9", *ports],
+            env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln]
+        assert len(errors) == 1 and "MIDI is unavailable here" in errors[0], r.stderr
+        assert "JACK" in errors[0] and "ALSA" in errors[0]

@@ -26,6 +26,8 @@ from improv.server.cli import graceful_server
 from improv.server.runtime import Runtime
 from improv.server.settings import Settings
 
+from midi_factory import sounding
+
 
 def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """Random tiny model; larger-than-init weights so the samples are varied (as the engine
@@ -175,15 +177,7 @@ class Player:
 
     def sounding(self) -> set[tuple[int, int]]:
         """Play the queue in time order (ties: arrival order): what is left sounding."""
-        ring: dict[tuple[int, int], int] = {}
-        for m in sorted(self.queue, key=lambda m: m["time"]):  # stable: arrival order on ties
-            st, *rest = m["data"]
-            key = (st & 0x0F, rest[0] if rest else -1)
-            if st & 0xF0 == 0x90 and rest[1] > 0:
-                ring[key] = ring.get(key, 0) + 1
-            elif st & 0xF0 in (0x80, 0x90):
-                ring[key] = max(0, ring.get(key, 0) - 1)
-        return {k for k, v in ring.items() if v}
+        return sounding(self.queue)
 
     def close(self) -> None:
         self.ws.close()

@@ -113,3 +113,88 @@ def test_page_plays_with_the_model_and_shows_disconnects(browser, server, tmp_pa
     assert "unreachable" in page.locator("#status").inner_text()
     assert not errors, errors
     page.close()
+
+
+WIDEST_OPTION_CUT = """() => {
+  const cut = [];
+  for (const sel of document.querySelectorAll('select[data-program]')) {
+    if (sel.offsetParent === null) continue;  // in the other mode's controls
+    const cs = getComputedStyle(sel), span = document.createElement('span');
+    span.style.cssText = 'position:absolute;white-space:pre;visibility:hidden';
+    span.style.font = cs.font;
+    document.body.appendChild(span);
+    let widest = 0;
+    for (const o of sel.options) { span.textContent = o.text; widest = Math.max(widest, span.getBoundingClientRect().width); }
+    span.remove();
+    const room = sel.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight) - 16;
+    if (widest > room) cut.push([sel.dataset.program, Math.round(widest), Math.round(room)]);
+  }
+  return cut;
+}"""
+
+
+def test_menus_read_whole_and_the_session_saves_as_midi(browser, server, tmp_path):
+    """#22 item 12: the instrument menus' text is not cut off; "Save MIDI" writes what was
+    played and what the model answered, both parts, every note ended."""
+    import io
+
+    import mido
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("window.improv && window.improv.state().started", timeout=15_000)
+    page.wait_for_function(
+        "document.querySelector('select[data-program=lead]').options.length === 128"
+    )
+    assert page.evaluate(WIDEST_OPTION_CUT) == []
+    page.click('#mode button[data-mode="accompany"]')
+    page.check("#p-counter")
+    page.check("#p-bass")
+    page.wait_for_function("window.improv.state().mode === 'accompany'")
+    assert page.evaluate(WIDEST_OPTION_CUT) == []
+    page.click('#mode button[data-mode="respond"]')
+    page.wait_for_function("window.improv.state().mode === 'respond'")
+    page.evaluate(
+        "document.getElementById('gap').value = 150; document.getElementById('gap').oninput();"
+        "document.getElementById('length').value = 2; document.getElementById('length').oninput()"
+    )
+    page.wait_for_timeout(300)
+    model = "window.improv.rollNotes().some(n => n.source === 'model')"
+    for _ in range(5):
+        for key in ("a", "d", "g", "k"):  # C E G C
+            page.keyboard.down(key)
+            page.wait_for_timeout(90)
+            page.keyboard.up(key)
+        page.wait_for_timeout(1500)
+        if page.evaluate(model):
+            break
+    page.wait_for_function(model, timeout=15_000)
+    page.wait_for_timeout(2500)  # the answer plays out
+    with page.expect_download() as info:
+        page.click("#save")
+    path = tmp_path / "session.mid"
+    info.value.save_as(path)
+    mf = mido.MidiFile(file=io.BytesIO(path.read_bytes()))
+    names = [t.name for t in mf.tracks]
+    assert "you (melody)" in names and any(n.startswith("model ") for n in names), names
+    answered = 0
+    for track in mf.tracks:
+        on: set[tuple[int, int]] = set()
+        pitches = []
+        for m in track:
+            if m.type == "note_on" and m.velocity > 0:
+                assert (m.channel, m.note) not in on
+                on.add((m.channel, m.note))
+                pitches.append(m.note)
+            elif m.type in ("note_on", "note_off"):
+                on.discard((m.channel, m.note))
+        assert not on, f"{track.name}: notes left on"
+        if track.name == "you (melody)":
+            assert set(pitches) == {60, 64, 67, 72}
+        if track.name.startswith("model "):
+            answered += len(pitches)
+    assert answered > 0
+    assert not errors, errors
+    page.close()

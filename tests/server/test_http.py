@@ -11,7 +11,7 @@ import pytest
 
 from improv.engine.tokenizer import Tokenizer
 
-from midi_factory import midi_bytes, notes_track, simple_song
+from midi_factory import midi_bytes, mutate, notes_track, simple_song, track_from_events
 
 TOK = Tokenizer()
 
@@ -229,27 +229,6 @@ def test_midi_output_is_a_valid_file(server):
     assert ons == offs > 0
 
 
-def mutate(data: bytes, rng) -> bytes:
-    """A MIDI file damaged the ways files are: bytes flipped, cut short, spliced, lengths off."""
-    b = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        kind = rng.random()
-        if kind < 0.4 and b:  # flip a few bytes
-            for _ in range(rng.randint(1, 8)):
-                b[rng.randrange(len(b))] = rng.randrange(256)
-        elif kind < 0.6:  # cut short
-            del b[rng.randrange(len(b) + 1) :]
-        elif kind < 0.8 and b:  # a run of junk in the middle
-            i = rng.randrange(len(b))
-            b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
-        else:  # a chunk length wrong (header or track)
-            for tag in (b"MThd", b"MTrk"):
-                i = b.find(tag)
-                if i >= 0 and i + 8 <= len(b):
-                    b[i + 4 : i + 8] = rng.randrange(1 << 32).to_bytes(4, "big")
-    return bytes(b)
-
-
 def test_damaged_files_and_odd_fields_are_never_a_500(server):
     """Seeded fuzz: every endpoint, damaged files and odd (valid or not) form fields. A 200 or
     a 4xx with a reason each time, never a 5xx, and the server keeps serving."""
@@ -282,3 +261,62 @@ def test_damaged_files_and_odd_fields_are_never_a_500(server):
             assert r.json()["detail"], r.text
     assert 200 in statuses and any(400 <= s < 500 for s in statuses)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_the_answer_says_how_much_was_generated_and_why(server, monkeypatch):
+    """#22 item 9: 120 s asked, 93 s returned, silently. The answer says what was generated (a
+    header and a JSON field): all of it, or less and why (here: a token cap made tiny)."""
+    from improv.engine import generation
+
+    song = simple_song(2.0)
+    r = post(
+        server, "/v1/continue", song, {"seconds": "3", "seed": "1"}, {"Accept": "application/json"}
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Improv-Stop-Reason"] == "complete" == r.json()["stop_reason"]
+    assert float(r.headers["X-Improv-Generated-Seconds"]) == r.json()["generated_seconds"] == 3.0
+    monkeypatch.setattr(generation, "MAX_TOKENS_PER_SECOND", 0)  # the cap: 256 tokens
+    r = post(server, "/v1/continue", song, {"seconds": "60", "seed": "1"})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Improv-Stop-Reason"].startswith("max_tokens")
+    assert float(r.headers["X-Improv-Generated-Seconds"]) < 60
+    r = post(server, "/v1/continue", song, {"seconds": "60", "seed": "1", "stream": "true"})
+    done = json.loads(r.text.splitlines()[-1])
+    assert done["stop_reason"].startswith("max_tokens") and done["generated_seconds"] < 60
+
+
+def test_accompaniment_midi_has_no_overlapping_notes_of_one_key(server):
+    """#22 item 10: a melody's key struck again while the pedal holds it, and the model's own
+    notes: in the MIDI we send, no key sounds twice at once on a channel."""
+    events = []
+    for i in range(16):  # C and E struck over and over under one long pedal
+        t = i * 240
+        events += [(t, mido.Message("note_on", note=60 + 4 * (i % 2), velocity=90))]
+        events += [(t + 100, mido.Message("note_off", note=60 + 4 * (i % 2), velocity=0))]
+    events += [(0, mido.Message("control_change", control=64, value=127))]
+    events += [(16 * 240, mido.Message("control_change", control=64, value=0))]
+    melody = midi_bytes([track_from_events("MELODY", events)])
+    for seed in ("1", "2"):
+        r = post(server, "/v1/accompany", melody, {"seed": seed, "parts": "harmony,bass"})
+        assert r.status_code == 200, r.text
+        mf = mido.MidiFile(file=io.BytesIO(r.content))
+        for track in mf.tracks:
+            sounding: set[tuple[int, int]] = set()
+            for m in track:
+                if m.type == "note_on" and m.velocity > 0:
+                    key = (m.channel, m.note)
+                    assert key not in sounding, f"{track.name}: key {m.note} struck while sounding"
+                    sounding.add(key)
+                elif m.type in ("note_on", "note_off"):
+                    sounding.discard((m.channel, m.note))
+            assert not sounding
+
+
+@pytest.mark.parametrize("path", ["/v1/continue", "/v1/infill", "/v1/accompany"])
+@pytest.mark.parametrize("body", [b"not midi at all", b"MThd\x00\x00\x00\x06\x00\x01", b"MThd"])
+def test_error_texts_do_not_repeat_themselves(server, path, body):
+    """#22 item 12: "not a readable MIDI file: not a readable MIDI file ..." no more."""
+    r = post(server, path, body, {"start": "0", "end": "1"})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.count("readable") <= 1 and detail.lower().count("midi") <= 2, detail

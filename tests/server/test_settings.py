@@ -54,3 +54,52 @@ def test_context_tokens_sizes_every_session_and_is_checked(tiny_ckpt):
         assert rt.scheduler.max_len == 300 and rt.scheduler.keep_len == 150
     finally:
         rt.close()
+
+
+# --- `improv serve` checks its arguments before the model loads (#22 items 5, 7, 8, 11) ---------
+NO_MIDI = {"MIDO_BACKEND": "mido.backends.rtmidi/UNIX_JACK", "JACK_DEFAULT_SERVER": "no-such-jack"}
+
+
+def improv(args: list[str], cwd, env: dict[str, str] | None = None, timeout: float = 60):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "improv"
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [str(exe), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return r, time.monotonic() - t0
+
+
+def test_serve_from_another_directory_finds_the_model_and_says_midi_is_missing(tmp_path):
+    """From a folder with no models/: the bundled model is found (no "no checkpoint"), and
+    --midi-virtual without ALSA or JACK is one line and exit 2, before the model loads."""
+    r, took = improv(["serve", "--midi-virtual", "--port", "1"], tmp_path, NO_MIDI)
+    assert r.returncode == 2, r.stderr
+    assert "no checkpoint" not in r.stderr
+    assert "MIDI is unavailable here" in r.stderr and "JACK" in r.stderr and "ALSA" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if "ERROR" in ln] and took < 30
+
+
+def test_serve_refuses_an_empty_token_at_once(tmp_path):
+    r, took = improv(["serve", "--token", ""], tmp_path)
+    assert r.returncode == 2 and "must not be empty" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and took < 30
+
+
+def test_max_generations_flag():
+    from improv.server.cli import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--max-generations", "2"])
+    s = settings_from_args(args)
+    assert s.http_sessions == 2 and s.generation_queue == 16 and s.generation_wait_s == 30
