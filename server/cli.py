@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "torch", "onnx", "onnx-int8"],
         help="decode backend (default auto: onnx-int8 on the CPU, torch on CUDA)",
     )
-    parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
+    parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 32)")
+    parser.add_argument(
+        "--decode-workers",
+        type=int,
+        help="scheduler threads decoding at once (default: one per core, >= 8 sessions each)",
+    )
     parser.add_argument(
         "--context-tokens",
         type=int,
@@ -84,6 +89,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "device": args.device,
             "backend": args.backend,
             "max_sessions": args.max_sessions,
+            "decode_workers": getattr(args, "decode_workers", None),
             "context_tokens": args.context_tokens,
             "token": args.token,
             "threads": args.threads,

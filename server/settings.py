@@ -25,8 +25,16 @@ class Settings(BaseSettings):
     # GIL switch interval: how long the event loop (sending, receiving) may wait for the
     # scheduler thread's Python code, and the other way round (Python's default is 5 ms).
     switch_interval_ms: float = Field(0.5, gt=0, le=100)
-    max_sessions: int = Field(16, ge=1, le=256)  # live WebSocket sessions at once
+    max_sessions: int = Field(32, ge=1, le=256)  # live WebSocket sessions at once
     http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (503 beyond)
+    # Decode workers: scheduler threads, each batching its own sessions (None: one per core,
+    # at least 8 sessions each; docs/engine-live.md, "Decode workers").
+    decode_workers: int | None = Field(None, ge=1, le=64)
+    # Tokens a decode step gives HTTP generations while live sessions play (live ones first).
+    http_step_tokens: int = Field(16, ge=1, le=4096)
+    # A rejected note (another part's) drawn again masked after one rejection (engine policy;
+    # off: the measured figures and open question in docs/engine-live.md, "Fewer wasted steps").
+    note_share: bool = False
     # Context each session keeps (None: the model's). Attention over it is most of a batched
     # step at long contexts (BENCHMARKS.md, engine): fewer tokens serve more live sessions in
     # real time, each hearing less of the past. Sessions slide at it (to half of it).
