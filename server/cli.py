@@ -141,12 +141,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def graceful_server(config: Any) -> Any:
-    """A uvicorn.Server whose shutdown first ends every live session (note-offs and `stopped`
-    sent) before uvicorn closes the sockets: stopping the server never leaves a note sounding."""
+    """A uvicorn.Server whose shutdown (SIGTERM, SIGINT) first stops listening, then ends every
+    live session (note-offs and `stopped` sent), then lets uvicorn close the rest: stopping the
+    server never leaves a note sounding, and behind a balancer new sessions go to another
+    replica at once (its health check and connections are refused here; docs/deploy.md)."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:  # no new connections (uvicorn closes them again: fine)
+                server.close()
             rt = getattr(config.app.state, "runtime", None)
             if rt is not None:
                 await rt.close_connections("shutdown")
