@@ -6,7 +6,8 @@ note (VEL too) and the row draws again. Masking it instead would turn the note t
 note. Bounded: after MAX_NOTE_RETRIES, the mask. Greedy rows keep the mask (a retry would draw
 the same note again).
 
-With `Scheduler(note_share=True)` (off by default: docs/engine-live.md, "Fewer wasted steps"),
+With `Scheduler(note_share=True)` (off by default: a trained model's velocity depends on the
+part, docs/engine-live.md, "Fewer wasted steps"),
 one rejection is enough to mask the rest at a place no wait leads to (a note drawn at the time
 of another event, a player's or its own): the rejected ON's draw gives the share of its
 distribution the constraints allow (`share`, assumed the same whatever the velocity), so the
