@@ -451,9 +451,11 @@ class Scheduler:
         waiting = [s for s in states if s.batch and (s.req is not None or s.pending())]
         for s in sorted(waiting, key=lambda s: s.served_step):  # least recently served first
             need = s.pending() or 1
-            give = min(need, left, self.prefill_chunk)
+            give = min(need, max(left, 0), self.prefill_chunk)
             if need <= self.max_batch_pad and give < need:
-                give = 0  # a decode row goes whole (a partial one would be a prefill)
+                # A decode row goes whole (a partial one would be a prefill); the first in line
+                # always does, over the budget if it must, so that none waits forever.
+                give = need if left == self.batch_tokens else 0
             caps[s.id] = give
             left -= give
             if give:

@@ -887,3 +887,22 @@ def test_note_share_draws_a_rejected_note_again_masked(engine, monkeypatch):
     for a, b in zip(shared, shared[1:], strict=False):
         if V.vel_base <= a.token < V.on_base:
             assert V.on_base <= b.token < V.off_base and b.position == a.position + 1
+
+
+def test_a_batch_row_over_the_budget_still_gets_its_turn(engine):
+    """A budget smaller than a batch row's pending tokens: the first in line goes anyway (over
+    the budget), so no batch session waits forever behind live ones."""
+    sched = Scheduler(engine, max_sessions=2, batch_tokens=1)
+    batch = sched.open_session(make_prompt(2), sampling=SEEDED, priority="batch")
+    live = sched.open_session(make_prompt(2), sampling=SEEDED)
+    live.generate(max_tokens=200)
+    for _ in range(3):
+        sched.step()
+    batch.append([V.shift(5), V.shift(7)])  # two tokens to feed: more than the budget
+    batch.generate(max_tokens=5)
+    for _ in range(40):
+        sched.step()
+    assert len(tokens_of(drain(batch))) == 5
+    live.close()
+    batch.close()
+    sched.run_until_idle()
