@@ -71,3 +71,32 @@ def test_extra_metrics_hook_and_format(runtime):
     assert "# TYPE improv_tokens_total counter" in text
     for line in text.splitlines():  # name value, or a comment
         assert line.startswith("# ") or len(line.split(" ")) == 2
+
+
+def test_two_decode_workers_serve_live_and_http_together(tiny_ckpt, server_factory, make_player):
+    """The server with two decode workers: live sessions land on both, an HTTP generation runs
+    beside them, and every session ends with its notes ended."""
+    start_server, make_runtime = server_factory
+    rt = make_runtime(tiny_ckpt, max_sessions=4, http_sessions=1, decode_workers=2)
+    srv = start_server(rt)
+    try:
+        assert len(rt.scheduler.workers) == 2
+        players = [make_player(srv.ws) for _ in range(4)]
+        for i, pl in enumerate(players):
+            pl.send({"type": "start", "mode": "accompany", "seed": i, "lookahead_ms": 50})
+            assert pl.until(lambda m: m["type"] == "started") is not None
+            pl.note(60 + i, True)
+        assert [w.n_open for w in rt.scheduler.workers] == [2, 2]
+        files = {"file": ("x.mid", simple_song(2.0), "audio/midi")}
+        r = httpx.post(srv.url + "/v1/continue", files=files, data={"seconds": "1", "seed": "1"})
+        assert r.status_code == 200, r.text
+        for pl in players:
+            assert pl.until(lambda m: m["type"] == "midi", timeout=10) is not None
+            pl.send({"type": "stop"})
+            assert pl.until(lambda m: m["type"] == "stopped") is not None
+            pl.drain(5)
+            assert not pl.sounding()
+        assert scrape(srv.url)["improv_decode_workers"] == 2
+    finally:
+        srv.stop()
+        rt.close()
