@@ -76,6 +76,8 @@ def scheduler_figures(a: dict, b: dict, seconds: float) -> dict:
     return {
         "tokens_s": d["improv_tokens_total"] / seconds,
         "forwards_step": d["improv_forwards_total"] / steps,
+        "prefill_forwards_step": d.get("improv_prefill_forwards_total", 0.0) / steps,
+        "shadow_forwards_step": d.get("improv_shadow_forwards_total", 0.0) / steps,
         "rejected_min": d["improv_notes_rejected_total"] * 60 / seconds,
         "backoffs_min": d["improv_backoffs_total"] * 60 / seconds,
         "busy_pct": 100 * d["improv_busy_seconds_total"] / seconds,

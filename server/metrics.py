@@ -90,6 +90,18 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
         ("improv_steps_total", "counter", "Decode steps run.", rt.scheduler.steps),
         ("improv_forwards_total", "counter", "Decoder calls (one or more a step).", st["forwards"]),
         (
+            "improv_prefill_forwards_total",
+            "counter",
+            "Of the decoder calls, long appends' chunks (prompts, slides).",
+            st["prefill_forwards"],
+        ),
+        (
+            "improv_shadow_forwards_total",
+            "counter",
+            "Of the decoder calls, chunks of a context slide prefilled ahead.",
+            st["shadow_forwards"],
+        ),
+        (
             "improv_notes_rejected_total",
             "counter",
             "Sampled notes the constraints rejected (drawn again).",

@@ -166,6 +166,8 @@ class Scheduler:
             "notes_rejected": 0,
             "backoffs": 0,
             "forwards": 0,  # decoder calls (a step runs one per contiguous run of slots)
+            "prefill_forwards": 0,  # of those, a long append's chunk alone (prompts, slides)
+            "shadow_forwards": 0,  # of those, a chunk of the shadow slot's prefill
             "batch_tokens": 0,  # of `tokens`, sampled for batch-priority sessions
             "batch_deferred": 0,  # batch sessions' turns left to a later step (live ones busy)
             "slides": 0,  # slid contexts swapped in from the shadow slot
@@ -345,6 +347,7 @@ class Scheduler:
         shadow, swapped = self.slider.step(states, any(s.req is not None for s in states))
         self.stats["slides"] += swapped
         n_forwards += shadow
+        self.stats["shadow_forwards"] += shadow
         self.stats["forwards"] += n_forwards
         self.stats["forward_s"] += time.perf_counter() - t0
         rows = [s for s in states if s.req is not None and s.id in logits]
@@ -502,6 +505,7 @@ class Scheduler:
                 logits = self.decoder.extend([s.slot], [chunk])  # (1, V)
                 s.fed(len(chunk))
                 n, prefilled = n + 1, True
+                self.stats["prefill_forwards"] += 1
                 if s.pending() == 0:
                     out[s.id] = s.keep_logits(logits[0])
         return out, n, prefilled
