@@ -233,6 +233,7 @@ async def replica_session(url: str, song, seed: int, seconds: float) -> dict:
         "stopped": stopped["reason"] if stopped else None,
         "sent": stopped["events_sent"] if stopped else len(c.midi),
         "late": stopped["late_events"] if stopped else 0,
+        "jitter_p99": stopped.get("jitter_p99_ms") if stopped else None,
         "stuck": sounding_left(c),
     }
 
@@ -246,6 +247,7 @@ async def replicas_run(url: str, ports: dict[str, int], n: int, seconds: float, 
         procs["r1"].send_signal(signal.SIGTERM)
     res = await asyncio.gather(*tasks)
     by = {name: [r for r in res if r["replica"] == name] for name in ports}
+    j = [r["jitter_p99"] for r in res if r["jitter_p99"] is not None]
     sent = sum(r["sent"] for r in res)
     return {
         "sessions": n,
@@ -254,6 +256,8 @@ async def replicas_run(url: str, ports: dict[str, int], n: int, seconds: float, 
         "per_session_s": sent / max(1, n) / seconds,
         "stopped": {name: sorted({str(r["stopped"]) for r in v}) for name, v in by.items()},
         "stuck_notes": sum(r["stuck"] for r in res),
+        "jitter_server_p99_max": max(j, default=None),
+        "jitter_server_p99_median": float(np.median(j)) if j else None,
     }
 
 

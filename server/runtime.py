@@ -163,6 +163,7 @@ class Runtime:
             max_len=settings.context_tokens,
             batch_tokens=settings.http_step_tokens,
             note_share=settings.note_share,
+            nice=settings.decode_nice,
         )
         self._warm_up()
         self.scheduler.start()

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # A rejected note (another part's) drawn again masked after one rejection (engine policy;
     # off: the measured figures and open question in docs/engine-live.md, "Fewer wasted steps").
     note_share: bool = False
+    # Nice value added to the decode workers' threads: they yield a core to the event loop and
+    # the send clock when those wake (docs/engine-live.md, "Decode workers").
+    decode_nice: int = Field(5, ge=0, le=19)
     # Context each session keeps (None: the model's). Attention over it is most of a batched
     # step at long contexts (BENCHMARKS.md, engine): fewer tokens serve more live sessions in
     # real time, each hearing less of the past. Sessions slide at it (to half of it).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import threading
 import time
@@ -116,17 +117,21 @@ class Scheduler:
         name: str = "improv-scheduler",
         ids: Iterator[int] | None = None,
         note_share: bool = False,
+        nice: int = 0,
     ) -> None:
         """batch_tokens: tokens fed per step to batch-priority sessions while a live one is busy
         (each batch row's token counts one, a prefill chunk its length). note_share: a note the
         constraints reject, where no wait leads to it, is drawn again masked, its VELs scaled
         by the share of the rejected ON's draw the constraints allowed (`policy`; one rejection
-        instead of up to MAX_NOTE_RETRIES)."""
+        instead of up to MAX_NOTE_RETRIES). nice: added to the scheduler thread's nice value
+        (lower CPU priority), so that on a machine whose cores it keeps busy, the threads that
+        send on time still get a core when they wake."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.batch_tokens, self.name, self.note_share = batch_tokens, name, note_share
+        self.nice = nice
         self.vocab: Vocab = engine.vocab
         # Two spare slots: the scratch space for swapping two sessions' slots, and the shadow,
         # where a session's slid context is prefilled while it plays on.
@@ -218,6 +223,11 @@ class Scheduler:
         self.stop()
 
     def _loop(self) -> None:
+        if self.nice:  # this thread only (Linux): the event loop and the send clock preempt it
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except (AttributeError, OSError):  # not Linux, or not allowed
+                logger.warning("could not lower the priority of %s", self.name)
         last_t, last = time.monotonic(), dict(self.stats, steps=self.steps)
         while not self._stop.is_set():
             if (now := time.monotonic()) - last_t >= REPORT_EVERY_S and self.steps > last["steps"]:

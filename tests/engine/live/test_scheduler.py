@@ -4,6 +4,7 @@ cancel, close, context overflow, the background thread. Random-weight tiny model
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -906,3 +907,15 @@ def test_a_batch_row_over_the_budget_still_gets_its_turn(engine):
     live.close()
     batch.close()
     sched.run_until_idle()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux's")
+def test_a_niced_scheduler_thread_lowers_its_own_priority_only(engine):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with Scheduler(engine, max_sessions=1, nice=3) as sched:
+        deadline = time.monotonic() + 5
+        tid = sched._thread.native_id
+        while os.getpriority(os.PRIO_PROCESS, tid) == base and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(base + 3, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling thread is untouched
