@@ -225,7 +225,10 @@ class Scheduler:
     def _loop(self) -> None:
         if self.nice:  # this thread only (Linux): the event loop and the send clock preempt it
             try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+                tid = threading.get_native_id()  # (setpriority sets, not adds)
+                os.setpriority(
+                    os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + self.nice, 19)
+                )
             except (AttributeError, OSError):  # not Linux, or not allowed
                 logger.warning("could not lower the priority of %s", self.name)
         last_t, last = time.monotonic(), dict(self.stats, steps=self.steps)
