@@ -56,14 +56,26 @@ def free_port() -> int:
 
 
 def start_server(
-    ckpt: Path, port: int, max_sessions: int, log: Path, *extra: str, verbose: bool = False
+    ckpt: Path,
+    port: int,
+    max_sessions: int | None,
+    log: Path,
+    *extra: str,
+    verbose: bool = False,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "improv.cli", *(["-v"] if verbose else []), "serve"]
-    cmd += ["--checkpoint", str(ckpt)]
-    cmd += ["--port", str(port), "--max-sessions", str(max_sessions), "--device", "cpu", *extra]
+    """`improv serve` in a subprocess (max_sessions None: the server's default; python: another
+    checkout's interpreter, to run its code side by side; env: added IMPROV_* settings)."""
+    cmd = [python, "-m", "improv.cli", *(["-v"] if verbose else []), "serve"]
+    cmd += ["--checkpoint", str(ckpt), "--port", str(port), "--device", "cpu", *extra]
+    if max_sessions is not None:
+        cmd += ["--max-sessions", str(max_sessions)]
     # Its log goes to a file: a pipe nobody reads fills up and then blocks the server.
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -268,7 +280,8 @@ async def play(url: str, song: list[tuple[float, list[int]]], seed: int, horizon
     late_client = sum(1 for t, m in c.midi if t > m["time"] + 1.0)
     return {"sent": st["events_sent"], "late": st["late_events"], "retracts": st["retracts"],
             "late_client": late_client, "received": len(c.midi),
-            "lag_pushes": st.get("lag_pushes", 0), "lag_ms": st.get("lag_ms", 0.0)}  # fmt: skip
+            "lag_pushes": st.get("lag_pushes", 0), "lag_ms": st.get("lag_ms", 0.0),
+            "server_jitter_p99": st.get("jitter_p99_ms")}  # fmt: skip
 
 
 async def bench_concurrent(url: str, n: int, seconds: float, horizon_ms: int) -> dict:

@@ -94,7 +94,7 @@ def main() -> None:
 
     out = args.out or args.checkpoint
     engine = Engine.load(str(args.checkpoint), device="cpu")
-    rt = SchedulerSessions(engine, max_sessions=args.songs)
+    rt = SchedulerSessions(engine, max_sessions=2 * args.songs)  # closes lag a step
     rt.scheduler.start()  # stopped below
     tok = rt.tokenizer
     v = tok.vocab

@@ -38,6 +38,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
                 rt.close()
 
     from .http import api, public, ws_router
+    from .metrics import router as metrics_router
 
     app = FastAPI(
         title="improv",
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app.state.settings = settings
     app.add_middleware(IntakeLimit)  # a few generation requests read and planned at once
     app.include_router(public)
+    app.include_router(metrics_router)
     app.include_router(api)
     app.include_router(ws_router)
     _mount_page(app)

@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "torch", "onnx", "onnx-int8"],
         help="decode backend (default auto: onnx-int8 on the CPU, torch on CUDA)",
     )
-    parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 16)")
+    parser.add_argument("--max-sessions", type=int, help="live sessions at once (default 32)")
+    parser.add_argument(
+        "--decode-workers",
+        type=int,
+        help="scheduler threads decoding at once (default: one per core, >= 8 sessions each)",
+    )
     parser.add_argument(
         "--max-generations",
         type=int,
@@ -100,6 +105,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "device": args.device,
             "backend": args.backend,
             "max_sessions": args.max_sessions,
+            "decode_workers": getattr(args, "decode_workers", None),
             "context_tokens": args.context_tokens,
             "token": args.token,
             "threads": args.threads,
@@ -163,12 +169,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def graceful_server(config: Any) -> Any:
-    """A uvicorn.Server whose shutdown first ends every live session (note-offs and `stopped`
-    sent) before uvicorn closes the sockets: stopping the server never leaves a note sounding."""
+    """A uvicorn.Server whose shutdown (SIGTERM, SIGINT) first stops listening, then ends every
+    live session (note-offs and `stopped` sent), then lets uvicorn close the rest: stopping the
+    server never leaves a note sounding, and behind a balancer new sessions go to another
+    replica at once (its health check and connections are refused here; docs/deploy.md)."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
+            for server in self.servers:  # no new connections (uvicorn closes them again: fine)
+                server.close()
             rt = getattr(config.app.state, "runtime", None)
             if rt is not None:
                 await rt.close_connections("shutdown")

@@ -1,4 +1,4 @@
-"""What the server holds for its whole life: the engine, the one scheduler, the open sessions.
+"""What the server holds for its whole life: the engine, the decode workers, the open sessions.
 
 Created in the app's lifespan (`app.state.runtime`) or directly by an in-process driver (MIDI
 ports, tests): `Runtime.load(settings)` ... `runtime.close()`.
@@ -12,13 +12,16 @@ import gc
 import heapq
 import itertools
 import logging
+import math
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from improv.engine.live import SamplingParams, Scheduler, SchedulerFull
+from improv.engine.live import SamplingParams, SchedulerFull
+from improv.engine.live.pool import SchedulerPool, auto_workers
+from improv.engine.live.scheduler import Priority
 
 from .settings import Settings
 
@@ -115,6 +118,32 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+class Connections(set["LiveConnection"]):
+    """The live connections open, and the counters of those closed since the start (`/metrics`:
+    a connection's `LiveStats` are added up when it leaves)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = [0, 0, 0]  # events sent, late events, retracts
+
+    def discard(self, conn: LiveConnection) -> None:
+        if conn in self:
+            st = conn.stats
+            for i, n in enumerate((st.events_sent, st.late_events, st.retracts)):
+                self._closed[i] += n
+        super().discard(conn)
+
+    def totals(self) -> tuple[int, int, int]:
+        """(events sent, late events, retracts) over every connection, open or closed."""
+        out = list(self._closed)
+        for c in self:
+            st = c.stats
+            out[0] += st.events_sent
+            out[1] += st.late_events
+            out[2] += st.retracts
+        return out[0], out[1], out[2]
+
+
 class Runtime:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
@@ -122,12 +151,19 @@ class Runtime:
         self.tokenizer = engine.tokenizer
         self.vocab = engine.vocab
         self.max_sessions = settings.max_sessions
-        # One scheduler for everything: live sessions and offline HTTP generations share its
-        # batched forward; the extra slots are the HTTP ones, so HTTP never takes a live slot.
-        self.scheduler = Scheduler(
+        # Decode workers (one scheduler thread each; docs/engine-live.md, "Decode workers"):
+        # live sessions and offline HTTP generations share a worker's batched forward, live
+        # ones first. Each worker has room for its share of the live sessions and all the HTTP
+        # ones, so HTTP never takes a live slot; a session goes to the least loaded worker.
+        workers = settings.decode_workers or auto_workers(settings.max_sessions)
+        self.scheduler = SchedulerPool(
             engine,
-            max_sessions=settings.max_sessions + settings.http_sessions,
+            workers,
+            max_sessions=math.ceil(settings.max_sessions / workers) + settings.http_sessions,
             max_len=settings.context_tokens,
+            batch_tokens=settings.http_step_tokens,
+            note_share=settings.note_share,
+            nice=settings.decode_nice,
         )
         self._warm_up()
         self.scheduler.start()
@@ -135,20 +171,24 @@ class Runtime:
         self._lock = threading.Lock()
         self._live = 0
         self._http = 0
-        self.connections: set[LiveConnection] = set()
+        self.connections = Connections()
+        # More `/metrics` figures: name -> (type, help, fn) (server/metrics.py). The HTTP
+        # request queue registers its length here, e.g.
+        # rt.extra_metrics["improv_http_queue_length"] = ("gauge", "...", queue.qsize)
+        self.extra_metrics: dict[str, tuple[str, str, Callable[[], float]]] = {}
 
     def _warm_up(self) -> None:
         """A short generation before serving: the decoder's first runs (onnxruntime plans its
         memory per input shape) took ~50-100 ms, which the first player's first answer paid."""
-        v, sched = self.vocab, self.scheduler
-        s = sched.open_session([v.BOS, v.TASK_CONTINUE], sampling=SamplingParams(seed=0))
-        s.generate(max_tokens=8)
-        sched.run_until_idle()
-        s.close()
-        sched.run_until_idle()
-        for k in sched.stats:
-            sched.stats[k] = 0
-        sched.reset_timing()  # first runs are slow: not what the clock floor should expect
+        v = self.vocab
+        for sched in self.scheduler.workers:
+            s = sched.open_session([v.BOS, v.TASK_CONTINUE], sampling=SamplingParams(seed=0))
+            s.generate(max_tokens=8)
+            sched.run_until_idle()
+            s.close()
+            sched.run_until_idle()
+        self.scheduler.reset_stats()
+        self.scheduler.reset_timing()  # first runs are slow: not what the clock floor expects
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -173,7 +213,9 @@ class Runtime:
             engine.backend,
             engine.config,
         )
-        return cls(engine, settings)
+        rt = cls(engine, settings)
+        logger.info("%d decode worker(s)", len(rt.scheduler.workers))
+        return rt
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -203,6 +245,9 @@ class Runtime:
                 )
             self._http += 1
 
+    def http_running(self) -> int:
+        return self._http
+
     def release_http(self) -> None:
         with self._lock:
             self._http -= 1
@@ -215,6 +260,7 @@ class Runtime:
         on_event: EventCallback,
         allow_end: bool = False,
         wait_s: float = 1.0,
+        priority: Priority = "live",
     ) -> LiveSession:
         """An engine session; a slot freed by a close in the same breath is released at the
         scheduler's next step, so wait a little for it rather than failing."""
@@ -222,7 +268,7 @@ class Runtime:
         while True:
             try:
                 return self.scheduler.open_session(
-                    prompt, constraints, sampling, on_event, allow_end=allow_end
+                    prompt, constraints, sampling, on_event, allow_end=allow_end, priority=priority
                 )
             except SchedulerFull:
                 if asyncio.get_running_loop().time() > deadline:
@@ -247,11 +293,12 @@ class Runtime:
         on_event: EventCallback,
     ) -> AsyncIterator[LiveSession]:
         """An engine session for an offline job, in one of the HTTP slots (SessionLimit when
-        they are all taken); closed and its slot released on the way out."""
+        they are all taken), at batch priority (live sessions' tokens go first); closed and its
+        slot released on the way out."""
         self.acquire_http()
         s = None
         try:
-            s = await self.open_session(prompt, constraints, sampling, on_event)
+            s = await self.open_session(prompt, constraints, sampling, on_event, priority="batch")
             yield s
         finally:
             if s is not None:

@@ -25,12 +25,23 @@ class Settings(BaseSettings):
     # GIL switch interval: how long the event loop (sending, receiving) may wait for the
     # scheduler thread's Python code, and the other way round (Python's default is 5 ms).
     switch_interval_ms: float = Field(0.5, gt=0, le=100)
-    max_sessions: int = Field(16, ge=1, le=256)  # live WebSocket sessions at once
+    max_sessions: int = Field(32, ge=1, le=256)  # live WebSocket sessions at once
     http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (--max-generations)
     # Generations beyond those wait, at most this many and this long, then 503 with Retry-After.
     generation_queue: int = Field(16, ge=0, le=1024)
     generation_wait_s: float = Field(30.0, ge=0, le=600)
     max_upload_notes: int = Field(100_000, ge=1)  # notes in an uploaded file (memory per request)
+    # Decode workers: scheduler threads, each batching its own sessions (None: one per core,
+    # at least 8 sessions each; docs/engine-live.md, "Decode workers").
+    decode_workers: int | None = Field(None, ge=1, le=64)
+    # Tokens a decode step gives HTTP generations while live sessions play (live ones first).
+    http_step_tokens: int = Field(16, ge=1, le=4096)
+    # A rejected note (another part's) drawn again masked after one rejection (engine policy;
+    # off: the measured figures and open question in docs/engine-live.md, "Fewer wasted steps").
+    note_share: bool = False
+    # Nice value added to the decode workers' threads: they yield a core to the event loop and
+    # the send clock when those wake (docs/engine-live.md, "Decode workers").
+    decode_nice: int = Field(5, ge=0, le=19)
     # Context each session keeps (None: the model's). Attention over it is most of a batched
     # step at long contexts (BENCHMARKS.md, engine): fewer tokens serve more live sessions in
     # real time, each hearing less of the past. Sessions slide at it (to half of it).

@@ -8,6 +8,15 @@ tones) draws among its allowed notes. Masking it instead would turn the note the
 note. Bounded: after MAX_NOTE_RETRIES, the mask. Greedy rows keep the mask (a retry would draw
 the same note again).
 
+With `Scheduler(note_share=True)` (off by default: a trained model's velocity depends on the
+part, docs/engine-live.md, "Fewer wasted steps"),
+one rejection is enough to mask the rest at a place no wait leads to (a note drawn at the time
+of another event, a player's or its own): the rejected ON's draw gives the share of its
+distribution the constraints allow (`share`, assumed the same whatever the velocity), so the
+event is drawn again with the VELs' probability scaled by it and the ON after such a VEL is
+drawn from the allowed ONs only: one rejected draw instead of up to MAX_NOTE_RETRIES, each a
+step of that session's time.
+
 Right after a wait the model drew, a rejected event means the model waited *for* it: if it is
 another part's (a melody note or its end) or a note that sounds already, the wait is drawn
 again, longer (`SessionState.reject(back_off=True)`), up to MAX_BACKOFFS times at one place.
@@ -21,6 +30,7 @@ data (held by the session's state; a rollback clears the wait marks).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +43,7 @@ if TYPE_CHECKING:
 
 MAX_NOTE_RETRIES = 8  # draws of a note the constraints forbid, then the masked draw
 MAX_BACKOFFS = 8  # times a wait is drawn longer at one position, then the masked draw
+MIN_SHARE = 1e-6  # the smallest allowed share a redrawn note's VELs are scaled by
 
 
 @dataclass
@@ -46,11 +57,20 @@ class Marks:
     backoff: tuple[int, int] | None = None
     # (p, ticks, n): the draw at position p must wait at least `ticks` (its n-th back-off).
     min_wait: tuple[int, int, int] | None = None
+    # The share of the last rejected ON's draw (at retry_at + 1) that the constraints allow.
+    share: float | None = None
 
     def retries_here(self, position: int) -> int:
         """Notes rejected so far at the event starting at `position` (or at the VEL just
         sampled)."""
         return self.retries if self.retry_at in (position, position - 1) else 0
+
+    def share_at(self, position: int, vel_held: bool) -> float | None:
+        """The allowed share to draw with at `position`: the VEL's place after a rejected note
+        there (the event drawn again), or the ON's after it (the ON then masked)."""
+        if self.share is None or self.retry_at != position - (1 if vel_held else 0):
+            return None
+        return self.share
 
     def redrawing_wait(self, position: int) -> bool:
         """A wait sent back is being drawn again at `position`."""
@@ -67,6 +87,7 @@ class Draw:
 
     mask: np.ndarray  # (V,) bool
     strict: np.ndarray | None = None  # (V,) bool
+    vel_log_share: float = 0.0  # added to the VELs' log-probabilities (a note drawn again)
 
 
 def draw_seed(seed: int, marks: Marks, position: int) -> int:
@@ -77,11 +98,17 @@ def draw_seed(seed: int, marks: Marks, position: int) -> int:
     return seed if r == 0 else (seed + r * 0x9E3779B97F4A7C15) & 0x7FFFFFFFFFFFFFFF
 
 
+def waited_before(st: SessionState, at: int) -> bool:
+    """The event drawn at position `at` directly follows a wait the model chose."""
+    b = st.marks.backoff
+    return b is not None and b[0] + 1 == at
+
+
 def can_back_off(st: SessionState, at: int) -> bool:
     """The event drawn at position `at` directly follows a wait that may be drawn again."""
     m = st.marks
     b, mw = m.backoff, m.min_wait
-    if b is None or b[0] + 1 != at or b[1] >= st.vocab.config.max_shift_ticks:
+    if b is None or not waited_before(st, at) or b[1] >= st.vocab.config.max_shift_ticks:
         return False
     return (mw[2] if mw is not None and mw[0] == b[0] else 0) < MAX_BACKOFFS
 
@@ -103,7 +130,12 @@ def draw(st: SessionState, mask: np.ndarray) -> Draw:
             mask = longer
     if st.sampling.temperature <= 0 or m.retries_here(pos) >= MAX_NOTE_RETRIES:
         return Draw(mask)
-    if st.vel_held():  # the ON after a VEL: from every ON of the parts it may not play
+    held = st.vel_held()
+    share = m.share_at(pos, held)
+    if held and share is not None:  # its VEL was drawn with the allowed share: masked
+        return Draw(mask)
+    bias = math.log(max(share, MIN_SHARE)) if share is not None else 0.0
+    if held:  # the ON after a VEL: from every ON of the parts it may not play
         on = st.tables.ids[TokenType.NOTE_ON]
         ons = mask[on].reshape(v.n_parts, 128)  # (P, 128)
         closed = ~ons.any(axis=1)  # (P,) parts with no allowed note: another's (the melody)
@@ -120,12 +152,25 @@ def draw(st: SessionState, mask: np.ndarray) -> Draw:
         sounding = st.sounding() & foreign_offs[:, None]  # (P, 128)
         wide = mask.copy()
         wide[st.tables.ids[TokenType.NOTE_OFF]] |= sounding.reshape(-1)
-        return Draw(wide, mask)
-    return Draw(mask)
+        return Draw(wide, mask, bias)
+    return Draw(mask, None, bias)
 
 
 def rejected(d: Draw, token: int) -> bool:
     return d.strict is not None and not d.strict[token]
+
+
+def masks_after(st: SessionState) -> bool:
+    """A rejected ON (its VEL held) that is drawn again masked, with the allowed share: not
+    one right after a wait the model chose (what it waited for is the wait's to answer:
+    back-off, or, when that is spent, a plain retry)."""
+    return st.vel_held() and not waited_before(st, st.position - 1)
+
+
+def remember_share(st: SessionState, share: float) -> None:
+    """After a rejected ON (its VEL cut, `SessionState.reject`): the share of that ON's draw
+    the constraints allowed, for drawing the event again."""
+    st.marks.share = share
 
 
 def backs_off(st: SessionState, token: int) -> bool:

@@ -2,8 +2,14 @@
 
 A step, over the sessions' public interface only (the vllm v1 shape):
 
-    drain commands -> prepare (forced events, stops, overflow) -> pack rows -> forward
+    drain commands -> prepare (forced events, stops, overflow) -> admit -> pack rows -> forward
     -> mask + policy -> sample -> update (accept / reject) -> publish
+
+Sessions have a priority: "live" (a musician plays along) or "batch" (an offline job, an HTTP
+generation). Live sessions' work always runs in the step; while any live session is busy,
+batch sessions share what is left of `batch_tokens` tokens per step (least recently served
+first), so an HTTP prompt's prefill or a crowd of file requests never lengthens a live step by
+more than that.
 
 The scheduler thread owns the decoder (model + KV cache), every `SessionState` and the shadow
 slot (`ContextSlider`). Callers hold `LiveSession` handles, which only queue commands.
@@ -13,12 +19,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +48,8 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 10.0  # the scheduler's load line in the log, while it works
+
+Priority = Literal["live", "batch"]  # a musician's session first; offline jobs fill the rest
 
 
 class EngineLike(Protocol):
@@ -87,6 +96,9 @@ class CommandQueue:
         with self._wake:
             self._wake.notify()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
 
 class Scheduler:
     """Advances many live sessions with one batched forward per step, on one thread."""
@@ -101,9 +113,25 @@ class Scheduler:
         shadow_chunk: int = 32,
         max_batch_pad: int = 8,
         idle_wait_s: float = 0.05,
+        batch_tokens: int = 16,
+        name: str = "improv-scheduler",
+        ids: Iterator[int] | None = None,
+        note_share: bool = False,
+        nice: int = 0,
     ) -> None:
+        """batch_tokens: tokens fed per step to batch-priority sessions while a live one is busy
+        (each batch row's token counts one, a prefill chunk its length). note_share: a note the
+        constraints reject, where no wait leads to it, is drawn again masked, its VELs scaled
+        by the share of the rejected ON's draw the constraints allowed (`policy`; one rejection
+        instead of up to MAX_NOTE_RETRIES). nice: added to the scheduler thread's nice value
+        (lower CPU priority), so that on a machine whose cores it keeps busy, the threads that
+        send on time still get a core when they wake."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        self.batch_tokens, self.name, self.note_share = batch_tokens, name, note_share
+        self.nice = nice
         self.vocab: Vocab = engine.vocab
         # Two spare slots: the scratch space for swapping two sessions' slots, and the shadow,
         # where a session's slid context is prefilled while it plays on.
@@ -122,13 +150,14 @@ class Scheduler:
         )
         self.shadow_len = self.slider.start_len
         self.timing = Timing()
+        self._vel_ids = slice(self.vocab.vel_base, self.vocab.on_base)  # the VEL tokens
         self._queue = CommandQueue()
         # Slots are taken at open_session (it raises SchedulerFull at once) and given back by
         # the scheduler thread: the one table both sides change, under `_lock`.
         self._lock = threading.Lock()
         self._free = list(range(max_sessions - 1, -1, -1))  # pop() gives the lowest slot
         self._states: dict[int, SessionState] = {}  # open, as the scheduler thread sees them
-        self._ids = itertools.count()
+        self._ids = ids if ids is not None else itertools.count()  # (shared by a pool's workers)
         self._rids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -142,6 +171,10 @@ class Scheduler:
             "notes_rejected": 0,
             "backoffs": 0,
             "forwards": 0,  # decoder calls (a step runs one per contiguous run of slots)
+            "prefill_forwards": 0,  # of those, a long append's chunk alone (prompts, slides)
+            "shadow_forwards": 0,  # of those, a chunk of the shadow slot's prefill
+            "batch_tokens": 0,  # of `tokens`, sampled for batch-priority sessions
+            "batch_deferred": 0,  # batch sessions' turns left to a later step (live ones busy)
             "slides": 0,  # slid contexts swapped in from the shadow slot
             "blocking_slides": 0,  # overflows before one was ready (the session waited)
         }
@@ -171,7 +204,7 @@ class Scheduler:
         if self._thread is not None:
             return self
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="improv-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
         return self
 
@@ -190,6 +223,14 @@ class Scheduler:
         self.stop()
 
     def _loop(self) -> None:
+        if self.nice:  # this thread only (Linux): the event loop and the send clock preempt it
+            try:
+                tid = threading.get_native_id()  # (setpriority sets, not adds)
+                os.setpriority(
+                    os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + self.nice, 19)
+                )
+            except (AttributeError, OSError):  # not Linux, or not allowed
+                logger.warning("could not lower the priority of %s", self.name)
         last_t, last = time.monotonic(), dict(self.stats, steps=self.steps)
         while not self._stop.is_set():
             if (now := time.monotonic()) - last_t >= REPORT_EVERY_S and self.steps > last["steps"]:
@@ -234,12 +275,16 @@ class Scheduler:
         on_event: EventCallback | None = None,
         allow_end: bool = False,
         clock: ClockFn | None = None,
+        priority: Priority = "live",
     ) -> LiveSession:
         """A new session on a free cache slot; its prompt is prefilled at the next steps.
 
         allow_end: let the model sample EOS (it then ends the request and is not appended).
         clock: the token time it is now (see `LiveSession.set_clock`).
+        priority: "live" runs in every step; "batch" (offline jobs) fills what live ones leave.
         """
+        if priority not in ("live", "batch"):
+            raise ValueError(f"priority must be 'live' or 'batch', got {priority!r}")
         toks = self.check_tokens(prompt)
         if not toks:
             raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
@@ -266,7 +311,7 @@ class Scheduler:
         )
         st = SessionState(
             sid, slot, self.vocab, history, toks, sampling, seed, clock, s.fence, s._emit,
-            s._publish, self.timing,
+            s._publish, self.timing, batch=priority == "batch",
         )  # fmt: skip
         self._queue.put(sid, Open(st))  # the state is handed over whole
         return s
@@ -276,6 +321,10 @@ class Scheduler:
         """Sessions holding a slot (closed ones free theirs at the next step)."""
         with self._lock:
             return self.max_sessions - len(self._free)
+
+    def queue_length(self) -> int:
+        """Commands queued, not yet applied (a step drains them all)."""
+        return len(self._queue)
 
     def check_tokens(self, tokens: Iterable[int]) -> list[int]:
         toks = [int(t) for t in tokens]
@@ -304,12 +353,14 @@ class Scheduler:
             if self._guarded(s, s.prepare, self.max_len, self.keep_len):
                 self.stats["blocking_slides"] += 1
         self._sync_caches(states)
+        caps = self._admit(states)
         self._pack(states)
         t0 = time.perf_counter()
-        logits, n_forwards, prefilled = self._forward(states)
+        logits, n_forwards, prefilled = self._forward(states, caps)
         shadow, swapped = self.slider.step(states, any(s.req is not None for s in states))
         self.stats["slides"] += swapped
         n_forwards += shadow
+        self.stats["shadow_forwards"] += shadow
         self.stats["forwards"] += n_forwards
         self.stats["forward_s"] += time.perf_counter() - t0
         rows = [s for s in states if s.req is not None and s.id in logits]
@@ -404,16 +455,51 @@ class Scheduler:
                 s.slot = j
                 by_slot[j] = s
 
-    def _forward(self, states: list[SessionState]) -> tuple[dict[int, Tensor], int, bool]:
-        """Feed every session's pending tokens: logits (V,) of sessions now fully fed, the
-        number of forwards run, and whether one was a long append's prefill chunk."""
+    def _admit(self, states: list[SessionState]) -> dict[int, int]:
+        """The batch sessions' share of this step: {session id: tokens it may feed} (0: its
+        turn waits; a kept-logits draw counts one). Live sessions are not limited, nor batch
+        ones while no live session has work."""
+        live_busy = any(not s.batch and (s.req is not None or s.pending()) for s in states)
+        if not live_busy:
+            return {}
+        caps: dict[int, int] = {}
+        left = self.batch_tokens
+        waiting = [s for s in states if s.batch and (s.req is not None or s.pending())]
+        for s in sorted(waiting, key=lambda s: s.served_step):  # least recently served first
+            need = s.pending() or 1
+            give = min(need, max(left, 0), self.prefill_chunk)
+            if need <= self.max_batch_pad and give < need:
+                # A decode row goes whole (a partial one would be a prefill); the first in line
+                # always does, over the budget if it must, so that none waits forever.
+                give = need if left == self.batch_tokens else 0
+            caps[s.id] = give
+            left -= give
+            if give:
+                s.served_step = self.steps
+            else:
+                self.stats["batch_deferred"] += 1
+        return caps
+
+    def _forward(
+        self, states: list[SessionState], caps: dict[int, int]
+    ) -> tuple[dict[int, Tensor], int, bool]:
+        """Feed every session's pending tokens (at most `caps[id]` for the sessions named):
+        logits (V,) of sessions now fully fed, the number of forwards run, and whether one was
+        a long append's prefill chunk."""
         out: dict[int, Tensor] = {}
         n = 0
+        big = self.prefill_chunk
         for s in states:  # logits kept: the pending tokens are fed with the next ones
-            if s.req is not None and (kept := s.kept_logits()) is not None:
+            if s.req is not None and caps.get(s.id, 1) and (kept := s.kept_logits()) is not None:
                 out[s.id] = kept
         small = sorted(
-            (s for s in states if 0 < s.pending() <= self.max_batch_pad and s.id not in out),
+            (
+                s
+                for s in states
+                if 0 < s.pending() <= self.max_batch_pad
+                and s.id not in out
+                and caps.get(s.id, big) >= s.pending()
+            ),
             key=lambda s: s.slot,
         )
         slots = [s.slot for s in small]
@@ -427,11 +513,12 @@ class Scheduler:
                 out[s.id] = s.keep_logits(row)
         prefilled = False
         for s in states:
-            if s.pending() > self.max_batch_pad and s.id not in out:
-                chunk = s.pending_tokens()[: self.prefill_chunk]
+            if s.pending() > self.max_batch_pad and s.id not in out and caps.get(s.id, big):
+                chunk = s.pending_tokens()[: min(big, caps.get(s.id, big))]
                 logits = self.decoder.extend([s.slot], [chunk])  # (1, V)
                 s.fed(len(chunk))
                 n, prefilled = n + 1, True
+                self.stats["prefill_forwards"] += 1
                 if s.pending() == 0:
                     out[s.id] = s.keep_logits(logits[0])
         return out, n, prefilled
@@ -444,6 +531,10 @@ class Scheduler:
         allowed = torch.from_numpy(np.stack([d.mask for d in draws]))  # (B, V) bool
         t1 = time.perf_counter()
         logits = apply_mask(logits, allowed)
+        for i, d in enumerate(draws):  # a note drawn again: its VELs scaled by the allowed share
+            if d.vel_log_share:
+                temp = rows[i].sampling.temperature
+                logits[i, self._vel_ids] += temp * d.vel_log_share
         probs = torch.empty_like(logits)  # (B, V)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(rows):  # rows sharing sampling settings share one call
@@ -456,15 +547,23 @@ class Scheduler:
         seeds, positions = [s.draw_seed() for s in rows], [s.position for s in rows]
         toks = sample(probs, seeds=seeds, positions=positions).tolist()  # the one host sync
         t2 = time.perf_counter()
-        for s, d, t in zip(rows, draws, toks, strict=True):
+        for i, (s, d, t) in enumerate(zip(rows, draws, toks, strict=True)):
             if policy.rejected(d, t):
                 self.stats["notes_rejected"] += 1
                 back = policy.backs_off(s, t)
+                share = None
+                if (
+                    self.note_share and not back and policy.masks_after(s)
+                ):  # the share the constraints allowed
+                    share = float(probs[i][d.strict].sum())
                 if self._guarded(s, s.reject, t, back) and back:
                     self.stats["backoffs"] += 1
+                elif share is not None:
+                    policy.remember_share(s, share)
             else:
                 self._guarded(s, s.accept, t)
         st = self.stats
         st["mask_s"] += t1 - t0 + time.perf_counter() - t2  # masks + state updates
         st["sample_s"] += t2 - t1
         st["tokens"] += len(rows)
+        st["batch_tokens"] += sum(1 for s in rows if s.batch)

@@ -72,8 +72,11 @@ class SessionState:
         emit: Callable[[Event], None],
         publish: Callable[[Status], None],
         timing: Timing,
+        batch: bool = False,
     ) -> None:
         cs = history.cs
+        # An offline job's session: the scheduler serves it after the live ones (`_admit`).
+        self.batch, self.served_step = batch, -1
         self.id, self.slot, self.vocab, self.cs = sid, slot, vocab, cs
         self.tables = cs.tables
         self.sampling, self.seed, self.clock = sampling, seed, clock

@@ -4,8 +4,10 @@ cancel, close, context overflow, the background thread. Random-weight tiny model
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -35,6 +37,7 @@ from improv.engine.live import (
     scheduler,
     state,
 )
+from improv.engine.live.pool import SchedulerPool, auto_workers
 from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 
 V = Vocab(TokenizerConfig())
@@ -742,3 +745,177 @@ def test_clock_floor_allows_for_the_measured_event_lead(make_model):
     assert n >= 20 and n_avg >= 20
     assert late / n < 0.1
     assert late_avg / n_avg > 3 * late / n
+
+
+# --- musicians first, and decode workers -----------------------------------------------------
+
+
+def _record_feeds(sched: Scheduler) -> list[dict[int, int]]:
+    """Per decoder call: {slot: tokens fed}; the caller splits them by step."""
+    calls: list[dict[int, int]] = []
+    extend = sched.decoder.extend
+
+    def recording(slots, toks):
+        calls.append({s: len(t) for s, t in zip(slots, toks, strict=True)})
+        return extend(slots, toks)
+
+    sched.decoder.extend = recording  # type: ignore[method-assign]
+    return calls
+
+
+def test_live_tokens_go_out_every_step_while_batch_work_fills_the_budget(engine):
+    budget = 2  # fewer tokens than batch sessions: they take turns
+    sched = Scheduler(engine, max_sessions=6, batch_tokens=budget)
+    big = sched.open_session(make_prompt(120), sampling=SEEDED, priority="batch")  # ~480 tokens
+    decoders = [
+        sched.open_session(make_prompt(2), sampling=SEEDED, priority="batch") for _ in range(3)
+    ]
+    for s in decoders:
+        s.generate(max_tokens=200)
+    big.generate(max_tokens=20)
+    sched.step()  # the batch sessions' own start (no live session yet: unlimited)
+    live = sched.open_session(make_prompt(3), sampling=SEEDED)
+    live.generate(max_tokens=40)
+    sched.step()  # the live prompt's prefill (never limited)
+    calls = _record_feeds(sched)
+    batch_ids = {s.id for s in [big, *decoders]}
+    for _ in range(30):
+        before = dict(sched.stats)
+        calls.clear()
+        sched.step()
+        live_sampled = (sched.stats["tokens"] - before["tokens"]) - (
+            sched.stats["batch_tokens"] - before["batch_tokens"]
+        )
+        assert live_sampled == 1  # the live session draws in every step
+        batch_slots = {sched.state(s).slot for s in [big, *decoders] if s.id in batch_ids}
+        fed = sum(n for c in calls for slot, n in c.items() if slot in batch_slots)
+        assert fed <= budget  # a 256-token prefill chunk would have been fed without priority
+    st = sched.state(big)
+    assert 0 < st.cached < len(make_prompt(120))  # the prefill moved on, a little at a time
+    assert sched.stats["batch_deferred"] > 0
+    # Every batch session had turns (least recently served first): none starved.
+    assert all(len(tokens_of(drain(s))) > 0 for s in decoders)
+    live.close()
+    sched.run_until_idle()  # no live work: the batch sessions run unlimited to the end
+    assert len(tokens_of(drain(big))) > 0
+
+
+def test_batch_sessions_alone_run_as_before(engine):
+    """With no live session, priority changes nothing: the same tokens as one by one."""
+    prompts = [make_prompt(n) for n in (1, 5, 9)]
+    want = [solo(engine, p, GREEDY, 16) for p in prompts]
+    sched = Scheduler(engine, max_sessions=3, batch_tokens=1)
+    ss = [sched.open_session(p, sampling=GREEDY, priority="batch") for p in prompts]
+    for s in ss:
+        s.generate(max_tokens=16)
+    sched.run_until_idle()
+    assert [tokens_of(drain(s)) for s in ss] == want
+
+
+def test_priority_is_checked_at_the_call(engine):
+    sched = Scheduler(engine, max_sessions=1)
+    with pytest.raises(ValueError, match="priority"):
+        sched.open_session([V.BOS, V.TASK_CONTINUE], priority="urgent")  # type: ignore[arg-type]
+
+
+def test_workers_place_sessions_on_the_least_loaded_and_sample_as_one(engine):
+    prompts = [make_prompt(n) for n in (0, 3, 9, 1)]
+    want = [solo(engine, p, SEEDED, 24) for p in prompts]
+    pool = SchedulerPool(engine, workers=2, max_sessions=2)
+    ss = [pool.open_session(p, sampling=SEEDED) for p in prompts]
+    assert [pool.worker_of(s) for s in ss] == [0, 1, 0, 1]
+    assert len({s.id for s in ss}) == 4  # ids unique over the workers
+    with pytest.raises(SchedulerFull):
+        pool.open_session(prompts[0])
+    with pool:  # both threads decode
+        for s in ss:
+            s.generate(max_tokens=24)
+        got = []
+        for s in ss:
+            got.append([])
+            while len(got[-1]) < 24:
+                ev = s.events.get(timeout=30)
+                if type(ev).__name__ == "Token":
+                    got[-1].append(ev.token)
+        ss[2].close()
+        ss[0].close()
+        for w in pool.workers:  # the closes free their slots at the workers' next steps
+            w._queue.wake()
+        deadline = time.monotonic() + 10
+        while pool.n_open > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        again = pool.open_session(prompts[0])
+        assert pool.worker_of(again) == 0  # the emptier worker
+        for s in (again, ss[1], ss[3]):
+            s.close()
+    assert got == want
+    assert pool.stats["tokens"] >= 4 * 24
+    assert pool.max_sessions == 4
+
+
+def test_auto_workers_keep_sessions_to_batch():
+    assert auto_workers(4) == 1  # too few sessions to split
+    assert 1 <= auto_workers(32) <= 4
+
+
+def test_note_share_draws_a_rejected_note_again_masked(engine, monkeypatch):
+    """note_share: after one rejected ON (no wait before it), the event is drawn again with the
+    VELs scaled by the allowed share and the ON masked: fewer rejections, still only allowed
+    notes, a VEL still sent with its ON."""
+    make = engine.new_decoder
+    lead_ons = list(range(V.note_on(LEAD, 0), V.note_on(LEAD, 127) + 1))
+    monkeypatch.setattr(
+        engine, "new_decoder", lambda *a, **k: _Opinionated(make(*a, **k), lead_ons, 3.0)
+    )
+    monkeypatch.setattr(policy, "MAX_BACKOFFS", 0)  # every rejection a retry of the note
+
+    def run(share: bool) -> tuple[list[Token], int]:
+        sched = Scheduler(engine, max_sessions=4, note_share=share)
+        sessions = _accompanists(sched)
+        for s in sessions:
+            s.generate(max_tokens=150)
+        sched.run_until_idle()
+        return [e for s in sessions for e in drain(s) if isinstance(e, Token)], sched.stats[
+            "notes_rejected"
+        ]
+
+    retried, n_retried = run(False)
+    shared, n_shared = run(True)
+    assert n_shared < n_retried, (n_shared, n_retried)
+    for toks in (retried, shared):
+        ons = [V.note_of(e.token) for e in toks if V.type_of(e.token) is TokenType.NOTE_ON]
+        assert ons and all(part != LEAD for part, _ in ons)
+    for a, b in zip(shared, shared[1:], strict=False):
+        if V.vel_base <= a.token < V.on_base:
+            assert V.on_base <= b.token < V.off_base and b.position == a.position + 1
+
+
+def test_a_batch_row_over_the_budget_still_gets_its_turn(engine):
+    """A budget smaller than a batch row's pending tokens: the first in line goes anyway (over
+    the budget), so no batch session waits forever behind live ones."""
+    sched = Scheduler(engine, max_sessions=2, batch_tokens=1)
+    batch = sched.open_session(make_prompt(2), sampling=SEEDED, priority="batch")
+    live = sched.open_session(make_prompt(2), sampling=SEEDED)
+    live.generate(max_tokens=200)
+    for _ in range(3):
+        sched.step()
+    batch.append([V.shift(5), V.shift(7)])  # two tokens to feed: more than the budget
+    batch.generate(max_tokens=5)
+    for _ in range(40):
+        sched.step()
+    assert len(tokens_of(drain(batch))) == 5
+    live.close()
+    batch.close()
+    sched.run_until_idle()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux's")
+def test_a_niced_scheduler_thread_lowers_its_own_priority_only(engine):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with Scheduler(engine, max_sessions=1, nice=3) as sched:
+        deadline = time.monotonic() + 5
+        tid = sched._thread.native_id
+        while os.getpriority(os.PRIO_PROCESS, tid) == base and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(base + 3, 19)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the calling thread is untouched
