@@ -291,7 +291,8 @@ class Playback:
             if not e.cancelled and e.time_ms > after:
                 e.cancelled = True
                 again = Generated(
-                    e.time_ms - self.lookahead_ms,
+                    # (an announcement sent at once goes again at once: what comes next)
+                    floor if e.at_once else e.time_ms - self.lookahead_ms,
                     e.msg,
                     time_ms=e.time_ms,
                     at_once=e.at_once,

@@ -216,7 +216,7 @@ def test_the_models_own_chords_are_announced_and_retracted_with_it(harmony_runti
             marks_at(tokens) if x >= V.chord_base and origin + 10.0 * t < end]  # fmt: skip
     assert kept, "the random model wrote no chord: pick another seed"
     announced = {(round(c.time), c.label) for c in held}
-    assert set(kept) <= announced
+    assert set(kept) <= announced, (sorted(set(kept) - announced), sorted(announced))
     assert all(c.source == "model" for c in of(out, "chord"))
     assert all(b.source == "model" for b in of(out, "beat"))
     assert balanced(out)
