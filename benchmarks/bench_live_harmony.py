@@ -297,6 +297,7 @@ def main() -> None:
     ap.add_argument("--no-clock", action="store_true", help="add (d): model chords, no clock")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write every run's figures here")
+    ap.add_argument("--server-log", type=Path, help="keep the server's log here (-v)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
@@ -312,7 +313,8 @@ def main() -> None:
 
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(Path(args.checkpoint), port, 2, Path(tmp) / "server.log")
+        log = args.server_log or Path(tmp) / "server.log"
+        proc = start_server(Path(args.checkpoint), port, 2, log, verbose=bool(args.server_log))
         rows: list[dict] = []
         try:
             for song in songs:

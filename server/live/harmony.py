@@ -37,7 +37,8 @@ from .clock import SessionClock
 from .playback import Playback
 
 AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
-RETIME_TOLERANCE_MS = 5.0  # a re-anchored clock whose beats moved less than this changes nothing
+RETIME_TOLERANCE_MS = 5.0
+STALE_MS = 100.0  # marks further back than this are not scheduled (the model played past them)  # a re-anchored clock whose beats moved less than this changes nothing
 TEMPO_BEATS = 8  # the model's latest beats its tempo is read from
 
 
@@ -109,13 +110,14 @@ class Harmony:
         self._configure(self.params)
 
     def _configure(self, pr: p.LiveParams) -> None:
-        self.params = pr
+        old, self.params = self.params, pr
         self.bars = chart_bars(pr.chords) if pr.chord_source == "chart" and pr.chords else None
         if pr.beat_time is None and pr.chord_source != "chart":
             self.meter = None  # no clock: the model's own beats
-        elif self.meter is not None:
+        elif self.meter is not None and (old.beat_time is not None or pr.beat_time is None):
+            # the clock moved (the bridge re-anchors), or only the tempo: the count goes on
             self.meter = self.meter.retimed(pr.beat_time, pr.beat_ms(), pr.beats_per_bar)
-        elif pr.beat_time is not None:
+        elif pr.beat_time is not None:  # a clock starts (a count-in): bar 1 is its downbeat
             self.meter = Meter(pr.beat_time, pr.beat_ms(), pr.beats_per_bar)
 
     # --- settings -------------------------------------------------------------------------------
@@ -171,7 +173,8 @@ class Harmony:
                 self._announce(mk)
             self.sent_until = hi
         if self.engine_until is not None and session is not None and self.forced:
-            lo = self.engine_until
+            # (not from long ago: a clock that just started would roll back what was played)
+            lo = max(self.engine_until, now - STALE_MS)
             if hi > lo:
                 marks = self._marks(lo, hi, restate=restate)
                 tick = self.clock.tick
@@ -182,8 +185,18 @@ class Harmony:
         """New clock or chart parameters: the schedule from now on is laid again (the engine
         rolls back to the first mark that moved; the client's announcements are withdrawn and
         sent again), unless no mark moves (a clock re-anchored on its own beats)."""
-        old_marks = self._marks(now, self.sent_until) if self.meter is not None else []
+        before = self.meter
+        old_marks = self._marks(now, self.sent_until) if before is not None else []
         self._configure(new)
+        if self.meter is None and new.chord_source == "chart" and self.engine_until is not None:
+            # a chart chosen while the player plays, without a clock: its first bar is now
+            self.meter = Meter(now, new.beat_ms(), new.beats_per_bar)
+        if self.meter is not None and before is None:  # a clock starts: laid from now
+            self.sent_until = now
+            if self.engine_until is not None:
+                self.engine_until = now
+            self.advance(session, now, restate=True)
+            return
         if self.meter is None:
             if old_marks:
                 self.playback.withdraw(now)

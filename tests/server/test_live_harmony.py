@@ -270,3 +270,35 @@ def test_a_model_without_harmony_tokens_still_sends_the_chart_and_the_clock(runt
     assert chords[1].time == pytest.approx(down + 3 * 400.0)
     assert [b.bar for b in client_view(out, "beat")[:4]] == [True, False, False, True]
     assert balanced(out)
+
+
+def test_a_chart_chosen_while_playing_starts_then_and_a_clock_keeps_its_count(harmony_runtime):
+    """A chart sent with `params` while the player plays starts its first bar then; a clock
+    given later (a count-in's beat_time) starts it again, bar 1 on its downbeat; no error,
+    nothing left sounding."""
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 6, "lookahead_ms": 0,
+                           "rest_ms": None, "tempo_bpm": 120})  # fmt: skip
+        t0 = conn.now_ms()
+        melody = asyncio.create_task(play_melody(conn, t0, 16, step=250.0))
+        await asyncio.sleep(0.5)
+        switched = conn.now_ms()
+        await conn.handle({"type": "params", "chord_source": "chart", "chords": "Dm G"})
+        await asyncio.sleep(1.2)
+        down = conn.now_ms() + 300.0
+        await conn.handle({"type": "params", "beat_time": down})
+        await melody
+        tokens = conn.active.session.tokens()
+        await conn.close()
+        return out, switched, down, tokens
+
+    out, switched, down, tokens = asyncio.run(main())
+    assert not of(out, "error")
+    chords = [c for c in client_view(out, "chord") if c.source == "chart"]
+    assert chords[0].label == "D:min" and switched <= chords[0].time < switched + 100.0
+    later = [c for c in chords if c.time >= down]
+    assert later and later[0].time == pytest.approx(down) and later[0].label == "D:min"
+    assert any(V.chord_base <= t < V.HEADER for t in tokens)
+    assert balanced(out)
