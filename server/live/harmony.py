@@ -169,7 +169,8 @@ class Harmony:
         hi = now + max(AHEAD_MS, m.beat_ms * m.per_bar)
         lo = max(self.sent_until, now)
         if hi > lo:
-            for mk in self._marks(lo, hi):
+            # (the client hears a restated chord only where its schedule starts again)
+            for mk in self._marks(lo, hi, restate=restate and lo == now):
                 self._announce(mk)
             self.sent_until = hi
         if self.engine_until is not None and session is not None and self.forced:
@@ -185,7 +186,7 @@ class Harmony:
         """New clock or chart parameters: the schedule from now on is laid again (the engine
         rolls back to the first mark that moved; the client's announcements are withdrawn and
         sent again), unless no mark moves (a clock re-anchored on its own beats)."""
-        before = self.meter
+        before, old_bars = self.meter, self.bars
         old_marks = self._marks(now, self.sent_until) if before is not None else []
         self._configure(new)
         if self.meter is None and new.chord_source == "chart" and self.engine_until is not None:
@@ -209,7 +210,7 @@ class Harmony:
         self.sent_until = now
         if self.engine_until is not None:
             self.engine_until = min(self.engine_until, now)
-        self.advance(session, now)
+        self.advance(session, now, restate=self.bars != old_bars)  # a new chart: its chord now
 
     def _marks(self, lo: float, hi: float, restate: bool = False) -> list[Mark]:
         """The clock's beats and the chart's chords in [lo, hi); `restate`: the chart's chord

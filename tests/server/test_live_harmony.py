@@ -274,8 +274,8 @@ def test_a_model_without_harmony_tokens_still_sends_the_chart_and_the_clock(runt
 
 def test_a_chart_chosen_while_playing_starts_then_and_a_clock_keeps_its_count(harmony_runtime):
     """A chart sent with `params` while the player plays starts its first bar then; a clock
-    given later (a count-in's beat_time) starts it again, bar 1 on its downbeat; no error,
-    nothing left sounding."""
+    given later (a count-in's beat_time) starts it again, bar 1 on its downbeat; a new chart
+    states its chord at once; no error, nothing left sounding."""
 
     async def main():
         conn, out = await open_in_process(harmony_runtime)
@@ -289,16 +289,21 @@ def test_a_chart_chosen_while_playing_starts_then_and_a_clock_keeps_its_count(ha
         await asyncio.sleep(1.2)
         down = conn.now_ms() + 300.0
         await conn.handle({"type": "params", "beat_time": down})
+        await asyncio.sleep(0.8)
+        new_chart = conn.now_ms()
+        await conn.handle({"type": "params", "chords": "F"})  # a new chart: its chord now
         await melody
         tokens = conn.active.session.tokens()
         await conn.close()
-        return out, switched, down, tokens
+        return out, switched, down, new_chart, tokens
 
-    out, switched, down, tokens = asyncio.run(main())
+    out, switched, down, new_chart, tokens = asyncio.run(main())
     assert not of(out, "error")
     chords = [c for c in client_view(out, "chord") if c.source == "chart"]
     assert chords[0].label == "D:min" and switched <= chords[0].time < switched + 100.0
     later = [c for c in chords if c.time >= down]
     assert later and later[0].time == pytest.approx(down) and later[0].label == "D:min"
+    last = [c for c in chords if c.time >= new_chart - 1.0]
+    assert [c.label for c in last][:1] == ["F:maj"] and last[0].time < new_chart + 100.0
     assert any(V.chord_base <= t < V.HEADER for t in tokens)
     assert balanced(out)
