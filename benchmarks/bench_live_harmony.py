@@ -264,7 +264,19 @@ async def run(url: str, song: Song, cond: str, seconds: float, split: int, seed:
         "lag_pushes": stopped.get("lag_pushes"),
         "lag_ms": stopped.get("lag_ms"),
         "offsets_ms": grid_offsets(acc, clock_beats(song, seconds)),
+        "pushed_share": pushed_share(acc, song.melody),
     }
+
+
+def pushed_share(acc: Notes, melody: Notes) -> float:
+    """Share of the accompaniment's onsets 5..60 ms after a melody onset: notes the model
+    played with the player's note, after it arrived (the clock floor's push; a diagnostic)."""
+    if len(acc) == 0 or len(melody) == 0:
+        return math.nan
+    m = np.sort(melody.start)
+    i = np.searchsorted(m, acc.start, side="right") - 1
+    d = acc.start - m[np.maximum(i, 0)]
+    return float(((i >= 0) & (d >= 0.005) & (d <= 0.06)).mean())
 
 
 def grid_offsets(notes: Notes, beats: np.ndarray) -> list[float]:
