@@ -224,17 +224,20 @@ class Bridge:
 
     async def _receive(self, client: LiveClient) -> None:
         assert self.player is not None
+        heard: dict[float, str] = {}  # this session's chords by time (session ms), retracts applied
         async for msg in client:
             if msg.type == "midi":
                 self.player.push(msg.data, msg.time)
             elif msg.type == "retract":
                 self.player.retract(msg.after)
-                after = msg.after - (client.offset or 0.0)
-                self.chords = [c for c in self.chords if c[0] <= after]
-            elif msg.type == "chord":
+                # (a chord played already stays: the server may send it again after a retract)
+                after = max(msg.after, self.session_now())
+                heard = {t: c for t, c in heard.items() if t <= after}
+                self.chords = [c for c in self.chords if c[0] <= after - (client.offset or 0.0)]
+            elif msg.type == "chord" and heard.get(msg.time) != msg.label:
+                heard[msg.time] = msg.label  # a later chord at the same time replaces it
                 t = msg.time - (client.offset or 0.0)  # local: reconnects keep one timeline
-                self.chords = [c for c in self.chords if c[0] != t]  # the later wins
-                self.chords.append((t, msg.label))
+                self.chords = [c for c in self.chords if abs(c[0] - t) > 0.5] + [(t, msg.label)]
                 if self.chord_sysex:
                     self.player.push(chord_sysex(msg.label), msg.time)
             elif msg.type == "error":

@@ -177,9 +177,13 @@ class Harmony:
             # (not from long ago: a clock that just started would roll back what was played)
             lo = max(self.engine_until, now - STALE_MS)
             if hi > lo:
-                marks = self._marks(lo, hi, restate=restate)
-                tick = self.clock.tick
-                session.schedule(tick(lo), [(tick(mk.time), self._tokens(mk)) for mk in marks])
+                tick, tick_ms = self.clock.tick, self.clock.tick_ms
+                # The schedule is replaced from a tick on: a mark just before `lo` that rounds
+                # to that tick is sent again (else it would be dropped; the engine keeps it).
+                from_tick = tick(lo)
+                marks = self._marks(min(lo, self.clock.ms(from_tick) - tick_ms), hi, restate)
+                ticked = [(tick(mk.time), self._tokens(mk)) for mk in marks]
+                session.schedule(from_tick, [m for m in ticked if m[0] >= from_tick])
                 self.engine_until = hi
 
     def retime(self, session: LiveSession | None, new: p.LiveParams, now: float) -> None:

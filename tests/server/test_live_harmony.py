@@ -27,7 +27,7 @@ def write_harmony_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random tiny model with the harmony vocabulary (waits damped, as the server tests' own,
     so it plays enough to judge in a few seconds)."""
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_preset("tiny", max_seq_len=1024, vocab_size=V.size))
+    model = Transformer(ModelConfig.from_preset("tiny", max_seq_len=2048, vocab_size=V.size))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -100,6 +100,7 @@ def test_a_chart_on_the_clock_is_forced_and_announced(harmony_runtime):
         await play_melody(conn, down, 18)  # 4.5 s: three bars are past when it stops
         await asyncio.sleep(0.3)
         tokens = conn.active.session.tokens()
+        assert conn.active.session.window_start == 0  # (ticks are read from the first token)
         origin = conn.clock.origin
         await conn.close()
         return out, tokens, down, origin
@@ -193,30 +194,41 @@ def test_left_hand_chords_are_read_forced_and_announced(harmony_runtime):
 
 
 def test_the_models_own_chords_are_announced_and_retracted_with_it(harmony_runtime):
-    """chord_source model: every CHORD token the model keeps is announced (source model) at its
-    time; a chord a rollback removed is retracted for the client, and beats without a clock are
-    the model's, with a tempo once it has written a few."""
+    """chord_source model: every CHORD token the model keeps (its Token, not rolled back) is
+    announced (source model) at its time; one a rollback removed is retracted for the client;
+    beats without a clock are the model's."""
+    from improv.engine.live import Rollback, Token
 
     async def main():
         conn, out = await open_in_process(harmony_runtime)
         await conn.handle({"type": "start", "mode": "accompany", "seed": 5, "lookahead_ms": 0,
                            "rest_ms": None, "horizon_ms": 600})  # fmt: skip
+        kept: dict[int, tuple[int, int]] = {}  # position -> (tick, token): the model's chords
+        mode, dispatch = conn.active, conn.active._dispatch_engine_event
+
+        def spy(ev) -> None:  # noqa: ANN001 (the engine's events, as the mode handles them)
+            if isinstance(ev, Token) and V.chord_base <= ev.token < V.HEADER:
+                kept[ev.position] = (ev.tick, ev.token)
+            elif isinstance(ev, Rollback):
+                for pos in [x for x in kept if x >= ev.position]:
+                    del kept[pos]
+            dispatch(ev)
+
+        mode._dispatch_engine_event = spy
         await play_melody(conn, conn.now_ms(), 16, step=200.0)
         await asyncio.sleep(0.3)
-        tokens = conn.active.session.tokens()
-        origin = conn.clock.origin
         end = conn.now_ms()  # the stop retracts what is planned past this
+        origin = conn.clock.origin
         await conn.close()
-        return out, tokens, origin, end
+        return out, kept, origin, end
 
-    out, tokens, origin, end = asyncio.run(main())
+    out, kept, origin, end = asyncio.run(main())
     assert of(out, "started")[0].params.chord_source == "model"
-    held = client_view(out, "chord")
-    kept = [(round(origin + 10.0 * t), chord_label(x - V.chord_base)) for t, x in
-            marks_at(tokens) if x >= V.chord_base and origin + 10.0 * t < end]  # fmt: skip
-    assert kept, "the random model wrote no chord: pick another seed"
-    announced = {(round(c.time), c.label) for c in held}
-    assert set(kept) <= announced, (sorted(set(kept) - announced), sorted(announced))
+    chords = {(round(origin + 10.0 * t), chord_label(x - V.chord_base)) for t, x in kept.values()
+              if origin + 10.0 * t < end}  # fmt: skip
+    assert chords, "the random model wrote no chord: pick another seed"
+    announced = {(round(c.time), c.label) for c in client_view(out, "chord")}
+    assert chords <= announced, sorted(chords - announced)
     assert all(c.source == "model" for c in of(out, "chord"))
     assert all(b.source == "model" for b in of(out, "beat"))
     assert balanced(out)
