@@ -7,7 +7,14 @@ jitter smaller than the lookahead becomes no delay at all, larger jitter a late 
 reordering. `retract` drops queued events; the output port keeps every note balanced; a dropped
 connection silences the output and reconnects with backoff. MIDI clock from the DAW sets the
 session's `tempo_bpm`, and after a MIDI start its `beat_time` (the DAW's beats on the session
-clock): the server then puts generated notes on the DAW's grid (`grid`, 16ths by default).
+clock): the server then puts generated notes on the DAW's grid (`grid`, 16ths by default) and
+forces the bars and beats (and a chart's chords, `--chords`) at their times.
+
+The session's chords reach the DAW on request: `chord_sysex` sends each as a SysEx text message
+at its time on the output port (`F0 7D` (the non-commercial ID), ASCII `impv:` and the Harte
+label, `F7`; a retract drops it like a note), and `chord_markers` writes them as marker meta
+events into a MIDI file when the bridge stops (on the DAW's tempo, 0 = the first chord): MIDI
+meta events exist only in files, not on a live port.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import mido
@@ -38,6 +46,7 @@ logger = logging.getLogger(__name__)
 BRIDGE_CLIENT = "improv bridge"
 BRIDGE_IN, BRIDGE_OUT = "improv bridge in", "improv bridge out"
 PING_EVERY_S = 2.0
+CHORD_SYSEX_HEAD = [0xF0, 0x7D, *b"impv:"]  # a chord as SysEx: head + ASCII label + F7
 BACKOFF_S = (0.5, 10.0)  # first and longest wait between reconnection attempts
 
 
@@ -57,6 +66,8 @@ class Bridge:
         virtual: bool = False,
         backend: Backend | None = None,
         lookahead_ms: int = 80,
+        chord_sysex: bool = False,
+        chord_markers: str | Path | None = None,
     ) -> None:
         if virtual == bool(in_port or out_port) or (not virtual and not (in_port and out_port)):
             raise ValueError("give --virtual, or both --in and --out")
@@ -78,6 +89,9 @@ class Bridge:
         self.sessions = 0  # sessions started (reconnects + 1)
         self.drops = 0
         self.error: str | None = None  # why the bridge gave up (a refused token)
+        self.chord_sysex = chord_sysex
+        self.chord_markers = Path(chord_markers) if chord_markers is not None else None
+        self.chords: list[tuple[float, str]] = []  # (local ms, label): retracts applied
 
     # --- clocks -----------------------------------------------------------------------------------
     def session_now(self) -> float:
@@ -140,6 +154,8 @@ class Bridge:
             self.player.silence()
             self.inp.close()
             self.out.close()
+            if self.chord_markers is not None:
+                write_chord_markers(self.chord_markers, self.chords, self.tempo_bpm or 120.0)
 
     async def _session(self) -> bool:
         """One connection: returns True if a session ran (resets the backoff)."""
@@ -208,11 +224,22 @@ class Bridge:
 
     async def _receive(self, client: LiveClient) -> None:
         assert self.player is not None
+        heard: dict[float, str] = {}  # this session's chords by time (session ms), retracts applied
         async for msg in client:
             if msg.type == "midi":
                 self.player.push(msg.data, msg.time)
             elif msg.type == "retract":
                 self.player.retract(msg.after)
+                # (a chord played already stays: the server may send it again after a retract)
+                after = max(msg.after, self.session_now())
+                heard = {t: c for t, c in heard.items() if t <= after}
+                self.chords = [c for c in self.chords if c[0] <= after - (client.offset or 0.0)]
+            elif msg.type == "chord" and heard.get(msg.time) != msg.label:
+                heard[msg.time] = msg.label  # a later chord at the same time replaces it
+                t = msg.time - (client.offset or 0.0)  # local: reconnects keep one timeline
+                self.chords = [c for c in self.chords if abs(c[0] - t) > 0.5] + [(t, msg.label)]
+                if self.chord_sysex:
+                    self.player.push(chord_sysex(msg.label), msg.time)
             elif msg.type == "error":
                 logger.warning("server: %s: %s", msg.code, msg.message)
             elif msg.type == "stopped":
@@ -238,3 +265,26 @@ class Bridge:
         while True:
             await asyncio.sleep(PING_EVERY_S)
             await client.ping()
+
+
+def chord_sysex(label: str) -> list[int]:
+    """A chord label as the bridge's SysEx text message."""
+    text = [b for b in label.encode("ascii", "replace") if b < 0x80]
+    return [*CHORD_SYSEX_HEAD, *text, 0xF7]
+
+
+def write_chord_markers(path: Path, chords: list[tuple[float, str]], bpm: float) -> None:
+    """The chords as marker meta events in a one-track MIDI file (0 = the first chord)."""
+    tempo = mido.bpm2tempo(bpm)
+    mf = mido.MidiFile(ticks_per_beat=480)
+    track = mido.MidiTrack([mido.MetaMessage("set_tempo", tempo=tempo)])
+    mf.tracks.append(track)
+    chords = sorted(chords)
+    t0 = chords[0][0] if chords else 0.0
+    last = 0
+    for t, label in chords:
+        tick = int(round(mido.second2tick((t - t0) / 1000.0, 480, tempo)))
+        track.append(mido.MetaMessage("marker", text=label, time=tick - last))
+        last = tick
+    mf.save(path)
+    logger.info("%d chord markers written to %s", len(chords), path)

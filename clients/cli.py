@@ -35,6 +35,18 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 80)",
     )
     add_live_arguments(parser)
+    parser.add_argument(
+        "--chord-sysex",
+        action="store_true",
+        help="send the session's chords to the DAW as SysEx text (F0 7D 'impv:' LABEL F7) at "
+        "their times",
+    )
+    parser.add_argument(
+        "--chord-markers",
+        metavar="FILE.mid",
+        help="write the session's chords as MIDI marker events into FILE.mid when the bridge "
+        "stops (a DAW imports them as markers)",
+    )
 
 
 def run_bridge(args: argparse.Namespace) -> int:
@@ -58,6 +70,8 @@ def run_bridge(args: argparse.Namespace) -> int:
             out_port=args.out_port,
             virtual=args.virtual,
             lookahead_ms=args.lookahead_ms,
+            chord_sysex=args.chord_sysex,
+            chord_markers=args.chord_markers,
         )
     except ValueError as e:
         logger.error("%s", e)

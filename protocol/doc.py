@@ -19,7 +19,7 @@ from . import messages as p
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
 
 CLIENT = [p.Start, p.Params, p.Ping, p.ClientMidi, p.Trigger, p.Stop]
-SERVER = [p.Started, p.Pong, p.ServerMidi, p.Retract, p.ErrorMessage, p.Stopped]
+SERVER = [p.Started, p.Pong, p.ServerMidi, p.Retract, p.Chord, p.Beat, p.ErrorMessage, p.Stopped]
 
 
 def _type_name(schema: dict[str, Any]) -> str:
@@ -50,6 +50,7 @@ def _range(schema: dict[str, Any]) -> str:
             ("maximum", "<="),
             ("exclusiveMaximum", "<"),
             ("minItems", "items >="),
+            ("maxLength", "length <="),
         ):
             if key in s:
                 parts.append(f"{sym} {s[key]}")

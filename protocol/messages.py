@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 
 PartName = Literal["lead", "counter", "harmony", "bass", "drums"]
 Mode = Literal["respond", "accompany"]
+ChordSource = Literal["chart", "left_hand", "model"]
 GRID_DIVISIONS = {"1/4": 1, "1/8": 2, "1/16": 4, "1/8t": 3, "1/16t": 6}  # points per beat
 
 # Limits shared by validation, `GET /v1/model` and the docs.
@@ -39,7 +40,9 @@ MAX_FRAME_BYTES = 65_536  # a larger text frame is refused with an error (code "
 MAX_LOOKAHEAD_MS = 2_000
 MAX_RESPONSE_SECONDS = 60.0
 MAX_TIME_AHEAD_MS = 1_000
-PLAYER_BASS_PROGRAM = 33  # the player's bass line (bass_split) is heard by the model as a bass  # a client event may be stamped at most this far past the server clock
+PLAYER_BASS_PROGRAM = 33  # the player's bass line (bass_split) is heard by the model as a bass
+LEFT_HAND_SPLIT = 60  # chord_source "left_hand" without bass_split: the keys below middle C
+MAX_CHART_CHARS = 2_000  # a chord chart longer than this is refused
 
 
 class _Message(BaseModel):
@@ -142,6 +145,24 @@ class LiveParams(_Message):
         "long, the accompaniment ends (its notes off) and waits for the player's next note; "
         "null = it plays on",
     )
+    # harmony and meter (accompany)
+    chord_source: ChordSource = Field(
+        "model",
+        description="accompany: where the harmony comes from. chart: `chords`, looped, laid on "
+        "the session's bars; left_hand: the player's keys below `bass_split` (default "
+        f"{LEFT_HAND_SPLIT}) read as chords; model: the model plans its own. The model hears "
+        "the given chords (a model with harmony tokens) and the client gets `chord` messages",
+    )
+    chords: str | None = Field(
+        None,
+        max_length=MAX_CHART_CHARS,
+        description="chord_source chart: a chart, one chord a bar ('C Am F G'), or bars split "
+        "by '|' ('| C | Am F |': a bar's chords share it); symbols like C, Am, F#m7, Bb7, "
+        "Cmaj7, Ddim, Esus4, N (no chord); looped",
+    )
+    beats_per_bar: int = Field(
+        4, ge=1, le=16, description="beats in a bar of the session's clock (and of a chart)"
+    )
 
     @field_validator("programs")
     @classmethod
@@ -157,12 +178,24 @@ class LiveParams(_Message):
             raise ValueError(
                 f"pitch_low ({self.pitch_low}) must be <= pitch_high ({self.pitch_high})"
             )
+        if self.chord_source == "left_hand" and self.bass_split is None:
+            self.bass_split = LEFT_HAND_SPLIT  # the left hand names the chords
         if self.bass_split is not None and self.parts is not None and "bass" in self.parts:
             raise ValueError(
                 "parts: 'bass' is the player's while bass_split is set; leave it out, or set "
                 "bass_split to null"
             )
+        if self.chord_source == "chart":
+            if not self.chords or not self.chords.strip():
+                raise ValueError(
+                    "chord_source 'chart' needs chords, e.g. 'C Am F G' (one chord a bar) or "
+                    "'| C | Am F |'"
+                )  # its symbols are checked by the server (the chord vocabulary is the engine's)
         return self
+
+    def beat_ms(self) -> float:
+        """Milliseconds between beats at `tempo_bpm`."""
+        return 60_000.0 / self.tempo_bpm
 
     def grid_step_ms(self) -> float | None:
         """The grid generated notes land on (ms between points), None when there is none."""
@@ -266,6 +299,11 @@ class Started(_Message):
     mode: Mode
     params: LiveParams
     server_time: float = Field(description="session time now, ms")
+    harmony: bool = Field(
+        False,
+        description="the model hears chords and beats (its vocabulary has them); false: chord "
+        "and beat messages are still sent, but the model plays without them",
+    )
 
 
 class Pong(_Message):
@@ -290,6 +328,34 @@ class Retract(_Message):
 
     type: Literal["retract"] = "retract"
     after: float = Field(description="session time, ms")
+
+
+class Chord(_Message):
+    """The harmony from session time `time` on (accompany; docs/protocol.md, "Harmony and
+    meter"). Sent when it is known: a chart's a bar or more ahead, a left-hand chord when it is
+    recognized, the model's own as soon as it is sampled (a `retract` drops it like a midi
+    event; the regenerated plan follows). A later `chord` at the same time replaces it."""
+
+    type: Literal["chord"] = "chord"
+    time: float = Field(description="session time the chord starts, ms")
+    label: str = Field(description="Harte label, e.g. 'A:min', 'G:7', 'N' (no chord)")
+    source: ChordSource = Field(description="chart | left_hand | model")
+
+
+class Beat(_Message):
+    """A beat of the session (accompany), sent `lookahead_ms` before its time, like a midi
+    event: the clock's (beat_time + tempo_bpm, or a chart's from the first note), else the
+    model's own beats (retracted with the events around them when rolled back)."""
+
+    type: Literal["beat"] = "beat"
+    time: float = Field(description="session time of the beat, ms")
+    bar: bool = Field(description="a downbeat (the first beat of a bar)")
+    source: Literal["clock", "model"] = Field(
+        description="clock: the session's clock; model: the model's own beat"
+    )
+    tempo_bpm: float | None = Field(
+        None, description="the session's tempo: the clock's, or estimated from the model's beats"
+    )
 
 
 class ErrorMessage(_Message):
@@ -330,7 +396,8 @@ class Stopped(_Message):
 
 
 ServerMessage = Annotated[
-    Started | Pong | ServerMidi | Retract | ErrorMessage | Stopped, Field(discriminator="type")
+    Started | Pong | ServerMidi | Retract | Chord | Beat | ErrorMessage | Stopped,
+    Field(discriminator="type"),
 ]
 server_adapter: TypeAdapter[Any] = TypeAdapter(ServerMessage)
 

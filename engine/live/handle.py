@@ -27,6 +27,7 @@ from .types import (
     Reset,
     RollbackTo,
     SamplingParams,
+    Schedule,
     SetClock,
     SetGrid,
     SetSampling,
@@ -132,6 +133,24 @@ class LiveSession:
             self._close_sent = True
         self.fence.cancel()
         self._submit(self.id, Close())
+
+    def schedule(self, from_tick: int, marks: Iterable[tuple[int, Iterable[int]]]) -> None:
+        """Marks the session's clock and chart give ahead of time (`(tick, [BAR|BEAT|CHORD
+        tokens])`), forced at their ticks: a running request's time stops at the next one, the
+        mark is written there and sampling goes on; with no request running, they are written
+        before a given event after them. Unlike `insert`, they are the schedule, not the
+        player: a player's event before one goes before it, and a mark a rollback removes is
+        written again when the model's time comes back to it. Replaces what was scheduled at
+        `from_tick` or later (those already written from there on are rolled back)."""
+        if from_tick < 0:
+            raise ValueError(f"from_tick must be >= 0, got {from_tick}")
+        out = []
+        for tick, toks in marks:
+            if tick < from_tick:
+                raise ValueError(f"a mark at tick {tick} is before from_tick {from_tick}")
+            out.append((int(tick), tuple(self._check(toks))))
+        out.sort(key=lambda m: m[0])
+        self._submit(self.id, Schedule(int(from_tick), tuple(out)))
 
     def set_grid(self, step_ticks: float | None, origin_tick: float = 0.0) -> None:
         """Move the BeatGrid (the tempo someone else keeps changed); `None`: no grid."""

@@ -43,6 +43,7 @@ from .types import (
     Rollback,
     RollbackTo,
     SamplingParams,
+    Schedule,
     SetClock,
     SetGrid,
     SetSampling,
@@ -53,6 +54,18 @@ from .types import (
 logger = logging.getLogger(__name__)
 
 LOGITS_KEPT = 40  # logits kept per session: a note's retries, one per VEL drawn (32 bins)
+MARKS_KEPT = 512  # written marks kept for rollback (the oldest are forgotten past this)
+
+
+@dataclasses.dataclass
+class ScheduledMark:
+    """A mark of the session's schedule (`LiveSession.schedule`): its tokens are forced at
+    `tick`; `at` is the position its tokens were written at (None: not written yet, or rolled
+    back: written again when the model's time comes back to it)."""
+
+    tick: int
+    tokens: list[int]
+    at: int | None = None
 
 
 class SessionState:
@@ -96,6 +109,7 @@ class SessionState:
         self.req: Request | None = None
         self._forced: list[tuple[int, int, list[int]]] = []  # heap of (tick, seq, tokens)
         self._forced_seq = itertools.count()
+        self._sched: list[ScheduledMark] = []  # the schedule, by tick (written ones first)
         self.marks = policy.Marks()
         self.shadow: Shadow | None = None  # the slid context being prefilled (ContextSlider)
         self.cached = 0  # tokens of the context the cache holds (the scheduler syncs to it)
@@ -213,12 +227,15 @@ class SessionState:
                 self.shadow = None
                 self._forced.clear()
                 self._clear()
+                for m in self._sched:
+                    m.at = None
                 self.cached = 0
                 self._push(self._prompt if prompt is None else prompt, given=True)
             case Close():
                 self.finish("closed")
                 self.shadow = None
                 self._forced.clear()
+                self._sched.clear()
                 self.closed = True
             case SetGrid(grid):
                 self.cs.replace(grid)
@@ -228,6 +245,8 @@ class SessionState:
                     self.seed = sampling.seed
             case SetClock(clock):
                 self.clock = clock
+            case Schedule(from_tick, marks):
+                self._schedule(from_tick, marks)
             case _:  # pragma: no cover - the union is closed
                 raise ValueError(f"unknown command {cmd!r}")
 
@@ -247,6 +266,8 @@ class SessionState:
             while self._forced and (req is None or self._forced[0][0] <= floor):
                 tick, _, tokens = heapq.heappop(self._forced)
                 self._insert_now(max(tick, self.tick), tokens)
+            if req is not None:  # marks due before the floor (without a request: with an event)
+                self._write_marks(floor)
             if req is not None and req.start_tick is not None:  # generate(start_tick=)
                 start, req.start_tick = req.start_tick, None
                 self._push(self.vocab.time_tokens(start - self.tick), given=False)
@@ -293,7 +314,10 @@ class SessionState:
         # The session's ticks run on over infill sections; the grammar's restart with each:
         # limits are moved to the grammar's time.
         offset = self.tick - int(self.cs.tick[0])
-        limit = self._forced[0][0] - offset if self._forced else None
+        ahead = [self._forced[0][0]] if self._forced else []
+        if (m := self._next_mark()) is not None:
+            ahead.append(m.tick)
+        limit = min(ahead) - offset if ahead else None
         end = None if req.until_tick is None else req.until_tick - offset
         m = self.cs.allowed(limit, end, lead_in=req.lead_in is not None)[0]
         if req.max_tokens is not None and req.max_tokens - req.n == 1:
@@ -389,6 +413,9 @@ class SessionState:
         if p >= h.position:
             return
         h.truncate(p)
+        for m in self._sched:  # marks cut away are written again when their time comes back
+            if m.at is not None and m.at >= p:
+                m.at = None
         self.cached = min(self.cached, self.ctx_len())
         if self.shadow is not None and not self.shadow.cut(p):
             self.shadow = None  # dropped: made again later
@@ -406,9 +433,44 @@ class SessionState:
             self._cut(self.position - 1)
 
     def _insert_now(self, tick: int, tokens: list[int]) -> None:
-        """At an event boundary with time <= tick: time tokens up to tick, then the tokens."""
+        """At an event boundary with time <= tick: the marks due up to tick, time tokens up to
+        tick, then the tokens."""
+        self._write_marks(tick)
         gap = tick - self.tick  # <= 0 only when clamped at the window start: inserted late
         self._push(self.vocab.time_tokens(gap) + tokens, given=True)
+
+    # --- the schedule (marks of the session's clock and chart) --------------------------------
+    def _next_mark(self) -> ScheduledMark | None:
+        return next((m for m in self._sched if m.at is None), None)
+
+    def _write_marks(self, upto: int) -> None:
+        """Write the scheduled marks due at or before `upto` (at an event boundary), each at its
+        tick (or now, if the model's time is past it). Not given: a player's event before one
+        rolls it back, and it is written again."""
+        while (m := self._next_mark()) is not None and m.tick <= upto:
+            self._push(self.vocab.time_tokens(max(m.tick - self.tick, 0)), given=False)
+            m.at = self.position
+            self._push(m.tokens, given=False)
+        written = [m for m in self._sched if m.at is not None]
+        if len(written) > MARKS_KEPT:
+            old = {id(m) for m in written[: len(written) - MARKS_KEPT]}
+            self._sched = [m for m in self._sched if id(m) not in old]
+
+    def _schedule(self, from_tick: int, marks: tuple[tuple[int, tuple[int, ...]], ...]) -> None:
+        """Replace the schedule from `from_tick` on; what the model wrote after a mark that
+        moves (or comes before its time) is rolled back to it."""
+        # A mark the new schedule keeps as it was stays written (a clock re-anchored on the
+        # same beats rolls nothing back).
+        old = {(m.tick, tuple(m.tokens)): m.at for m in self._sched if m.tick >= from_tick}
+        new = [ScheduledMark(t, list(toks), old.pop((t, tuple(toks)), None)) for t, toks in marks]
+        self._sched = [m for m in self._sched if m.tick < from_tick] + new
+        cut = [at for at in old.values() if at is not None]
+        late = [m.tick for m in new if m.at is None and m.tick < self.tick]
+        if late:
+            cut.append(self.history.position_after_tick(min(late)))
+        if cut:
+            self._cut(min(cut), keep_given=True)
+            self._to_boundary()
 
     def _slide(self, keep_len: int) -> None:
         """Context overflow: header + the last keep_len tokens, prefilled from position 0 (at

@@ -168,9 +168,18 @@ class SetClock:
     clock: ClockFn | None
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Marks (BAR/BEAT/CHORD tokens) to force at their ticks from `from_tick` on, replacing
+    those scheduled there before (`LiveSession.schedule`)."""
+
+    from_tick: int
+    marks: tuple[tuple[int, tuple[int, ...]], ...]  # (tick, tokens), sorted by tick
+
+
 Command = (
     Open | Append | Insert | Generate | Cancel | Crop | RollbackTo | Reset | Close | SetGrid
-    | SetSampling | SetClock
+    | SetSampling | SetClock | Schedule
 )  # fmt: skip
 
 

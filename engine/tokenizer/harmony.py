@@ -318,10 +318,9 @@ def steady_beats(bpm: float, beats_per_bar: int, start: float, end: float) -> Ma
     return Marks.build(t, kinds, np.zeros(n))
 
 
-def parse_chart(chart: str, beats: Marks, loop_until: float | None = None) -> Marks:
-    """A chord chart laid on `beats`: `C Am F G` (one chord a bar) or `| C | Am F | G7 |` (a bar's
-    chords split it evenly, by beats where they divide it). The first bar starts at the first
-    BAR mark. With `loop_until`, the chart repeats until that time."""
+def chart_bars(chart: str) -> list[list[int]]:
+    """A chord chart's bars, each the chord indices that share it: `C Am F G` (one chord a bar)
+    or `| C | Am F | G7 |`. Raises ValueError naming what is wrong."""
     text = chart.strip()
     if not text:
         raise ValueError("chord chart is empty")
@@ -331,7 +330,14 @@ def parse_chart(chart: str, beats: Marks, loop_until: float | None = None) -> Ma
         bars = [[s] for s in text.split()]
     if any(not b for b in bars):
         raise ValueError(f"chord chart has an empty bar: {chart!r}")
-    symbols = [[parse_symbol(s) for s in b] for b in bars]
+    return [[parse_symbol(s) for s in b] for b in bars]
+
+
+def parse_chart(chart: str, beats: Marks, loop_until: float | None = None) -> Marks:
+    """A chord chart laid on `beats`: `C Am F G` (one chord a bar) or `| C | Am F | G7 |` (a bar's
+    chords split it evenly, by beats where they divide it). The first bar starts at the first
+    BAR mark. With `loop_until`, the chart repeats until that time."""
+    symbols = chart_bars(chart)
     downs = beats.time[beats.kind == BAR]
     if len(downs) == 0:
         raise ValueError("a chord chart needs beats with at least one downbeat (bpm or beats)")

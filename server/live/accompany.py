@@ -1,7 +1,8 @@
 """Accompany mode: the model plays along with the player, sampling `horizon_ms` past now.
 
 It starts with the player's first note, hears the player's keys below `bass_split` as a bass
-line, and rests (its notes off) when the player has been silent `rest_ms`.
+line, and rests (its notes off) when the player has been silent `rest_ms`. Its harmony and meter
+(a chart, the left hand's chords, a clock, or the model's own) are `Harmony`'s.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import asyncio
 
 import mido
 
-from improv.engine.live import LiveSession
+from improv.engine.constraints import Constraint
+from improv.engine.live import LiveSession, Rollback
+from improv.engine.tokenizer.decode import Beat, ChordChange
 from improv.engine.tokenizer.stream import DRUM_CHANNEL
 from improv.protocol import messages as p
 
+from .harmony import Harmony
 from .mode import Mode, ModeContext
 
 ACCOMPANY_TICK_S = 0.05  # how often accompany extends its sampling horizon
@@ -27,7 +31,9 @@ class Accompany(Mode):
         self.lead_heard = False  # the player has played a note (the model waits for it)
         self._horizon_tick = -1
         self._bass_keys: set[tuple[int, int]] = set()  # (channel, key) held as the bass part
+        self._low_held: set[int] = set()  # keys held as the bass (the left hand's chord)
         self._timer: asyncio.Task[None] | None = None
+        self.harmony = Harmony(self.vocab, self.clock, self.playback, params)
 
     def _default_parts(self) -> list[str]:
         return p.ACCOMPANY_PARTS + (["drums"] if self.params.drums else [])
@@ -44,11 +50,22 @@ class Accompany(Mode):
 
     def _new_engine_session(self) -> None:
         self._horizon_tick = -1
+        if self._timer is not None:  # (a reopen; at the start, `Harmony` waits for the lead)
+            self.harmony.new_engine_session(self.session, self.clock.now_ms())
+
+    def _mode_constraints(self) -> list[Constraint]:
+        return self.harmony.constraints()
+
+    def _clock_changed(self, old: p.LiveParams, new: p.LiveParams) -> None:
+        keys = ("chord_source", "chords", "beats_per_bar", "tempo_bpm", "beat_time")
+        if any(getattr(old, k) != getattr(new, k) for k in keys):
+            self.harmony.retime(self.session, new, self.clock.now_ms())
 
     async def _run(self) -> None:
         """Keep the model sampling `horizon_ms` past now (a new request replaces the old one)."""
         while True:
             s = self.session
+            self.harmony.advance(s, self.clock.now_ms())
             # Not before the player's first note: an intro would be in a key the model can
             # only guess, and it would hold to it when the player comes in.
             if s is not None and self.lead_heard:
@@ -72,13 +89,35 @@ class Accompany(Mode):
         listener and the model (what it sampled past now was never heard), and waits for the
         player's next note, as at the start."""
         s.insert(self.clock.tick(now), self.interrupt(now))
+        self.harmony.rest()
         self.lead_heard = False
         self._horizon_tick = -1
 
     # --- the player -----------------------------------------------------------------------------
     def _before_player(self, msg: mido.Message, t: float, now: float) -> list[int]:
-        self.lead_heard = self.lead_heard or (msg.type == "note_on" and msg.velocity > 0)
+        if not self.lead_heard and msg.type == "note_on" and msg.velocity > 0:
+            self.lead_heard = True
+            self.harmony.begin(self.session, t)  # the chart's first bar, the engine's marks
         return []
+
+    def _player_marks(self, msg: mido.Message, part: str | None, t: float) -> list[int]:
+        """The left hand: a chord change read from the keys held below the split."""
+        if part != "bass" or msg.type not in ("note_on", "note_off"):
+            return []
+        if msg.type == "note_off" or msg.velocity == 0:
+            self._low_held.discard(msg.note)
+            return []
+        self._low_held.add(msg.note)
+        if self.params.chord_source != "left_hand":
+            return []
+        return self.harmony.left_hand(sorted(self._low_held), t)
+
+    # --- the model's own marks --------------------------------------------------------------------
+    def _model_marks(self, marks: list[Beat | ChordChange], position: int | None) -> None:
+        self.harmony.model_marks(marks, position)
+
+    def _rolled_back(self, ev: Rollback) -> None:
+        self.harmony.rollback(ev.position)
 
     def _player_part(self, msg: mido.Message) -> tuple[str | None, int | None]:
         """With `bass_split`, keys below it are the bass; a note-off goes where its note-on

@@ -26,6 +26,7 @@ from improv.engine.tokenizer.vocab import Vocab
 from improv.protocol import messages as p
 
 from ..runtime import Runtime, SessionLimit
+from . import harmony
 from .accompany import Accompany
 from .clock import SessionClock
 from .mode import Mode, ModeContext
@@ -211,14 +212,24 @@ class LiveConnection:
 
     async def _start(self, m: p.Start) -> None:
         """Start a mode; a running one ends first (all its notes off); the clock goes on."""
+        params = p.LiveParams.model_validate(m.model_dump(exclude={"type", "mode"}))
+        if (err := harmony.check(params)) is not None:
+            self.error("bad_message", err)  # the running mode goes on
+            return
         now = self.now_ms()
         self._end_mode(now)
-        params = p.LiveParams.model_validate(m.model_dump(exclude={"type", "mode"}))
         ctx = ModeContext(self.rt, self.clock, self.playback, self.stats, self.error, self.id)
         self.active = mode = MODES[m.mode](ctx, params)
         await mode.open(now)
         self.outbox.message(
-            p.Started(session=self.id, mode=mode.name, params=params, server_time=now), now
+            p.Started(
+                session=self.id,
+                mode=mode.name,
+                params=params,
+                server_time=now,
+                harmony=self.vocab.harmony,
+            ),
+            now,
         )
 
     def error(self, code: str, message: str) -> None:

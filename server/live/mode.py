@@ -28,11 +28,13 @@ from improv.engine.constraints import (
     Programs,
 )
 from improv.engine.live import Done, Event, LiveSession, Rollback, SamplingParams, Token
+from improv.engine.tokenizer.decode import Beat, ChordChange
 from improv.engine.tokenizer.stream import StreamEncoder
 from improv.engine.tokenizer.vocab import TokenType
 from improv.protocol import messages as p
 
 from ..runtime import Runtime
+from . import harmony
 from .clock import SessionClock
 from .playback import Playback
 from .stats import LiveStats
@@ -175,13 +177,21 @@ class Mode:
         except ValidationError as e:
             self.ctx.error("bad_message", p.explain(e))
             return
+        if (err := harmony.check(new)) is not None:
+            self.ctx.error("bad_message", err)
+            return
         old, self.params = self.params, new
         self.playback.set_lookahead(new.lookahead_ms)
         s = self.session
         if s is None:
             return
         s.set_grid(*self._grid())  # the DAW's tempo or beat moved: no reopen needed
-        if changes.keys() <= {"tempo_bpm", "beat_time", "grid"} and new.response_beats is None:
+        self._clock_changed(old, new)
+        if (
+            changes.keys() <= {"tempo_bpm", "beat_time", "grid"}
+            and new.response_beats is None
+            and _constraint_keys(old) == _constraint_keys(new)
+        ):
             return  # only the grid moved (the bridge re-anchors every 4 beats)
         self._drop_ahead()  # sampled with the old parameters
         if _constraint_keys(old) != _constraint_keys(new):
@@ -191,6 +201,9 @@ class Mode:
         else:
             s.set_sampling(self._sampling())  # a seed of None keeps the session's
         self._params_changed()
+
+    def _clock_changed(self, old: p.LiveParams, new: p.LiveParams) -> None:
+        """Hook: new parameters (the clock's, a chart's may have moved)."""
 
     def _drop_ahead(self) -> None:
         """Hook: drop what was sampled ahead with the old parameters."""
@@ -221,12 +234,17 @@ class Mode:
         part, program = self._player_part(msg)
         toks = self.enc.feed(msg, (t - self.clock.origin) / 1000.0, part, program)
         event = [x for x in toks if self.vocab.type_of(x) is not TokenType.TIME]
-        if (event or offs) and self.session is not None:
-            self.session.insert(self.clock.tick(t), offs + event)
+        marks = self._player_marks(msg, part, t)
+        if (event or offs or marks) and self.session is not None:
+            self.session.insert(self.clock.tick(t), marks + offs + event)
         self._after_player(msg, event)
 
     def _before_player(self, msg: mido.Message, t: float, now: float) -> list[int]:
         """Hook: the player plays at `t`; OFF tokens to give before the player's event."""
+        return []
+
+    def _player_marks(self, msg: mido.Message, part: str | None, t: float) -> list[int]:
+        """Hook: marks the player's event gives (a left-hand chord), before its tokens."""
         return []
 
     def _after_player(self, msg: mido.Message, event: list[int]) -> None:
@@ -274,6 +292,7 @@ class Mode:
                     self._play(ev.token, ev.tick, ev.position)
             elif isinstance(ev, Rollback):
                 self.playback.rollback(ev)
+                self._rolled_back(ev)
             elif isinstance(ev, Done):
                 self._on_done(ev)
         except Exception:
@@ -281,7 +300,14 @@ class Mode:
 
     def _play(self, tok: int, tick: int, position: int | None) -> None:
         self.enc.observe([tok])  # keeps the player's PART/PROGRAM bookkeeping in step
-        self.playback.play(tok, tick, position)
+        if marks := self.playback.play(tok, tick, position):
+            self._model_marks(marks, position)
+
+    def _model_marks(self, marks: list[Beat | ChordChange], position: int | None) -> None:
+        """Hook: the model wrote its own beat or chord."""
+
+    def _rolled_back(self, ev: Rollback) -> None:
+        """Hook: the engine rolled back (after the playback's retractions)."""
 
     def _on_done(self, ev: Done) -> None:
         if ev.reason == "error":
@@ -289,4 +315,7 @@ class Mode:
 
 
 def _constraint_keys(pr: p.LiveParams) -> tuple:
-    return (pr.parts, pr.drums, pr.programs, pr.pitch_low, pr.pitch_high, pr.max_notes_per_second)
+    return (
+        pr.parts, pr.drums, pr.programs, pr.pitch_low, pr.pitch_high, pr.max_notes_per_second,
+        pr.chord_source, pr.beat_time is not None,  # which marks are given (GivenMarks)
+    )  # fmt: skip

@@ -156,7 +156,7 @@ class Outbox:
 
     async def _deliver(self, e: Outgoing, now: float) -> None:
         e.sent = True
-        if e.time_ms is not None:
+        if e.time_ms is not None and getattr(e.msg, "type", "midi") == "midi":  # not chord/beat
             self.stats.events_sent += 1
             if now > e.time_ms + 0.5 and not e.at_once:  # late (0.5 ms: the clock's rounding)
                 self.stats.late_events += 1

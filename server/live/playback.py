@@ -16,7 +16,14 @@ import logging
 from dataclasses import dataclass
 
 from improv.engine.live import Rollback
-from improv.engine.tokenizer.decode import NoteOff, NoteOn, ProgramChange, TokenDecoder
+from improv.engine.tokenizer.decode import (
+    Beat,
+    ChordChange,
+    NoteOff,
+    NoteOn,
+    ProgramChange,
+    TokenDecoder,
+)
 from improv.engine.tokenizer.stream import part_channel
 from improv.engine.tokenizer.vocab import Vocab
 from improv.protocol import messages as p
@@ -40,6 +47,13 @@ class Generated(Outgoing):
     position: int | None = None  # the token position it came from (None: given, never rolled back)
     # a program change: (part, program, position of its PROGRAM token); it goes with a note
     program: tuple[int, int, int | None] | None = None
+    # a `chord` or `beat` of the session's schedule (clock, chart, left hand): an interrupt's
+    # cut leaves it (the beat goes on while the band rests); the mode's end cancels it
+    scheduled: bool = False
+
+    @property
+    def is_midi(self) -> bool:
+        return isinstance(self.msg, p.ServerMidi)
 
 
 @dataclass(eq=False)
@@ -74,9 +88,11 @@ class Playback:
             self.outbox.reschedule(ms)
 
     # --- tokens -> events -----------------------------------------------------------------------
-    def play(self, tok: int, tick: int, position: int | None) -> None:
-        """A generated token at token time `tick` (position None: given, never rolled back)."""
+    def play(self, tok: int, tick: int, position: int | None) -> list[Beat | ChordChange]:
+        """A generated token at token time `tick` (position None: given, never rolled back).
+        Returns the model's own marks (a beat, a chord) for the mode to announce."""
         self._forget_past()
+        marks: list[Beat | ChordChange] = []
         for ev in self.decoder.feed(tok, tick):
             t = self.clock.ms(ev.tick)
             if isinstance(ev, ProgramChange):
@@ -101,6 +117,38 @@ class Playback:
                 note = self.open.pop((ev.part, ev.pitch), None)
                 if note is not None:  # else: a note of the player's, or one already closed
                     self._note_off(note, t, position)
+            elif isinstance(ev, Beat | ChordChange):
+                marks.append(ev)
+        return marks
+
+    def announce(
+        self,
+        msg: p.Chord | p.Beat,
+        position: int | None = None,
+        at_once: bool = False,
+        scheduled: bool = False,
+    ) -> Generated:
+        """A `chord` or `beat` message for session time `msg.time`: sent `lookahead_ms` before
+        it, or at once (`at_once`: what comes next, shown ahead). `position`: the model's token
+        (a rollback retracts it); None: the schedule's (`scheduled`) or the player's."""
+        now = self.clock.now_ms()
+        send_at = now if at_once else msg.time - self.lookahead_ms
+        e = Generated(send_at, msg, time_ms=msg.time, position=position, scheduled=scheduled)
+        e.at_once = at_once
+        self.outbox.put(e)
+        self.events.append(e)
+        return e
+
+    def withdraw(self, after: float) -> None:
+        """The schedule changed from `after` on (a moved clock, a new chart): its announcements
+        after then are cancelled, retracted if sent (what else survives is sent again)."""
+        any_sent = False
+        for e in self.events:
+            if e.scheduled and not e.cancelled and e.time_ms > after:
+                e.cancelled = True
+                any_sent |= e.sent
+        if any_sent:
+            self._retract(after)
 
     def emit(self, t: float, data: list[int], part: int, position: int | None) -> Generated:
         """A generated event sounding at session time `t`."""
@@ -181,12 +229,12 @@ class Playback:
         self.model_sounding.clear()
         return offs
 
-    def cut(self, t: float) -> list[Note]:
-        """Cancel every generated event after `t`; note-offs at `t` for the notes sounding then.
-        Returns those notes."""
+    def cut(self, t: float, scheduled: bool = False) -> list[Note]:
+        """Cancel every generated event after `t` (and the schedule's announcements too if
+        `scheduled`); note-offs at `t` for the notes sounding then. Returns those notes."""
         any_sent = False
         for e in self.events:
-            if not e.cancelled and e.time_ms > t:
+            if not e.cancelled and e.time_ms > t and (scheduled or not e.scheduled):
                 e.cancelled = True
                 any_sent |= e.sent
         if any_sent:
@@ -215,18 +263,20 @@ class Playback:
 
     def stop(self, now: float) -> None:
         """The mode ends: what has not sounded is retracted, what sounds ends now."""
-        self.cut(now)
+        self.cut(now, scheduled=True)
         self.open.clear()
         self.model_sounding.clear()
 
     # --- queries ----------------------------------------------------------------------------------
     def sounding_later(self, now: float) -> bool:
         """A generated event is still to sound (a response generated ahead of real time)."""
-        return any(not e.cancelled and e.time_ms > now for e in self.events)
+        return any(not e.cancelled and e.time_ms > now and e.is_midi for e in self.events)
 
     def sounded_floor(self, now: float) -> float:
         """Time of the latest generated event that has already sounded (0 if none)."""
-        times = [e.time_ms for e in self.events if not e.cancelled and e.time_ms <= now]
+        times = [
+            e.time_ms for e in self.events if not e.cancelled and e.time_ms <= now and e.is_midi
+        ]
         return max(times, default=0.0)
 
     # --- retract ----------------------------------------------------------------------------------
@@ -241,12 +291,14 @@ class Playback:
             if not e.cancelled and e.time_ms > after:
                 e.cancelled = True
                 again = Generated(
-                    e.time_ms - self.lookahead_ms,
+                    # (an announcement sent at once goes again at once: what comes next)
+                    floor if e.at_once else e.time_ms - self.lookahead_ms,
                     e.msg,
                     time_ms=e.time_ms,
                     at_once=e.at_once,
                     position=e.position,
                     program=e.program,
+                    scheduled=e.scheduled,
                 )
                 self.outbox.put(again)
                 self.events.append(again)

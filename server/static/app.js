@@ -19,6 +19,8 @@ const state = {
   status: "connecting", ws: null, offset: null, samples: [], started: false, session: null,
   mode: "respond", queue: [], dispatched: [], retries: 0, sent: 0, received: 0, held: new Map(),
   octave: 4, programs: { ...PARTS_DEFAULT }, reconnectTimer: null,
+  // harmony and meter (accompany): the session's chords and beats, retracts applied
+  chords: [], beats: [], clicked: new Set(), harmony: null, tempo: null,
 };
 const localNow = () => performance.now();
 const serverNow = () => (state.offset === null ? 0 : localNow() + state.offset);
@@ -84,14 +86,26 @@ function startParams() {
     p.response_seconds = +$("length").value; p.gap_ms = +$("gap").value;
     p.programs.lead = state.programs.lead;
   } else {
-    const split = $("split").checked;
-    // with the player's bass (bass_split) the model plays none: the server refuses both
-    const parts = ["counter", "harmony", "bass", "drums"].filter((x) => $("p-" + x).checked && !(split && x === "bass"));
+    const split = $("split").checked, leftHand = $("chord-source").value === "left_hand";
+    // with the player's bass (bass_split; the left hand's chords) the model plays none: the
+    // server refuses both
+    const parts = ["counter", "harmony", "bass", "drums"].filter((x) => $("p-" + x).checked && !((split || leftHand) && x === "bass"));
     p.parts = parts.length ? parts : ["harmony"];
     p.rest_ms = restMs();
     p.bass_split = split ? SPLIT_KEY : null;
     for (const x of p.parts) if (x !== "drums") p.programs[x] = state.programs[x];
+    Object.assign(p, harmonyParams());
   }
+  return p;
+}
+
+// The harmony controls: the chord source, the chart, its tempo and meter (without a count-in,
+// a chart starts with the player's first note at this tempo). left_hand: the server reads the
+// keys below bass_split (C4 unless "Left hand" sets C3) as chords.
+function harmonyParams() {
+  const source = $("chord-source").value;
+  const p = { chord_source: source, tempo_bpm: +$("bpm").value || 100, beats_per_bar: +$("per-bar").value };
+  if (source === "chart") p.chords = $("chart").value.trim() || "C";
   return p;
 }
 
@@ -110,11 +124,16 @@ function onMessage(m) {
       break;
     }
     case "started":
-      state.started = true; state.session = m.session; state.retries = 0;
+      state.started = true; state.session = m.session; state.retries = 0; state.harmony = m.harmony;
+      state.chords = []; state.beats = []; roll.retractChords(-Infinity);
       setStatus("live", `live · ${m.mode === "respond" ? "call & response" : "accompany"}`);
+      if (m.mode === "accompany" && !m.harmony && m.params.chord_source !== "model")
+        flash("this model has no chord tokens: it plays without hearing the chords");
       break;
     case "midi": onModelMidi(m); break;
     case "retract": onRetract(m.after); break;
+    case "chord": onChord(m); break;
+    case "beat": onBeat(m); break;
     case "error": console.warn("server:", m.code, m.message); flash(`server: ${m.message}`); break;
     case "stopped": state.started = false; break;
   }
@@ -135,7 +154,60 @@ function onModelMidi(m) {
   pump();
 }
 
+// Chords and beats: kept by time (a later chord at the same time replaces it), shown as the
+// current and next chord, the beat dots, the roll's labels; the click is scheduled like a note.
+function onChord(m) {
+  state.chords = state.chords.filter((c) => c.time !== m.time);
+  let i = state.chords.length;
+  while (i > 0 && state.chords[i - 1].time > m.time) i--;
+  state.chords.splice(i, 0, { time: m.time, label: m.label, source: m.source });
+  roll.chord(m.time, chordName(m.label));
+}
+
+function onBeat(m) {
+  state.beats = state.beats.filter((b) => b.time !== m.time);
+  state.beats.push({ time: m.time, bar: m.bar, source: m.source });
+  state.beats.sort((a, b) => a.time - b.time);
+  if (m.tempo_bpm) state.tempo = m.tempo_bpm;
+  pump();
+}
+
+// Harte label -> lead-sheet name: "A:min" -> "Am", "G:7" -> "G7", "N" -> "N.C.".
+const QUALITY_NAMES = { maj: "", min: "m", 7: "7", maj7: "maj7", min7: "m7", dim: "dim", dim7: "dim7", hdim7: "m7b5",
+  aug: "aug", sus2: "sus2", sus4: "sus4", "7sus4": "7sus4", maj6: "6", min6: "m6", minmaj7: "m(maj7)" };
+function chordName(label) {
+  if (!label || label === "N") return "N.C.";
+  const [root, q] = label.split(":");
+  return root + (QUALITY_NAMES[q] ?? q ?? "");
+}
+
+function showHarmony() {
+  const now = serverNow();
+  const i = state.chords.findIndex((c) => c.time > now);
+  const cur = i === -1 ? state.chords[state.chords.length - 1] : state.chords[i - 1];
+  const next = i === -1 ? null : state.chords[i];
+  $("chord-now").textContent = cur ? chordName(cur.label) : "–";
+  $("chord-next").textContent = next ? chordName(next.label) : "–";
+  // the beat dots: the bar's beats, the one sounding lit
+  let k = -1;
+  for (let j = 0; j < state.beats.length && state.beats[j].time <= now; j++) k = j;
+  const perBar = +$("per-bar").value || 4;
+  let pos = -1;
+  if (k >= 0 && now - state.beats[k].time < 2000) { pos = 0; for (let j = k; j > 0 && !state.beats[j].bar; j--) pos++; }
+  const dots = $("beats");
+  const n = Math.max(perBar, pos + 1);
+  if (dots.childElementCount !== n) dots.innerHTML = "<span></span>".repeat(n);
+  [...dots.children].forEach((el, j) => { el.className = (j === 0 ? "bar" : "") + (j === pos ? " on" : ""); });
+  $("tempo-now").textContent = state.tempo ? `${Math.round(state.tempo)} bpm` : "";
+  state.beats = state.beats.filter((b) => b.time > now - 4000);
+  const seen = state.chords.findIndex((c) => c.time > now - 20000);
+  if (seen > 1) state.chords = state.chords.slice(seen - 1);
+}
+
 function onRetract(after) {
+  state.chords = state.chords.filter((c) => c.time <= after);
+  state.beats = state.beats.filter((b) => b.time <= after);
+  roll.retractChords(after);
   state.queue = state.queue.filter((e) => e.time <= after);
   // Handed to WebAudio but not started yet: cancel those voices.
   for (const d of state.dispatched) if (d.time > after && d.voice) d.voice.stop(synth.now(), true);
@@ -159,6 +231,15 @@ function pump() {
       ? synth.noteOn(e.data[0] & 15, e.data[1], e.data[2], audioTimeOf(e.time))
       : (synth.midi(e.data, audioTimeOf(e.time)), null);
     state.dispatched.push({ time: e.time, voice });
+  }
+  // the metronome: each beat's click handed to WebAudio as its time comes near
+  if ($("click").checked && synth.ctx) {
+    for (const b of state.beats) {
+      if (b.time > horizon || state.clicked.has(b.time) || b.time < serverNow() - 50) continue;
+      state.clicked.add(b.time);
+      synth.click(audioTimeOf(b.time), b.bar);
+    }
+    if (state.clicked.size > 64) state.clicked = new Set([...state.clicked].slice(-32));
   }
   const now = serverNow();
   state.dispatched = state.dispatched.filter((d) => d.time > now);
@@ -288,6 +369,29 @@ async function initMidi() {
 }
 
 // --- controls --------------------------------------------------------------------------------
+function setChordSource() {
+  document.body.classList.toggle("chords-chart", $("chord-source").value === "chart");
+}
+$("chord-source").onchange = () => {
+  setChordSource();
+  const p = startParams();
+  sendParams({ ...harmonyParams(), parts: p.parts, programs: p.programs });
+  $("chord-source").blur();
+};
+// the chart goes out when it is complete (Enter, or leaving the box), not at every letter
+$("chart").addEventListener("keydown", (ev) => { ev.stopPropagation(); if (ev.key === "Enter") $("chart").blur(); });
+$("chart").addEventListener("keyup", (ev) => ev.stopPropagation());
+$("chart").onchange = () => sendParams(harmonyParams());
+$("bpm").onchange = () => sendParams(harmonyParams());
+$("per-bar").onchange = () => { sendParams(harmonyParams()); $("per-bar").blur(); };
+// Count in: a bar of clicks; the session's clock starts on the next downbeat (beat_time), where
+// a chart's first bar begins.
+$("count-in").onclick = () => {
+  synth.ensure(); $("click").checked = true;
+  const p = harmonyParams(), bar = 60000 / p.tempo_bpm * p.beats_per_bar;
+  sendParams({ ...p, beat_time: serverNow() + bar });
+};
+
 function setMode(mode) {
   state.mode = mode;
   document.body.classList.toggle("mode-respond", mode === "respond");
@@ -356,7 +460,7 @@ function flash(text) {
 // Legend and the frame loop.
 $("legend").innerHTML = Object.entries({ player: "you", lead: "model", counter: "counter", harmony: "harmony", bass: "bass", drums: "drums" })
   .map(([k, v]) => `<span style="--c:${COLORS[k]}">${v}</span>`).join("");
-function frame() { pump(); roll.draw(); requestAnimationFrame(frame); }
+function frame() { pump(); roll.draw(); showHarmony(); requestAnimationFrame(frame); }
 setInterval(pump, 10); // keeps scheduling when the tab is in the background (rAF pauses)
 setInterval(() => { if (state.started) send({ type: "ping", time: localNow() }); }, 2000);
 
@@ -364,9 +468,13 @@ setInterval(() => { if (state.started) send({ type: "ping", time: localNow() });
 window.improv = Object.freeze({
   rollNotes: () => roll.notes.map((n) => ({ pitch: n.pitch, start: n.start, end: n.end, part: n.part, source: n.source })),
   status: () => state.status,
+  chords: () => state.chords.map((c) => ({ ...c })),
+  beats: () => state.beats.map((b) => ({ ...b })),
+  rollChords: () => roll.chords.map((c) => ({ ...c })),
   state: () => ({ status: state.status, started: state.started, mode: state.mode, offset: state.offset, rtt: state.rtt,
     sent: state.sent, received: state.received, queued: state.queue.length, session: state.session, sounding: synth.sounding() }),
 });
 
+setChordSource();
 setMode("respond"); // also sends start once connected
 buildKeyboard(); loadPrograms(); initMidi(); connect(); frame();

@@ -12,6 +12,7 @@ export class Roll {
     this.g = canvas.getContext("2d");
     this.now = now; // () -> session ms
     this.notes = [];
+    this.chords = []; // {time, label}: the session's chords, drawn along the top
     this.pxPerMs = 0.12;
     this.low = 40; this.high = 88; // pitch range shown (widened by what is played)
     this.open = new Map(); // source:ch:pitch -> note
@@ -56,6 +57,15 @@ export class Roll {
     }
   }
 
+  // A chord from `time` on (a later one at the same time replaces it).
+  chord(time, label) {
+    this.chords = this.chords.filter((c) => c.time !== time);
+    this.chords.push({ time, label });
+    this.chords.sort((a, b) => a.time - b.time);
+  }
+
+  retractChords(after) { this.chords = this.chords.filter((c) => c.time <= after); }
+
   closeAll(source, time) {
     for (const [k, n] of [...this.open]) if (n.source === source) { n.end = time; this.open.delete(k); }
   }
@@ -83,6 +93,18 @@ export class Roll {
     for (let t = Math.floor((now - head / this.pxPerMs) / 1000) * 1000; t < now + (w - head) / this.pxPerMs; t += 1000) {
       g.fillRect(head + (t - now) * this.pxPerMs, 0, 1, h);
     }
+    // Chord labels along the top, at their changes.
+    g.font = "600 12px system-ui";
+    for (const c of this.chords) {
+      const x = head + (c.time - now) * this.pxPerMs;
+      if (x < -60 || x > w) continue;
+      g.fillStyle = "rgba(61,220,151,0.35)"; g.fillRect(x, 0, 1, h);
+      g.fillStyle = c.time > now ? "rgba(61,220,151,0.6)" : "rgba(61,220,151,0.95)";
+      g.fillText(c.label, x + 4, 14);
+    }
+    // forget chords long gone (the one sounding at the left edge stays)
+    const seen = this.chords.findIndex((c) => c.time > now - head / this.pxPerMs - 500);
+    if (seen > 1) this.chords = this.chords.slice(seen - 1);
     // Lookahead zone.
     const grad = g.createLinearGradient(head, 0, w, 0);
     grad.addColorStop(0, "rgba(76,201,240,0.08)"); grad.addColorStop(1, "rgba(76,201,240,0)");

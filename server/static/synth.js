@@ -84,6 +84,16 @@ export class Synth {
 
   sounding() { return this.voices.size; }
 
+  // A metronome click at `when` (audio time): a short blip, higher on a downbeat.
+  click(when, accent = false) {
+    if (!this.ctx) return;
+    const ctx = this.ctx, t = Math.max(ctx.currentTime, when ?? 0);
+    const o = ctx.createOscillator(), g = ctx.createGain();
+    o.frequency.setValueAtTime(accent ? 1760 : 1175, t);
+    g.gain.setValueAtTime(accent ? 0.5 : 0.32, t); g.gain.exponentialRampToValueAtTime(0.0001, t + 0.05);
+    o.connect(g); g.connect(this.dry); o.start(t); o.stop(t + 0.06);
+  }
+
   // --- voices ------------------------------------------------------------------------------
   _tone(family, note, vel, t) {
     const ctx = this.ctx, f = mtof(note);

@@ -5,10 +5,13 @@ retracts, MIDI clock -> tempo_bpm, reconnect after the server goes away), and th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import mido
 import pytest
@@ -133,16 +136,22 @@ def test_bridge_needs_ports():
         Bridge("ws://x", in_port="a")
 
 
-@pytest.mark.jack
-def test_bridge_virtual_on_jack_sigterm(server, runtime):
-    """`improv bridge --virtual` as a subprocess on JACK: a phrase into `improv bridge in`
-    comes back as generated notes on `improv bridge out`; SIGTERM leaves nothing sounding."""
+@dataclass
+class JackBridge:
+    proc: subprocess.Popen
+    rec: Recorder
+    sender: mido.ports.BaseOutput
+    log: str = ""  # the bridge's output, once it ended
+
+
+@contextlib.contextmanager
+def jack_bridge(server, runtime, mode: str, *args: str) -> Iterator[JackBridge]:  # noqa: ANN001
+    """`improv bridge URL --virtual ARGS` as a subprocess on a private JACK server, once its
+    session (in `mode`) has started: the recorder on `improv bridge out`, a sender into
+    `improv bridge in`. Killed at the end if still running; its output in `.log`."""
     with jack_server() as env:
-        cmd = [
-            sys.executable, "-m", "improv.cli", "bridge", server.ws.rsplit("/v1", 1)[0],
-            "--virtual", "--param", "gap_ms=100", "--param", "response_seconds=3",
-            "--param", "seed=21",
-        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "improv.cli", "bridge", server.ws.rsplit("/v1", 1)[0],
+               "--virtual", *args]  # fmt: skip
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         rec = sender = None
         try:
@@ -153,27 +162,66 @@ def test_bridge_virtual_on_jack_sigterm(server, runtime):
             # (stale), so a phrase sent while it syncs its clock would get no answer.
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and not any(
-                c.mode == "respond" for c in list(runtime.connections)
+                c.mode == mode for c in list(runtime.connections)
             ):
                 time.sleep(0.05)
             time.sleep(0.5)  # the bridge's own start handling (it drains its inbox then)
-            play_phrase(sender)
-            assert rec.wait(
-                lambda ms: note_balance(ms)[0] >= 1, 30
-            )  # a response starts with a note
-            proc.send_signal(signal.SIGTERM)  # mid-response (3 s long)
-            assert proc.wait(20) == 0
-            time.sleep(0.3)
+            jb = JackBridge(proc, rec, sender)
+            yield jb
         finally:
             if proc.poll() is None:
                 proc.kill()
             out = proc.communicate()[0].decode(errors="replace")
             if sender is not None:
                 sender.close()
-        ons, offs = note_balance(rec.snapshot())
-        rec.close()
-        assert ons > 0 and ons == offs, (ons, offs, out[-2000:])
-        assert "session stopped (stop)" in out, out[-2000:]
+            if rec is not None:
+                rec.close()
+        jb.log = out
+
+
+@pytest.mark.jack
+def test_bridge_virtual_on_jack_sigterm(server, runtime):
+    """`improv bridge --virtual` as a subprocess on JACK: a phrase into `improv bridge in`
+    comes back as generated notes on `improv bridge out`; SIGTERM leaves nothing sounding."""
+    with jack_bridge(server, runtime, "respond", "--param", "gap_ms=100", "--param",
+                     "response_seconds=3", "--param", "seed=21") as jb:  # fmt: skip
+        play_phrase(jb.sender)
+        assert jb.rec.wait(lambda ms: note_balance(ms)[0] >= 1, 30)  # a response starts with a note
+        jb.proc.send_signal(signal.SIGTERM)  # mid-response (3 s long)
+        assert jb.proc.wait(20) == 0
+        time.sleep(0.3)
+    ons, offs = note_balance(jb.rec.snapshot())
+    assert ons > 0 and ons == offs, (ons, offs, jb.log[-2000:])
+    assert "session stopped (stop)" in jb.log, jb.log[-2000:]
+
+
+def chord_labels(ms: list[mido.Message]) -> list[str]:
+    """The bridge's chord SysEx messages, in order: their labels."""
+    head = b"\x7dimpv:"
+    return [bytes(m.data[6:]).decode() for m in ms
+            if m.type == "sysex" and bytes(m.data[:6]) == head]  # fmt: skip
+
+
+@pytest.mark.jack
+def test_bridge_sends_chart_chords_to_the_daw_on_jack(server, runtime, tmp_path):
+    """`improv bridge --chords "C Am F G" --chord-sysex --chord-markers FILE`: accompany along the
+    chart (from the player's first note, no DAW clock here); each chord reaches the DAW's port
+    as SysEx text at its time, and the markers file holds them when the bridge stops."""
+    markers = tmp_path / "chords.mid"
+    with jack_bridge(server, runtime, "accompany", "--chords", "C Am F G", "--chord-sysex",
+                     "--chord-markers", str(markers), "--param", "tempo_bpm=240",
+                     "--param", "seed=22") as jb:  # fmt: skip
+        for _ in range(3):  # 1 s bars at 240 bpm: two chords within the phrases
+            play_phrase(jb.sender, dur=0.15)
+        assert jb.rec.wait(lambda ms: chord_labels(ms)[:2] == ["C:maj", "A:min"], 30), chord_labels(
+            jb.rec.snapshot()
+        )
+        jb.proc.send_signal(signal.SIGTERM)
+        assert jb.proc.wait(20) == 0
+    ons, offs = note_balance(jb.rec.snapshot())
+    assert ons == offs, (ons, offs, jb.log[-2000:])
+    texts = [m.text for m in mido.MidiFile(markers).tracks[0] if m.type == "marker"]
+    assert texts[:2] == ["C:maj", "A:min"], jb.log[-2000:]
 
 
 def test_bridge_without_a_midi_system_is_one_line_and_exit_2(tmp_path):

@@ -115,6 +115,73 @@ def test_page_plays_with_the_model_and_shows_disconnects(browser, server, tmp_pa
     page.close()
 
 
+def test_page_plays_along_a_chart_with_a_count_in(browser, server, tmp_path):
+    """Accompany along a chord chart: the count-in starts the clock, the beat dots and the
+    click follow the server's beats, the current and next chord show in large type and label
+    the roll. (The test model has no chord tokens: the chart and the clock still come.)"""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("window.improv && window.improv.state().started", timeout=15_000)
+    page.evaluate(
+        "window.__sent = []; const send = WebSocket.prototype.send;"
+        "WebSocket.prototype.send = function (d) { window.__sent.push(JSON.parse(d));"
+        " return send.call(this, d); }; 0"
+    )
+    page.click('#mode button[data-mode="accompany"]')
+    assert page.locator("#chart").is_hidden()  # the chart box belongs to the chart source
+    page.select_option("#chord-source", "chart")
+    assert page.locator("#chart").is_visible()
+    page.fill("#chart", "| C | Am | F G |")
+    page.fill("#bpm", "240")
+    page.locator("#bpm").dispatch_event("change")
+    page.locator("#chart").press("Enter")
+    page.wait_for_function(
+        "window.__sent.some(m => m.type === 'params' && m.chord_source === 'chart'"
+        " && m.chords === '| C | Am | F G |' && m.tempo_bpm === 240)"
+    )
+    page.click("#count-in")
+    assert page.locator("#click").is_checked()
+    page.wait_for_function(
+        "window.__sent.some(m => m.type === 'params' && typeof m.beat_time === 'number')"
+    )
+    page.wait_for_function("document.querySelector('#beats span.on') !== null", timeout=10_000)
+    page.wait_for_function(
+        "document.getElementById('chord-now').textContent === 'C'"
+        " && document.getElementById('chord-next').textContent === 'Am'",
+        timeout=10_000,
+    )
+    for key in ("a", "g", "f", "d"):  # the player comes in on the chart
+        page.keyboard.down(key)
+        page.wait_for_timeout(120)
+        page.keyboard.up(key)
+    page.wait_for_function(
+        "document.getElementById('chord-now').textContent === 'Am'", timeout=10_000
+    )
+    labels = [c["label"] for c in page.evaluate("window.improv.rollChords()")]
+    assert labels[:2] == ["C", "Am"], labels
+    beats = page.evaluate("window.improv.beats()")
+    assert beats and all(b["source"] == "clock" for b in beats)
+    assert page.locator("#tempo-now").inner_text() == "240 bpm"
+    shot = Path(os.environ.get("IMPROV_SCREENSHOT", tmp_path / "page.png"))
+    page.screenshot(path=str(shot.with_name(shot.stem + "-chart.png")))
+    # The left hand: chords from the keys below the split; the model's bass is off then.
+    page.check("#p-bass")
+    page.select_option("#chord-source", "left_hand")
+    page.wait_for_function(
+        "window.__sent.some(m => m.type === 'params' && m.chord_source === 'left_hand'"
+        " && !m.parts.includes('bass'))"
+    )
+    assert page.locator("#chart").is_hidden()
+    page.wait_for_timeout(300)
+    assert not page.evaluate("window.improv.state().status !== 'live'"), page.evaluate(
+        "window.improv.state()"
+    )
+    assert not errors, errors
+    page.close()
+
+
 WIDEST_OPTION_CUT = """() => {
   const cut = [];
   for (const sel of document.querySelectorAll('select[data-program]')) {

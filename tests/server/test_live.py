@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from live_session import open_in_process
 
 Player = Any  # the client class lives in conftest (fixture make_player)
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
@@ -299,21 +300,6 @@ def test_server_shutdown_ends_notes(runtime, make_player, server_factory):
     pl.drain(3)
     assert pl.closed_code in (1001, 1012)  # ours, or uvicorn's "service restart" if it is first
     assert_balanced(pl)
-
-
-async def open_in_process(runtime) -> tuple[Any, list]:
-    """A live connection driven without a WebSocket (as the MIDI-port bridge does), opened, and
-    the list the messages it sends go to."""
-    from improv.server.live import LiveConnection
-
-    out: list = []
-
-    async def send(msg) -> None:
-        out.append(msg)
-
-    conn = LiveConnection(runtime, send)
-    await conn.open()
-    return conn, out
 
 
 @pytest.mark.parametrize("mode", ["respond", "accompany"])

@@ -1,0 +1,327 @@
+"""Harmony and meter of an accompany session: the clock's beats, the chart's chords, the left
+hand's chords, the model's own (docs/protocol.md, "Harmony and meter").
+
+- **The clock** (`Meter`): `beat_time` + `tempo_bpm` (the bridge sends them from the DAW's MIDI
+  clock), or for a chart without one, `tempo_bpm` from the player's first note. Its first
+  `beat_time` is bar 1's downbeat; a later one (the bridge re-anchors every 4 beats) keeps the
+  count. Its beats, and a chart's chords laid on its bars, are the session's *schedule*: sent to
+  the engine ahead of time (`LiveSession.schedule`: BAR/BEAT/CHORD tokens forced at their
+  ticks), and to the client (`beat` `lookahead_ms` before it, `chord` when scheduled).
+- **The left hand** (`chord_source: left_hand`): the keys below `bass_split` are read as a chord
+  at each key struck (`match_chord`); a change is given to the model with the key's event.
+- **The model** (`chord_source: model`, no clock): its own CHORD and BEAT tokens become
+  `chord` (at once: what comes next) and `beat` messages, retracted with a rollback; its beats
+  give the session's tempo (the median of its last beats' spacing).
+
+A model without harmony tokens hears none of it; the client still gets the chart's and the
+clock's chords and beats, and the left hand's chords (`started.harmony` says which it is).
+Everything here runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from improv.engine.constraints import Constraint, GivenMarks
+from improv.engine.live import LiveSession
+from improv.engine.tokenizer.chord_match import match_chord
+from improv.engine.tokenizer.decode import Beat, ChordChange
+from improv.engine.tokenizer.harmony import chart_bars, chord_label
+from improv.engine.tokenizer.vocab import Vocab
+from improv.protocol import messages as p
+
+from .clock import SessionClock
+from .playback import Playback
+
+AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
+RETIME_TOLERANCE_MS = 5.0
+STALE_MS = 100.0  # marks further back than this are not scheduled (the model played past them)  # a re-anchored clock whose beats moved less than this changes nothing
+TEMPO_BEATS = 8  # the model's latest beats its tempo is read from
+
+
+def check(params: p.LiveParams) -> str | None:
+    """What is wrong with the harmony parameters (a chart's symbols), or None."""
+    if params.chords:
+        try:
+            chart_bars(params.chords)
+        except ValueError as e:
+            return f"chords: {e}"
+    return None
+
+
+@dataclass
+class Meter:
+    """Beats at `beat_ms` from `anchor` (session ms), which is beat number `number`; beat n is a
+    downbeat when n % per_bar == 0. Beat 0 is the first bar's downbeat."""
+
+    anchor: float
+    beat_ms: float
+    per_bar: int
+    number: int = 0
+
+    def retimed(self, beat_time: float | None, beat_ms: float, per_bar: int) -> Meter:
+        """The meter after a new tempo and/or beat (the count goes on: the nearest beat number
+        of the old meter names the new anchor)."""
+        if beat_time is None:  # only the tempo moved: re-anchored on the beat nearest... now
+            beat_time = self.anchor
+        n = self.number + round((beat_time - self.anchor) / self.beat_ms)
+        return Meter(beat_time, beat_ms, per_bar, n)
+
+    def time(self, number: float) -> float:
+        return self.anchor + (number - self.number) * self.beat_ms
+
+    def beats(self, lo: float, hi: float) -> list[int]:
+        """Numbers of the beats in [lo, hi)."""
+        first = self.number + math.ceil((lo - self.anchor) / self.beat_ms - 1e-9)
+        out = []
+        n = first
+        while self.time(n) < hi:
+            out.append(n)
+            n += 1
+        return out
+
+
+@dataclass(frozen=True)
+class Mark:
+    time: float  # session ms
+    beat: int | None = None  # the beat's number (None: a chord alone)
+    bar: bool = False
+    chord: int | None = None  # chord index
+
+
+@dataclass
+class Harmony:
+    vocab: Vocab
+    clock: SessionClock
+    playback: Playback
+    params: p.LiveParams
+    meter: Meter | None = None
+    bars: list[list[int]] | None = None
+    sent_until: float = -math.inf  # the client has the schedule up to here (session ms)
+    engine_until: float | None = None  # the engine has it up to here (None: not scheduling)
+    chord: int | None = None  # the latest left-hand chord
+    model_beats: list[tuple[float, int]] = field(default_factory=list)  # (ms, token position)
+    tempo_bpm: float | None = None  # the model's, without a clock
+
+    def __post_init__(self) -> None:
+        self._configure(self.params)
+
+    def _configure(self, pr: p.LiveParams) -> None:
+        old, self.params = self.params, pr
+        self.bars = chart_bars(pr.chords) if pr.chord_source == "chart" and pr.chords else None
+        if pr.beat_time is None and pr.chord_source != "chart":
+            self.meter = None  # no clock: the model's own beats
+        elif self.meter is not None and (old.beat_time is not None or pr.beat_time is None):
+            # the clock moved (the bridge re-anchors), or only the tempo: the count goes on
+            self.meter = self.meter.retimed(pr.beat_time, pr.beat_ms(), pr.beats_per_bar)
+        elif pr.beat_time is not None:  # a clock starts (a count-in): bar 1 is its downbeat
+            self.meter = Meter(pr.beat_time, pr.beat_ms(), pr.beats_per_bar)
+
+    # --- settings -------------------------------------------------------------------------------
+    @property
+    def forced(self) -> bool:
+        """The model hears the given chords and beats (its vocabulary has them)."""
+        return self.vocab.harmony
+
+    @property
+    def clocked(self) -> bool:
+        """The session has a clock (now, or from the player's first note)."""
+        return self.params.beat_time is not None or self.params.chord_source == "chart"
+
+    def constraints(self) -> list[Constraint]:
+        """The model writes no beats or chords of its own where they are given."""
+        if not self.forced:
+            return []
+        given_chords = self.params.chord_source != "model"
+        if not (self.clocked or given_chords):
+            return []
+        return [GivenMarks(beats=self.clocked, chords=given_chords)]
+
+    # --- the schedule ---------------------------------------------------------------------------
+    def begin(self, session: LiveSession | None, t: float) -> None:
+        """The player's first note (again, after a rest) at `t`: a chart without a clock starts
+        its first bar here; the engine's schedule starts here, the sounding chord restated."""
+        if self.meter is None and self.params.chord_source == "chart":
+            self.meter = Meter(t, self.params.beat_ms(), self.params.beats_per_bar)
+        self.engine_until = t
+        self.advance(session, t, restate=True)
+
+    def rest(self) -> None:
+        """The accompaniment rests: the engine hears no more marks until the player's next note
+        (they would pile up in its history); the client's beats go on."""
+        self.engine_until = None
+
+    def new_engine_session(self, session: LiveSession | None, now: float) -> None:
+        """A reopened engine session has no schedule: it starts again from now."""
+        if self.engine_until is not None:
+            self.engine_until = now
+            self.advance(session, now, restate=True)
+
+    def advance(self, session: LiveSession | None, now: float, restate: bool = False) -> None:
+        """Schedule up to `now + AHEAD_MS` (at least a bar): the client's messages, and while
+        the model plays, the engine's marks."""
+        m = self.meter
+        if m is None:
+            return
+        hi = now + max(AHEAD_MS, m.beat_ms * m.per_bar)
+        lo = max(self.sent_until, now)
+        if hi > lo:
+            # (the client hears a restated chord only where its schedule starts again)
+            for mk in self._marks(lo, hi, restate=restate and lo == now):
+                self._announce(mk)
+            self.sent_until = hi
+        if self.engine_until is not None and session is not None and self.forced:
+            # (not from long ago: a clock that just started would roll back what was played)
+            lo = max(self.engine_until, now - STALE_MS)
+            if hi > lo:
+                tick, tick_ms = self.clock.tick, self.clock.tick_ms
+                # The schedule is replaced from a tick on: a mark just before `lo` that rounds
+                # to that tick is sent again (else it would be dropped; the engine keeps it).
+                from_tick = tick(lo)
+                marks = self._marks(min(lo, self.clock.ms(from_tick) - tick_ms), hi, restate)
+                ticked = [(tick(mk.time), self._tokens(mk)) for mk in marks]
+                session.schedule(from_tick, [m for m in ticked if m[0] >= from_tick])
+                self.engine_until = hi
+
+    def retime(self, session: LiveSession | None, new: p.LiveParams, now: float) -> None:
+        """New clock or chart parameters: the schedule from now on is laid again (the engine
+        rolls back to the first mark that moved; the client's announcements are withdrawn and
+        sent again), unless no mark moves (a clock re-anchored on its own beats)."""
+        before, old_bars = self.meter, self.bars
+        old_marks = self._marks(now, self.sent_until) if before is not None else []
+        self._configure(new)
+        if self.meter is None and new.chord_source == "chart" and self.engine_until is not None:
+            # a chart chosen while the player plays, without a clock: its first bar is now
+            self.meter = Meter(now, new.beat_ms(), new.beats_per_bar)
+        if self.meter is not None and before is None:  # a clock starts: laid from now
+            self.sent_until = now
+            if self.engine_until is not None:
+                self.engine_until = now
+            self.advance(session, now, restate=True)
+            return
+        if self.meter is None:
+            if old_marks:
+                self.playback.withdraw(now)
+            self.sent_until = -math.inf
+            return
+        new_marks = self._marks(now, self.sent_until) if self.sent_until > now else []
+        if _same(old_marks, new_marks):
+            return
+        self.playback.withdraw(now)
+        self.sent_until = now
+        if self.engine_until is not None:
+            self.engine_until = min(self.engine_until, now)
+        self.advance(session, now, restate=self.bars != old_bars)  # a new chart: its chord now
+
+    def _marks(self, lo: float, hi: float, restate: bool = False) -> list[Mark]:
+        """The clock's beats and the chart's chords in [lo, hi); `restate`: the chart's chord
+        sounding at `lo` is stated there (the model hears the harmony from its first note)."""
+        m = self.meter
+        assert m is not None
+        out: dict[float, Mark] = {}
+        for n in m.beats(lo, hi):
+            t = m.time(n)
+            out[t] = Mark(t, n, n % m.per_bar == 0)
+        if self.bars:
+            first_bar = math.floor((m.number + (lo - m.anchor) / m.beat_ms) / m.per_bar)
+            last_bar = math.floor((m.number + (hi - m.anchor) / m.beat_ms) / m.per_bar)
+            for b in range(max(first_bar, 0), last_bar + 1):
+                bar = self.bars[b % len(self.bars)]
+                for j, c in enumerate(bar):
+                    t = m.time(b * m.per_bar + j * m.per_bar / len(bar))
+                    if lo <= t < hi:
+                        old = out.get(t, Mark(t))
+                        out[t] = Mark(t, old.beat, old.bar, c)
+            if (
+                restate
+                and first_bar >= 0
+                and not any(x.chord is not None and x.time <= lo + 1e-6 for x in out.values())
+            ):
+                out[lo] = Mark(lo, chord=self._chart_chord_at(lo))
+        return sorted(out.values(), key=lambda x: x.time)
+
+    def _chart_chord_at(self, t: float) -> int:
+        m, bars = self.meter, self.bars
+        assert m is not None and bars
+        beat = m.number + (t - m.anchor) / m.beat_ms
+        b = math.floor(beat / m.per_bar)
+        bar = bars[b % len(bars)]
+        j = min(int((beat - b * m.per_bar) / (m.per_bar / len(bar)) + 1e-9), len(bar) - 1)
+        return bar[j]
+
+    def _tokens(self, mk: Mark) -> list[int]:
+        v = self.vocab
+        toks = [] if mk.beat is None else [v.BAR if mk.bar else v.BEAT]
+        return toks + ([] if mk.chord is None else [v.chord(mk.chord)])
+
+    def _announce(self, mk: Mark) -> None:
+        if mk.beat is not None:
+            assert self.meter is not None
+            bpm = 60_000.0 / self.meter.beat_ms
+            self.playback.announce(
+                p.Beat(time=mk.time, bar=mk.bar, source="clock", tempo_bpm=round(bpm, 2)),
+                scheduled=True,
+            )
+        if mk.chord is not None:
+            msg = p.Chord(time=mk.time, label=chord_label(mk.chord), source="chart")
+            self.playback.announce(msg, at_once=True, scheduled=True)
+
+    # --- the left hand --------------------------------------------------------------------------
+    def left_hand(self, keys: list[int], t: float) -> list[int]:
+        """The keys held below the split after one is struck at `t`: a new chord is announced,
+        and its CHORD token returned (to give with the key's event; none if the model has no
+        such tokens)."""
+        c = match_chord(keys)
+        if c == 0 or c == self.chord:
+            return []
+        self.chord = c
+        msg = p.Chord(time=t, label=chord_label(c), source="left_hand")
+        self.playback.announce(msg, at_once=True, scheduled=True)
+        return [self.vocab.chord(c)] if self.forced else []
+
+    # --- the model's own --------------------------------------------------------------------------
+    def model_marks(self, marks: list[Beat | ChordChange], position: int | None) -> None:
+        """The model's own chord or beat (sampled at token `position`)."""
+        for ev in marks:
+            t = self.clock.ms(ev.tick)
+            if isinstance(ev, ChordChange):
+                if self.params.chord_source == "model":
+                    msg = p.Chord(time=t, label=chord_label(ev.chord), source="model")
+                    self.playback.announce(msg, position=position, at_once=True)
+            elif self.meter is None and position is not None:
+                self.model_beats = [b for b in self.model_beats if b[0] < t][-TEMPO_BEATS:]
+                self.model_beats.append((t, position))
+                self.tempo_bpm = _tempo(self.model_beats)
+                msg = p.Beat(time=t, bar=ev.bar, source="model", tempo_bpm=self.tempo_bpm)
+                self.playback.announce(msg, position=position)
+
+    def rollback(self, position: int) -> None:
+        """The model's tokens from `position` on are gone: so are its beats there."""
+        self.model_beats = [b for b in self.model_beats if b[1] < position]
+        self.tempo_bpm = _tempo(self.model_beats)
+
+
+def _tempo(beats: list[tuple[float, int]]) -> float | None:
+    """The tempo of the model's beats: the median spacing of the latest (None: too few)."""
+    if len(beats) < 3:
+        return None
+    gaps = np.diff([b[0] for b in beats])
+    gaps = gaps[gaps > 0]
+    if not len(gaps):
+        return None
+    med = float(np.median(gaps))
+    while med < 60_000.0 / 300.0:  # eighth notes marked as beats: half the tempo
+        med *= 2
+    while med > 60_000.0 / 20.0:
+        med /= 2
+    return round(60_000.0 / med, 1)
+
+
+def _same(a: list[Mark], b: list[Mark]) -> bool:
+    return len(a) == len(b) and all(
+        x.bar == y.bar and x.chord == y.chord and abs(x.time - y.time) < RETIME_TOLERANCE_MS
+        for x, y in zip(a, b, strict=True)
+    )

@@ -1,0 +1,321 @@
+"""Harmony and meter in a live accompany session (issue #21): a chart laid on the clock's bars,
+the left hand's chords, the model's own chords and beats; `chord` and `beat` messages; a model
+without harmony tokens still gives the client the chart and the clock."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from live_session import open_in_process
+
+from improv.engine.checkpoint import save_checkpoint
+from improv.engine.config import ModelConfig
+from improv.engine.model import Transformer
+from improv.engine.tokenizer.harmony import chord_index, chord_label
+from improv.engine.tokenizer.vocab import TokenizerConfig, Vocab
+from improv.server.live import LiveConnection
+
+HARMONY = TokenizerConfig(harmony=True)
+V = Vocab(HARMONY)
+
+
+def write_harmony_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random tiny model with the harmony vocabulary (waits damped, as the server tests' own,
+    so it plays enough to judge in a few seconds)."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_preset("tiny", max_seq_len=2048, vocab_size=V.size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3 if name == "tok_emb.weight" else 0.3 / p.shape[1] ** 0.5 * 4)
+        model.lm_head.weight[V.shift_base : V.part_base] *= 0.1
+    return save_checkpoint(path, model.eval(), HARMONY, {"note": "random weights, for tests"})
+
+
+@pytest.fixture(scope="module")
+def harmony_runtime(tmp_path_factory, server_factory):
+    _, make_runtime = server_factory
+    rt = make_runtime(write_harmony_checkpoint(tmp_path_factory.mktemp("harmony") / "ckpt"))
+    yield rt
+    rt.close()
+
+
+def of(out: list, kind: str) -> list[Any]:
+    return [m for m in out if m.type == kind]
+
+
+def client_view(out: list, kind: str) -> list[Any]:
+    """What a client holds of `kind` after applying every retract in order."""
+    held: list[Any] = []
+    for m in out:
+        if m.type == kind:
+            held.append(m)
+        elif m.type == "retract":
+            held = [x for x in held if x.time <= m.after]
+    return held
+
+
+def balanced(out: list) -> bool:
+    """Every note-on the client plays (retracts applied) has its note-off."""
+    midi = client_view(out, "midi")
+    ons = sum(1 for m in midi if m.data[0] & 0xF0 == 0x90 and m.data[2] > 0)
+    offs = sum(1 for m in midi if m.data[0] & 0xF0 == 0x80)
+    return ons == offs
+
+
+def marks_at(tokens: list[int]) -> list[tuple[int, int]]:
+    """(tick, token) of the BAR/BEAT/CHORD tokens of a history."""
+    out, tick = [], 0
+    for t in tokens:
+        tick += V.shift_ticks(t)
+        if t in (V.BAR, V.BEAT) or V.chord_base <= t < V.HEADER:
+            out.append((tick, t))
+    return out
+
+
+async def play_melody(conn: LiveConnection, start: float, n: int, step: float = 250.0) -> None:
+    for i in range(n):
+        t = start + i * step
+        await asyncio.sleep(max(0.0, (t - conn.now_ms()) / 1000.0))
+        await conn.handle({"type": "midi", "data": [144, 72 + i % 5, 90], "time": t})
+        await asyncio.sleep(0.2 * step / 1000.0)
+        await conn.handle({"type": "midi", "data": [128, 72 + i % 5, 0]})
+
+
+def test_a_chart_on_the_clock_is_forced_and_announced(harmony_runtime):
+    """C Am F G at 120 bpm from a downbeat: a chord event a bar (2 s), beat events every 500 ms
+    with the downbeats flagged, the CHORD and BAR/BEAT tokens in the model's history at their
+    ticks and none of the model's own; nothing left sounding, no error."""
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        down = conn.now_ms() + 200.0
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 50,
+                           "chord_source": "chart", "chords": "C Am F G", "tempo_bpm": 120,
+                           "beat_time": down, "rest_ms": None})  # fmt: skip
+        await play_melody(conn, down, 18)  # 4.5 s: three bars are past when it stops
+        await asyncio.sleep(0.3)
+        tokens = conn.active.session.tokens()
+        assert conn.active.session.window_start == 0  # (ticks are read from the first token)
+        origin = conn.clock.origin
+        await conn.close()
+        return out, tokens, down, origin
+
+    out, tokens, down, origin = asyncio.run(main())
+    assert of(out, "started")[0].harmony is True
+    assert not of(out, "error")
+    chords = client_view(out, "chord")  # (a retract re-sends what survives it)
+    want = ["C:maj", "A:min", "F:maj"]  # (G's bar comes after the stop: retracted)
+    assert [c.label for c in chords] == want and {c.source for c in chords} == {"chart"}
+    for i, c in enumerate(chords):
+        assert c.time == pytest.approx(down + 2000.0 * i)
+    beats = client_view(out, "beat")
+    assert len(beats) >= 6
+    for b in beats:
+        k = round((b.time - down) / 500.0)
+        assert b.time == pytest.approx(down + 500.0 * k) and b.bar == (k % 4 == 0)
+        assert b.source == "clock" and b.tempo_bpm == 120.0
+    marks = marks_at(tokens)
+    tick = lambda ms: round((ms - origin) / 10.0)  # noqa: E731
+    forced_chords = [(t, x) for t, x in marks if x >= V.chord_base]
+    assert forced_chords[0] == (tick(down), V.chord(chord_index(0, "maj")))
+    assert (tick(down + 2000.0), V.chord(chord_index(9, "min"))) in forced_chords
+    assert len(forced_chords) == len({t for t, _ in forced_chords})  # the model wrote none
+    beat_ticks = [t for t, x in marks if x in (V.BAR, V.BEAT)]
+    assert beat_ticks[:4] == [tick(down + 500.0 * k) for k in range(4)]
+    assert balanced(out)
+
+
+def test_a_chart_without_a_clock_starts_at_the_first_note(harmony_runtime):
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 1, "lookahead_ms": 0,
+                           "chord_source": "chart", "chords": "| Dm7 G7 | Cmaj7 |",
+                           "tempo_bpm": 100, "beats_per_bar": 4})  # fmt: skip
+        await asyncio.sleep(0.1)
+        assert not of(out, "beat") and not of(out, "chord")  # nothing before the player
+        first = conn.now_ms()
+        await play_melody(conn, first, 10, step=300.0)
+        await conn.close()
+        return out, first
+
+    out, first = asyncio.run(main())
+    chords = client_view(out, "chord")
+    assert [c.label for c in chords[:3]] == ["D:min7", "G:7", "C:maj7"]
+    assert [c.time for c in chords[:3]] == pytest.approx([first, first + 1200.0, first + 2400.0])
+    beat = client_view(out, "beat")[0]
+    assert beat.time == pytest.approx(first) and beat.bar
+
+
+def test_left_hand_chords_are_read_forced_and_announced(harmony_runtime):
+    """Block chords below the split: each is read (with inversions), announced at its time and
+    given to the model as a CHORD token before the keys; the model plays no bass."""
+    v = V
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 2, "lookahead_ms": 0,
+                           "chord_source": "left_hand", "rest_ms": None})  # fmt: skip
+        t = conn.now_ms()
+        for i, keys in enumerate(([48, 52, 55], [45, 48, 52], [41, 45, 48])):  # C, Am, F/C
+            at = t + 600.0 * i
+            await asyncio.sleep(max(0.0, (at - conn.now_ms()) / 1000.0))
+            for k in keys:
+                await conn.handle({"type": "midi", "data": [144, k, 80], "time": at})
+            await conn.handle({"type": "midi", "data": [144, 76, 90], "time": at})
+            await asyncio.sleep(0.4)
+            for k in [*keys, 76]:
+                await conn.handle({"type": "midi", "data": [128, k, 0]})
+        await asyncio.sleep(0.2)
+        tokens = conn.active.session.tokens()
+        params = conn.params
+        await conn.close()
+        return out, tokens, t, params
+
+    out, tokens, t, params = asyncio.run(main())
+    assert params.bass_split == 60  # left_hand's default split
+    chords = [c for c in client_view(out, "chord") if c.source == "left_hand"]
+    final = {}
+    for c in chords:  # a later chord at the same time replaces it
+        final[round(c.time)] = c.label
+    assert list(final.values())[-3:] == ["C:maj", "A:min", "F:maj"]
+    assert [round(x) for x in final][-3:] == [round(t + 600.0 * i) for i in range(3)]
+    want = [v.chord(chord_index(r, q)) for r, q in ((0, "maj"), (9, "min"), (5, "maj"))]
+    got = [x for _, x in marks_at(tokens) if x >= v.chord_base]
+    assert got[-3:] == want
+    bass = v.part_index["bass"]
+    gen_bass = [m for m in of(out, "midi") if m.part == "bass"]
+    assert not gen_bass and v.note_on(bass, 48) in tokens
+    assert balanced(out)
+
+
+def test_the_models_own_chords_are_announced_and_retracted_with_it(harmony_runtime):
+    """chord_source model: every CHORD token the model keeps (its Token, not rolled back) is
+    announced (source model) at its time; one a rollback removed is retracted for the client;
+    beats without a clock are the model's."""
+    from improv.engine.live import Rollback, Token
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 5, "lookahead_ms": 0,
+                           "rest_ms": None, "horizon_ms": 600})  # fmt: skip
+        kept: dict[int, tuple[int, int]] = {}  # position -> (tick, token): the model's chords
+        mode, dispatch = conn.active, conn.active._dispatch_engine_event
+
+        def spy(ev) -> None:  # noqa: ANN001 (the engine's events, as the mode handles them)
+            if isinstance(ev, Token) and V.chord_base <= ev.token < V.HEADER:
+                kept[ev.position] = (ev.tick, ev.token)
+            elif isinstance(ev, Rollback):
+                for pos in [x for x in kept if x >= ev.position]:
+                    del kept[pos]
+            dispatch(ev)
+
+        mode._dispatch_engine_event = spy
+        await play_melody(conn, conn.now_ms(), 16, step=200.0)
+        await asyncio.sleep(0.3)
+        end = conn.now_ms()  # the stop retracts what is planned past this
+        origin = conn.clock.origin
+        await conn.close()
+        return out, kept, origin, end
+
+    out, kept, origin, end = asyncio.run(main())
+    assert of(out, "started")[0].params.chord_source == "model"
+    chords = {(round(origin + 10.0 * t), chord_label(x - V.chord_base)) for t, x in kept.values()
+              if origin + 10.0 * t < end}  # fmt: skip
+    assert chords, "the random model wrote no chord: pick another seed"
+    announced = {(round(c.time), c.label) for c in client_view(out, "chord")}
+    assert chords <= announced, sorted(chords - announced)
+    assert all(c.source == "model" for c in of(out, "chord"))
+    assert all(b.source == "model" for b in of(out, "beat"))
+    assert balanced(out)
+
+
+def test_bad_harmony_parameters_get_an_error_naming_the_problem(harmony_runtime):
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        await conn.handle({"type": "start", "mode": "accompany", "chord_source": "chart"})
+        await conn.handle({"type": "start", "mode": "accompany", "chord_source": "chart",
+                           "chords": "C Xm7 G"})  # fmt: skip
+        await conn.handle({"type": "start", "mode": "accompany", "beats_per_bar": 0})
+        await conn.handle({"type": "start", "mode": "accompany", "chord_source": "jazz"})
+        await conn.handle({"type": "start", "mode": "accompany"})
+        await conn.handle({"type": "params", "chords": "C | |"})
+        await conn.handle({"type": "params", "chord_source": "chart", "chords": "C H7"})
+        mode = conn.mode
+        await conn.close()
+        return out, mode
+
+    out, mode = asyncio.run(main())
+    errors = [m.message for m in of(out, "error")]
+    assert len(errors) == 6, errors
+    assert "needs chords" in errors[0]
+    assert "Xm7" in errors[1]
+    assert "beats_per_bar" in errors[2] and "1" in errors[2]
+    assert "chart" in errors[3] and "left_hand" in errors[3]
+    assert "H7" in errors[5]
+    assert mode == "accompany" and len(of(out, "started")) == 1
+
+
+def test_a_model_without_harmony_tokens_still_sends_the_chart_and_the_clock(runtime):
+    """The bundled model's vocabulary has no CHORD or BEAT: the session runs as before, the
+    client still gets the chart's chords and the clock's beats (started.harmony is false)."""
+
+    async def main():
+        conn, out = await open_in_process(runtime)
+        down = conn.now_ms() + 100.0
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 0,
+                           "chord_source": "chart", "chords": "Am F", "tempo_bpm": 150,
+                           "beat_time": down, "beats_per_bar": 3})  # fmt: skip
+        await play_melody(conn, down, 10, step=200.0)
+        await conn.close()
+        return out, down
+
+    out, down = asyncio.run(main())
+    assert of(out, "started")[0].harmony is False
+    assert not of(out, "error")
+    chords = client_view(out, "chord")
+    assert [c.label for c in chords[:2]] == ["A:min", "F:maj"]
+    assert chords[1].time == pytest.approx(down + 3 * 400.0)
+    assert [b.bar for b in client_view(out, "beat")[:4]] == [True, False, False, True]
+    assert balanced(out)
+
+
+def test_a_chart_chosen_while_playing_starts_then_and_a_clock_keeps_its_count(harmony_runtime):
+    """A chart sent with `params` while the player plays starts its first bar then; a clock
+    given later (a count-in's beat_time) starts it again, bar 1 on its downbeat; a new chart
+    states its chord at once; no error, nothing left sounding."""
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 6, "lookahead_ms": 0,
+                           "rest_ms": None, "tempo_bpm": 120})  # fmt: skip
+        t0 = conn.now_ms()
+        melody = asyncio.create_task(play_melody(conn, t0, 16, step=250.0))
+        await asyncio.sleep(0.5)
+        switched = conn.now_ms()
+        await conn.handle({"type": "params", "chord_source": "chart", "chords": "Dm G"})
+        await asyncio.sleep(1.2)
+        down = conn.now_ms() + 300.0
+        await conn.handle({"type": "params", "beat_time": down})
+        await asyncio.sleep(0.8)
+        new_chart = conn.now_ms()
+        await conn.handle({"type": "params", "chords": "F"})  # a new chart: its chord now
+        await melody
+        tokens = conn.active.session.tokens()
+        await conn.close()
+        return out, switched, down, new_chart, tokens
+
+    out, switched, down, new_chart, tokens = asyncio.run(main())
+    assert not of(out, "error")
+    chords = [c for c in client_view(out, "chord") if c.source == "chart"]
+    assert chords[0].label == "D:min" and switched <= chords[0].time < switched + 100.0
+    later = [c for c in chords if c.time >= down]
+    assert later and later[0].time == pytest.approx(down) and later[0].label == "D:min"
+    last = [c for c in chords if c.time >= new_chart - 1.0]
+    assert [c.label for c in last][:1] == ["F:maj"] and last[0].time < new_chart + 100.0
+    assert any(V.chord_base <= t < V.HEADER for t in tokens)
+    assert balanced(out)
