@@ -386,8 +386,17 @@ def test_a_new_mode_never_rolls_back_what_the_last_one_played(runtime):
     heard, out = asyncio.run(main())
     assert heard, "the first session played nothing"
     assert not [e.msg for e in heard if e.cancelled]
-    ons = sum(1 for m in out if m.type == "midi" and m.data[0] & 0xF0 == 0x90)
-    offs = sum(1 for m in out if m.type == "midi" and m.data[0] & 0xF0 == 0x80)
+    # What a client plays: a retract drops the events after its time that were sent ahead
+    # (a note-on sent and then retracted never gets a note-off, as the protocol says; counting
+    # the raw messages failed about 1 run in 4 on a loaded machine, on the old code too).
+    played: list = []
+    for m in out:
+        if m.type == "midi":
+            played.append(m)
+        elif m.type == "retract":
+            played = [x for x in played if x.time <= m.after]
+    ons = sum(1 for m in played if m.data[0] & 0xF0 == 0x90)
+    offs = sum(1 for m in played if m.data[0] & 0xF0 == 0x80)
     assert ons == offs
 
 
