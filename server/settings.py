@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     switch_interval_ms: float = Field(0.5, gt=0, le=100)
     max_sessions: int = Field(32, ge=1, le=256)  # live WebSocket sessions at once
     http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (503 beyond)
-    # Decode workers: scheduler threads, each batching its own sessions (None: one per core,
-    # at least 8 sessions each; docs/engine-live.md, "Decode workers").
+    # Decode workers: scheduler threads, each batching its own sessions (None: one per core
+    # but one, at least 8 sessions each; docs/engine-live.md, "Decode workers").
     decode_workers: int | None = Field(None, ge=1, le=64)
     # Tokens a decode step gives HTTP generations while live sessions play (live ones first).
     http_step_tokens: int = Field(16, ge=1, le=4096)
