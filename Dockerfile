@@ -14,6 +14,9 @@ COPY engine engine
 COPY trainer trainer
 COPY server server
 COPY clients clients
+COPY protocol protocol
+COPY midi midi
+COPY models models
 RUN python -m pip install -q --upgrade pip build && python -m build --wheel --outdir /dist
 
 # --- runtime ---------------------------------------------------------------------------------------

@@ -22,14 +22,16 @@ from .scheduler import EngineLike, Priority, Scheduler
 from .types import ClockFn, EventCallback, SamplingParams, SchedulerFull
 
 
-def auto_workers(max_sessions: int, per_worker: int = 8) -> int:
-    """One worker per core this process may run on, while each keeps at least `per_worker`
-    sessions to batch (fewer, larger batches on a small server)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, max_sessions // per_worker))
+def auto_workers(max_sessions: int, per_worker: int = 8, cores: int | None = None) -> int:
+    """One worker per core this process may run on but one (the event loop's: it receives and
+    sends on time, and waits for no decode), while each keeps at least `per_worker` sessions to
+    batch. On 2 cores: 1 (docs/engine-live.md, "Decode workers": the measurements so far)."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, max_sessions // per_worker))
 
 
 class SchedulerPool:

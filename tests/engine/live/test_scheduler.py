@@ -854,8 +854,9 @@ def test_workers_place_sessions_on_the_least_loaded_and_sample_as_one(engine):
 
 
 def test_auto_workers_keep_sessions_to_batch():
-    assert auto_workers(4) == 1  # too few sessions to split
-    assert 1 <= auto_workers(32) <= 4
+    assert auto_workers(4, cores=16) == 1  # too few sessions to split
+    assert auto_workers(32, cores=2) == 1  # the other core is the event loop's
+    assert auto_workers(32, cores=8) == 4 and auto_workers(64, cores=8) == 7
 
 
 def test_note_share_draws_a_rejected_note_again_masked(engine, monkeypatch):
