@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from common import SHARED_DATA, command_line, machine, write_section
+from model_card import song_paths, window  # the card's own songs and windows
 from music_metrics import (
     above_melody_share,
     chord_tone_share_marks,
@@ -48,17 +49,6 @@ from improv.engine.tokenizer.harmony import CHORD, read_beat_list, read_lab
 from improv.engine.tokenizer.tempo import TempoMap
 
 log = logging.getLogger("harmony_card")
-
-
-def window(notes: Notes, lo: float, hi: float) -> Notes:
-    sel = notes.select((notes.start >= lo) & (notes.start < hi))
-    sel.end = np.minimum(sel.end, hi)
-    return sel
-
-
-def song_paths(data: Path, n: int) -> list[Path]:
-    ids = (data / "pop909" / "splits" / "valid.txt").read_text().split()
-    return [data / "pop909" / i / f"{i}.mid" for i in sorted(ids)[:n]]
 
 
 def mean(xs: list[float]) -> float:
