@@ -368,7 +368,7 @@ def test_a_new_mode_never_rolls_back_what_the_last_one_played(runtime):
 
     async def main() -> tuple[list, list]:
         async def play(pitch: int) -> None:
-            for i in range(16):  # each note is inserted with a rollback of the accompaniment
+            for i in range(32):  # each note is inserted with a rollback of the accompaniment
                 await conn.handle({"type": "midi", "data": [144 if i % 2 == 0 else 128, pitch, 90]})
                 await asyncio.sleep(0.06)
 
