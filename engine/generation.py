@@ -61,6 +61,7 @@ class Request:
     forced: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tick, tokens)
     max_tokens: int | None = None
     start_tick: int = 0  # session tick where the generated span begins (what `seconds` counts)
+    redraw_waits: bool = False  # LiveSession.generate(redraw_waits=): infill's given parts
     done: Done | None = None  # how it ended (set by `run`)
 
 
@@ -130,7 +131,9 @@ async def run(sessions: Sessions, req: Request) -> AsyncIterator[Token]:
             pass
 
     async with sessions.session(req.prompt, req.constraints, req.sampling, on_event) as s:
-        rid = s.generate(max_tokens=req.max_tokens, until_tick=req.until_tick)
+        rid = s.generate(
+            max_tokens=req.max_tokens, until_tick=req.until_tick, redraw_waits=req.redraw_waits
+        )
         for tick, toks in req.forced:  # forced while the request runs (docs/engine-live.md)
             s.insert(tick, toks)
         while True:
@@ -382,7 +385,7 @@ def plan_infill(
     ]
     req = Request(
         ex.prompt, ex.end_tick + shift, cons, sampling, forced, max_tokens=_cap(end - start),
-        start_tick=ex.start_tick + shift,
+        start_tick=ex.start_tick + shift, redraw_waits=True,
     )  # fmt: skip
     builder = NoteBuilder(v, part_programs(notes), tick_offset=shift)
     return Job(req, ex.kept, builder, ex.end_tick + shift, cond, tuple(parts or ()))

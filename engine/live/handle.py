@@ -81,6 +81,7 @@ class LiveSession:
         until_tick: int | None = None,
         start_tick: int | None = None,
         lead_in: bool = False,
+        redraw_waits: bool = False,
     ) -> int:
         """Sample up to max_tokens tokens / up to token time until_tick; returns the request id.
 
@@ -90,6 +91,9 @@ class LiveSession:
         back like the rest (the server's respond mode samples a response ahead of its start).
         `lead_in`: the request's first event is a note: no time token, note-off or end until
         a note-on at or after its start (a response starts when the player's silence ends).
+        `redraw_waits`: a wait the model drew *for* a given part's event is drawn again afresh,
+        not longer (policy, "Waits drawn again afresh"; for infill, where every given event is
+        inserted before the request runs).
         """
         if max_tokens is None and until_tick is None:
             raise ValueError("generate needs max_tokens or until_tick (or both)")
@@ -100,7 +104,10 @@ class LiveSession:
         with self.fence.lock:  # a cancel from another thread sees the id and its command both
             rid = self._next_rid()
             self.fence.issue(rid)
-            req = Request(rid, max_tokens, until_tick, start_tick, lead_in_asked=lead_in)
+            req = Request(
+                rid, max_tokens, until_tick, start_tick, lead_in_asked=lead_in,
+                redraw_waits=redraw_waits,
+            )  # fmt: skip
             self._submit(self.id, Generate(req))
         return rid
 

@@ -343,7 +343,10 @@ class SessionState:
             if req is None or not self._fence.live(req.id):
                 return False  # cancelled meanwhile: the cancel cuts the VEL
             if back_off:
-                self._back_off()
+                if req.redraw_waits:
+                    self._redraw_wait()
+                else:
+                    self._back_off()
                 return True
             r = self.marks.retries_here(self.position)
             if self.vel_held():
@@ -531,6 +534,19 @@ class SessionState:
                 self.finish("max_tokens")
             elif req.until_tick is not None and self.tick >= req.until_tick:
                 self.finish("until_tick")
+
+    def _redraw_wait(self) -> None:
+        """`_back_off` under `generate(redraw_waits=True)`: the wait before a rejected event is
+        drawn again from the same distribution, with a fresh seed (policy, "Waits drawn again
+        afresh")."""
+        m, req = self.marks, self.req
+        assert m.backoff is not None and req is not None
+        p = m.backoff[0]
+        removed = self.position - p
+        self._cut(p, quiet=any(x.position == p for x in self._held))
+        req.redraws[p] = req.redraws.get(p, 0) + 1
+        m.salt += 1
+        req.n = max(0, req.n - removed)
 
     def _back_off(self) -> None:
         """The event drawn after a wait is one the constraints forbid (a melody note, under

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..constraints import BeatGrid
@@ -104,7 +104,9 @@ class Request:
     start_tick: int | None = None  # generate(start_tick=): time up to here first (then None)
     lead_in: int | None = None  # lead_in: no time, OFF or end before an ON at or after this tick
     lead_in_asked: bool = False  # generate(lead_in=True): set at the request's start
+    redraw_waits: bool = False  # generate(redraw_waits=True): policy, "Waits drawn again afresh"
     n: int = 0  # tokens sampled so far
+    redraws: dict[int, int] = field(default_factory=dict)  # position -> waits drawn again there
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,48 @@ def test_a_melody_event_expected_after_a_wait_draws_the_wait_again(engine, monke
     assert masking > 20 and waiting < masking / 2, (waiting, masking)
 
 
+def test_redraw_waits_draws_a_wait_again_afresh_not_longer(engine, monkeypatch):
+    """An infill of the lead under given chords (`generate(redraw_waits=True)`): a model that
+    waits 10 ticks, then expects a chord note more than it plays a lead note. The chord note it
+    draws after a wait is known not to come then (given events are all inserted up front), so
+    the (wait, note) pair is drawn again as it was: every wait stays 10 ticks, and the lead
+    plays. Drawn longer (the back-off), the waits stretch past the lead's notes."""
+    x = torch.full((V.size,), -30.0, dtype=torch.float64)
+    x[V.shift(10)] = 0.0
+    x[V.velocity(16)] = 0.0
+    x[[V.note_on(HARMONY, k) for k in range(48, 60)]] = 0.0
+    x[[V.note_on(LEAD, k) for k in range(60, 72)]] = -1.5
+    x[[V.note_off(LEAD, k) for k in range(60, 72)]] = 2.0
+    make = engine.new_decoder
+    monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), x))
+
+    def lead(redraw: bool) -> tuple[int, set[int]]:
+        sched = Scheduler(engine, max_sessions=4)
+        sessions = [
+            sched.open_session(
+                [V.BOS, V.TASK_CONTINUE],
+                constraints=[Parts(["lead"])],
+                sampling=SamplingParams(temperature=1.0, seed=seed),
+            )
+            for seed in range(4)
+        ]
+        for s in sessions:
+            s.generate(until_tick=1000, redraw_waits=redraw)
+            for i, tick in enumerate(range(100, 1000, 100)):  # a chord note every second
+                s.insert(tick, [V.velocity(20), V.note_on(HARMONY, 48 + i % 12)])
+                s.insert(tick + 90, [V.note_off(HARMONY, 48 + i % 12)])
+        sched.run_until_idle()
+        evs = [e for s in sessions for e in drain(s) if isinstance(e, Token)]
+        notes = [V.note_of(e.token) for e in evs if V.type_of(e.token) is TokenType.NOTE_ON]
+        assert notes and all(part == LEAD for part, _ in notes)
+        waits = {V.shift_ticks(e.token) for e in evs if V.type_of(e.token) is TokenType.TIME}
+        return len(notes), waits
+
+    (redrawn, redrawn_waits), (longer, longer_waits) = lead(True), lead(False)
+    assert max(redrawn_waits) <= 10 < max(longer_waits), (redrawn_waits, longer_waits)
+    assert redrawn > 2 * longer, (redrawn, longer)
+
+
 def test_a_note_drawn_while_it_sounds_after_a_wait_draws_the_wait_again(engine, monkeypatch):
     """A model that strikes C4 over and over without ending it: C4 sounds already, so after a
     wait nothing new would be heard; the wait is drawn again, longer. Drawing another note in
