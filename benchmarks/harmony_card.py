@@ -294,8 +294,10 @@ given, chords (chord_midi.txt); seeds {q["seeds"]}; the default sampling (temper
 0.95); no grid snapping; the offline planners and scheduler (benchmarks/harmony_card.py, metrics
 in benchmarks/music_metrics.py). The harmony part is generated alone, against the real PIANO.
 "guarded" is what the server does by default: harmony and bass start only on tones of the
-sounding chord (`ChordTones`), and the model's own chord changes fall on beats (`ChordsOnBeats`);
-"model alone" turns `ChordTones` off (`chord_tones=false`, `--no-chord-tones`).
+sounding chord (`ChordTones`), the model's own chord changes fall on beats (`ChordsOnBeats`) and,
+without chords, are among those that fit the melody of the next two beats, changing where the
+sounding chord does not fit it (`ChordsFitMelody`); "model alone" turns `ChordTones` and
+`ChordsFitMelody` off (`chord_tones=false`, `--no-chord-tones`).
 
 | | guarded (default) | model alone | real PIANO | target |
 |---|---|---|---|---|

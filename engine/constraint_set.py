@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .constraints import Constraint, Own, restrict_lead_in
+from .constraints import ChordsFitMelody, Constraint, Own, restrict_lead_in
 from .grammar import (
     BOUNDARY,
     NO_LIMIT,
@@ -92,6 +92,14 @@ class ConstraintSet:
     def at_boundary(self, row: int = 0) -> bool:
         """True when an event may be inserted here (not inside PART/PROGRAM or VEL/ON)."""
         return int(self.state.phase[row]) in BOUNDARY
+
+    def chord_pool(self, row: int = 0) -> np.ndarray | None:
+        """(C,) bool: the chords a row's own chord change may be drawn among now (a
+        `ChordsFitMelody`), or None: any the mask allows."""
+        for c, own in zip(self.constraints, self._own, strict=True):
+            if isinstance(c, ChordsFitMelody):
+                return c.pool(int(self.state.tick[row]), own)
+        return None
 
     def find(self, kind: type[Constraint]) -> Constraint | None:
         """The first constraint of this class (a spec: read its settings)."""

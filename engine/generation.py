@@ -23,6 +23,7 @@ import numpy as np
 
 from .conditioning import Conditioning
 from .constraints import (
+    ChordsFitMelody,
     ChordsOnBeats,
     ChordTones,
     Constraint,
@@ -36,6 +37,7 @@ from .constraints import (
 )
 from .live import Done, Event, EventCallback, LiveSession, SamplingParams, Scheduler, Token
 from .tokenizer import Note, Notes, Tokenizer
+from .tokenizer.chord_match import fitting_chords
 from .tokenizer.decode import ChordChange, NoteOff, NoteOn, OpenNotes, TokenDecoder
 from .tokenizer.encode import mark_events, quantize
 from .tokenizer.harmony import CHORD, Marks, chord_label
@@ -425,6 +427,9 @@ def plan_accompany(
         MaxDuration(sessions.max_note_seconds, parts),
         *_given_marks(cond, v, accompany=True),
     ]
+    if v.harmony and cond.chords is None and cond.wants_chord_tones(True):
+        beats = [t for t, toks in forced if toks[0] in (v.BAR, v.BEAT)]
+        cons.append(_melody_fits(v, lead.shifted(-first / v.ticks_per_second), beats))
     if v.harmony:  # every part asked for plays (a harmony model)
         cons.append(StartParts(parts))
     if programs:
@@ -435,6 +440,25 @@ def plan_accompany(
         [v.BOS, v.TASK_ACCOMPANY, *head], end, cons, sampling, forced, max_tokens=_cap(seconds)
     )
     return Job(req, lead, NoteBuilder(v, {}, tick_offset=-first), end, cond, tuple(parts))
+
+
+def _melody_fits(vocab: Vocab, melody: Notes, beat_ticks: list[int]) -> ChordsFitMelody:
+    """The chords each beat may change to: those that fit the melody (session time) sounding
+    over the two beats from it (`chord_match.fitting_chords`; a chord lasts a half bar or more)."""
+    tps = vocab.ticks_per_second
+    melody = melody.select(melody.part != vocab.drums)
+    start, end = melody.start * tps, melody.end * tps  # (N,) ticks
+    fits = []
+    for i, t in enumerate(beat_ticks):
+        if i + 2 < len(beat_ticks):
+            hi = beat_ticks[i + 2]
+        else:  # the last beats: two of the last beat lengths
+            hi = t + 2 * (t - beat_ticks[i - 1]) if i else t + tps
+        overlap = np.clip(np.minimum(end, hi) - np.maximum(start, t), 0.0, None)  # (N,)
+        weights = np.bincount(melody.pitch % 12, weights=overlap, minlength=12)  # (12,)
+        if len(idx := fitting_chords(weights)):
+            fits.append((int(t), tuple(idx.tolist())))
+    return ChordsFitMelody(tuple(fits))
 
 
 def _cap(seconds: float) -> int:

@@ -176,3 +176,23 @@ def make_seeds(seeds: int | Sequence[int | None] | None, batch: int) -> list[int
     if len(seeds) != batch:
         raise ValueError(f"{len(seeds)} seeds for a batch of {batch}")
     return [int(torch.randint(0, 2**62, ())) if s is None else int(s) for s in seeds]
+
+
+def pool_chords(chord_logits: Tensor, pool: np.ndarray, temperature: float) -> None:
+    """In place, one row's (C,) CHORD logits (masked ones at -inf): the chords outside `pool`
+    give their probability (at `temperature`) to those in it, in proportion: a chord change
+    stays as likely, drawn among the pool (`ChordsFitMelody`). Nothing if no pool chord is
+    allowed."""
+    keep = torch.from_numpy(pool).to(chord_logits.device) & torch.isfinite(chord_logits)
+    if not keep.any():
+        return
+    if temperature <= 0:  # greedy: the best pool chord takes the best chord's place
+        best = chord_logits.max()
+        top = torch.where(keep, chord_logits, float("-inf")).argmax()
+        chord_logits[~keep] = float("-inf")
+        chord_logits[top] = best
+        return
+    t = temperature
+    lift = t * (torch.logsumexp(chord_logits / t, 0) - torch.logsumexp(chord_logits[keep] / t, 0))
+    chord_logits[keep] += lift
+    chord_logits[~keep] = float("-inf")

@@ -98,6 +98,9 @@ class Draw:
     mask: np.ndarray  # (V,) bool
     strict: np.ndarray | None = None  # (V,) bool
     vel_log_share: float = 0.0  # added to the VELs' log-probabilities (a note drawn again)
+    # (C,) bool: a chord change is drawn among these chords, with the mass of all the chords
+    # the mask allows (`ChordsFitMelody`)
+    chord_pool: np.ndarray | None = None
 
 
 def draw_seed(seed: int, marks: Marks, position: int) -> int:
@@ -129,6 +132,13 @@ def can_back_off(st: SessionState, at: int) -> bool:
 
 def draw(st: SessionState, mask: np.ndarray) -> Draw:
     """The mask a row draws from (`mask`: what its constraints allow, (V,) bool)."""
+    d = _draw(st, mask)
+    if not st.vel_held():
+        d.chord_pool = st.cs.chord_pool()
+    return d
+
+
+def _draw(st: SessionState, mask: np.ndarray) -> Draw:
     v, m, pos = st.vocab, st.marks, st.position
     mw = m.min_wait
     if mw is not None and mw[0] == pos:  # a wait sent back: drawn longer

@@ -34,7 +34,7 @@ from torch import Tensor
 from ..constraint_set import ConstraintSet
 from ..constraints import Constraint
 from ..decoder import Decoder
-from ..sampling import apply_mask, logits_to_probs, sample
+from ..sampling import apply_mask, logits_to_probs, pool_chords, sample
 from ..tokenizer.vocab import Vocab
 from . import policy
 from .handle import LiveSession
@@ -151,6 +151,7 @@ class Scheduler:
         self.shadow_len = self.slider.start_len
         self.timing = Timing()
         self._vel_ids = slice(self.vocab.vel_base, self.vocab.on_base)  # the VEL tokens
+        self._chord_ids = slice(self.vocab.chord_base, self.vocab.HEADER)  # CHORD(index) tokens
         self._queue = CommandQueue()
         # Slots are taken at open_session (it raises SchedulerFull at once) and given back by
         # the scheduler thread: the one table both sides change, under `_lock`.
@@ -535,6 +536,8 @@ class Scheduler:
             if d.vel_log_share:
                 temp = rows[i].sampling.temperature
                 logits[i, self._vel_ids] += temp * d.vel_log_share
+            if d.chord_pool is not None:
+                pool_chords(logits[i, self._chord_ids], d.chord_pool, rows[i].sampling.temperature)
         probs = torch.empty_like(logits)  # (B, V)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(rows):  # rows sharing sampling settings share one call

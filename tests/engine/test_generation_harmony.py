@@ -19,6 +19,7 @@ from improv.engine.generation import (
 )
 from improv.engine.live import SamplingParams
 from improv.engine.tokenizer import Note, Notes
+from improv.engine.tokenizer.chord_match import melody_fit
 from improv.engine.tokenizer.harmony import CHORD, chord_label, parse_label
 from improv.engine.tokenizer.vocab import TokenizerConfig
 
@@ -117,3 +118,36 @@ def test_bad_chords_and_beats_get_clear_errors() -> None:
         Conditioning.parse(chords="C Hm", bpm=100)
     with pytest.raises(ConditioningError, match="chord line 1"):
         Conditioning.parse(chords="0.0 zz")
+
+
+def test_without_chords_an_accompaniment_plans_chords_that_fit_the_melody(sessions) -> None:
+    """Beats only, a melody that arpeggiates C, Am, F, G: every chord the plan writes is one
+    of the best fits (within 0.1) for the melody of the two beats from it (`ChordsFitMelody`),
+    and where the sounding chord does not fit, it changes there (a random model left alone
+    rarely would)."""
+    v = sessions.vocab
+    arps = [(60, 64, 67), (57, 60, 64), (53, 57, 60), (55, 59, 62)] * 2
+    melody = Notes.from_list(
+        [
+            Note(1.0 * i + k / 3, 1.0 * i + (k + 1) / 3, p, 90, 0, 0)
+            for i, arp in enumerate(arps)
+            for k, p in enumerate(arp)
+        ]
+    )
+    cond = Conditioning.parse(bpm=120, beats_per_bar=4, until=8.0)
+    job = plan_accompany(
+        sessions, melody, SamplingParams(seed=4, temperature=1.5), ["harmony"], cond=cond
+    )
+    toks = _history(sessions, job)
+    tick, written = 0, []
+    for t in toks:
+        tick += v.shift_ticks(t)
+        if v.type_of(t).name == "CHORD":
+            written.append((tick, t - v.chord_base))
+    assert len(written) >= 6, written
+    for tick, chord in written:
+        lo, hi = tick / 100, tick / 100 + 1.0  # two beats at 120 bpm
+        overlap = np.clip(np.minimum(melody.end, hi) - np.maximum(melody.start, lo), 0, None)
+        weights = np.bincount(melody.pitch % 12, weights=overlap, minlength=12)
+        fit = melody_fit(weights)
+        assert fit[chord] >= fit.max() - 0.1 - 1e-9, (tick, chord_label(chord), weights)
