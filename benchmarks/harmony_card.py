@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--songs", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=1000, help="song i samples with seed + i")
+    ap.add_argument("--temperature", type=float, default=1.0, help="the server's default")
+    ap.add_argument("--top-p", type=float, default=0.95, help="the server's default")
     ap.add_argument("--backend", default="auto", help="engine backend (auto: onnx-int8 on CPU)")
     ap.add_argument("--out", type=Path, default=None, help="quality-harmony.json folder")
     ap.add_argument(
@@ -109,7 +111,9 @@ def main() -> None:
         a_hi = a_lo + args.seconds
         lead = window(notes, a_lo, a_hi)
         lead = lead.select(lead.part == v.lead)
-        sampling = SamplingParams(seed=args.seed + i)
+        sampling = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed + i
+        )
         for name, (with_chords, chord_tones) in VARIANTS.items():
             cond = Conditioning(beats, chords if with_chords else None, tempo, chord_tones)
             jobs[name].append(
@@ -131,7 +135,12 @@ def main() -> None:
         prompt = window(notes, t0, t0 + 20.0)
         for k, seed in (("cont_1", args.seed), ("cont_2", args.seed + 1000)):
             jobs[k].append(
-                plan_continue(sessions, prompt, args.seconds, SamplingParams(seed=seed + i))
+                plan_continue(
+                    sessions,
+                    prompt,
+                    args.seconds,
+                    SamplingParams(args.temperature, top_p=args.top_p, seed=seed + i),
+                )
             )
         refs.append((notes, a_lo, a_hi, beats, chords, tempo, mid, t0 + 20.0))
 
@@ -148,6 +157,8 @@ def main() -> None:
         "songs": [p.parent.name for p in songs],
         "seconds": args.seconds,
         "seeds": f"{args.seed} + song index",
+        "temperature": args.temperature,
+        "top_p": args.top_p,
         "n": len(songs),
     }
     for name in VARIANTS:
@@ -290,8 +301,8 @@ def card_section(q: dict) -> str:
     )
     return f"""{n} POP909 validation songs (the first {n} of splits/valid.txt, sorted), the first
 {q["seconds"]:.0f} s of each song's melody with its annotated beats (beat_midi.txt) and, where
-given, chords (chord_midi.txt); seeds {q["seeds"]}; the default sampling (temperature 1, top-p
-0.95); no grid snapping; the offline planners and scheduler (benchmarks/harmony_card.py, metrics
+given, chords (chord_midi.txt); seeds {q["seeds"]}; temperature {q["temperature"]}, top-p
+{q["top_p"]} (the server's defaults); no grid snapping; the offline planners and scheduler (benchmarks/harmony_card.py, metrics
 in benchmarks/music_metrics.py). The harmony part is generated alone, against the real PIANO.
 "guarded" is what the server does by default: harmony and bass start only on tones of the
 sounding chord (`ChordTones`), the model's own chord changes fall on beats (`ChordsOnBeats`) and,
