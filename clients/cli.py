@@ -116,12 +116,19 @@ def add_ports_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_ports(args: argparse.Namespace) -> int:
-    from improv.midi import MidoBackend, list_ports
+    from improv.midi import MidoBackend, PortError, list_ports
 
     backend = MidoBackend()
     try:
+        # No rtmidi, no ALSA or JACK: one line saying what is missing and exit 2, as `improv
+        # serve --midi-*` and `improv bridge` do (the README promises it for all three); the
+        # probe also keeps ALSA's and JACK's own complaints off stderr.
+        backend.probe()
         inputs, outputs = list_ports(backend)
-    except Exception as e:  # no rtmidi, no ALSA/JACK: say so instead of a traceback
+    except PortError as e:
+        logger.error("%s", e)
+        return 2
+    except Exception as e:  # the system answered the probe, then failed: still no traceback
         logger.error("cannot list MIDI ports with %s: %s", backend.name, e)
         return 1
     if args.json:

@@ -233,6 +233,13 @@ def part_programs(notes: Notes) -> dict[int, int]:
     return out
 
 
+def asked_programs(vocab: Vocab, programs: dict[str, int] | None) -> dict[int, int]:
+    """Part index -> program of the programs a request asks for. The header states them and the
+    Programs constraint allows no other, so the model need not say them again; the builder sees
+    only sampled tokens, so it starts from them (else those notes came out as program 0)."""
+    return {vocab.part_index[k]: x for k, x in (programs or {}).items() if k in vocab.part_index}
+
+
 @dataclass
 class Job:
     """A prepared request and how to turn its tokens into the output."""
@@ -342,7 +349,9 @@ def plan_continue(
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items()}))
     req = Request(prompt, end, cons, sampling, forced, max_tokens=_cap(seconds), start_tick=p_ticks)
-    builder = NoteBuilder(v, part_programs(notes), tick_offset=-first)
+    builder = NoteBuilder(
+        v, {**part_programs(notes), **asked_programs(v, programs)}, tick_offset=-first
+    )
     return Job(req, notes, builder, end, cond, tuple(parts or ()))
 
 
@@ -432,14 +441,16 @@ def plan_accompany(
         cons.append(_melody_fits(v, lead.shifted(-first / v.ticks_per_second), beats))
     if v.harmony:  # every part asked for plays (a harmony model)
         cons.append(StartParts(parts))
+    programs = {k: x for k, x in (programs or {}).items() if k in parts}  # the given keep theirs
     if programs:
-        cons.append(Programs({k: [x] for k, x in programs.items() if k in parts}))
+        cons.append(Programs({k: [x] for k, x in programs.items()}))
     seconds = end / v.ticks_per_second
     head = _header(v, parts, programs)
     req = Request(
         [v.BOS, v.TASK_ACCOMPANY, *head], end, cons, sampling, forced, max_tokens=_cap(seconds)
     )
-    return Job(req, lead, NoteBuilder(v, {}, tick_offset=-first), end, cond, tuple(parts))
+    builder = NoteBuilder(v, asked_programs(v, programs), tick_offset=-first)
+    return Job(req, lead, builder, end, cond, tuple(parts))
 
 
 def _melody_fits(vocab: Vocab, melody: Notes, beat_ticks: list[int]) -> ChordsFitMelody:

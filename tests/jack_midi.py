@@ -24,8 +24,10 @@ JACK_BACKEND = "mido.backends.rtmidi/UNIX_JACK"
 
 
 @contextmanager
-def jack_server() -> Iterator[dict[str, str]]:
-    """Yields the environment for subprocesses; os.environ is set for this process too."""
+def jack_server(period: int = 256) -> Iterator[dict[str, str]]:
+    """Yields the environment for subprocesses; os.environ is set for this process too.
+    `period`: frames per JACK cycle at 48 kHz (a longer cycle misses fewer deadlines on a
+    loaded machine, and a missed cycle drops that cycle's MIDI)."""
     if shutil.which("jackd") is None:
         pytest.skip("jackd is not installed (apt-get install jackd2)")
     try:
@@ -43,7 +45,7 @@ def jack_server() -> Iterator[dict[str, str]]:
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     proc = subprocess.Popen(
-        ["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r", "48000", "-p", "256"],
+        ["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r", "48000", "-p", str(period)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -109,6 +109,22 @@ def test_infill_with_chords(sessions) -> None:
     assert sessions.vocab.chord(parse_label("G:7")) in toks
 
 
+def test_notes_are_in_the_programs_asked_for_without_the_model_restating_them(sessions) -> None:
+    """The header names the programs asked for; a note the model plays with no PROGRAM token of
+    its own is in that program (it came out as 0: README's `programs={"bass": 33}`)."""
+    v = sessions.vocab
+    bass, lead = v.part_index["bass"], v.part_index["lead"]
+    acc = plan_accompany(
+        sessions, _melody(), SamplingParams(seed=1), ["harmony", "bass"], {"bass": 33}
+    )
+    cont = plan_continue(sessions, _melody(), 2.0, SamplingParams(seed=1), ["lead"], {"lead": 73})
+    assert [e["program"] for e in acc.builder.feed(v.note_on(bass, 40), 5)] == [33]
+    assert [e["program"] for e in cont.builder.feed(v.note_on(lead, 72), 5)] == [73]
+    # a part with no program asked for: the model's choice, 0 until it names one
+    harmony = v.part_index["harmony"]
+    assert [e["program"] for e in acc.builder.feed(v.note_on(harmony, 60), 6)] == [0]
+
+
 def test_bad_chords_and_beats_get_clear_errors() -> None:
     with pytest.raises(ConditioningError, match="chord chart"):
         Conditioning.parse(chords="C Am F G")  # no beats to lay it on
