@@ -81,6 +81,21 @@ def scheduler_figures(a: dict, b: dict, seconds: float) -> dict:
         "rejected_min": d["improv_notes_rejected_total"] * 60 / seconds,
         "backoffs_min": d["improv_backoffs_total"] * 60 / seconds,
         "busy_pct": 100 * d["improv_busy_seconds_total"] / seconds,
+        # CPU time (not wall): what a shared machine's load does not inflate
+        "cpu_pct": 100 * d.get("improv_decode_cpu_seconds_total", 0.0) / seconds,
+        "tokens_cpu_s": d["improv_tokens_total"]
+        / max(d.get("improv_decode_cpu_seconds_total", 0.0), 1e-9),
+        "forward_cpu_ms": 1000
+        * d.get("improv_forward_cpu_seconds_total", 0.0)
+        / max(d["improv_forwards_total"], 1.0),
+        "rows_step": d["improv_tokens_total"] / steps,
+        # the rest of the process: the event loop (receiving, sending), the send clock
+        "other_cpu_pct": 100
+        * (
+            d.get("improv_process_cpu_seconds_total", 0.0)
+            - d.get("improv_decode_cpu_seconds_total", 0.0)
+        )
+        / seconds,
         "workers": b.get("improv_decode_workers", 1),
     }
 
@@ -110,6 +125,7 @@ async def sessions_at_once(url: str, n: int, seconds: float, seed0: int = 0) -> 
         "per_session_s": sent / max(1, len(ok)) / seconds,
         "late_pct": 100 * sum(r["late"] for r in ok) / max(1, sent),
         "late_client_pct": 100 * sum(r["late_client"] for r in ok) / max(1, sent),
+        "late_10ms_pct": 100 * sum(r.get("late_10ms", 0) for r in ok) / max(1, sent),
         "jitter_server_p99_max": max(server_p99) if server_p99 else None,
         "jitter_server_p99_median": float(np.median(server_p99)) if server_p99 else None,
     }
@@ -356,18 +372,22 @@ def render(rows: dict) -> str:
         out += head(
             "Accompany sessions on one server (default settings)",
             ["label", "sessions", "accepted", "events/s per session", "late (server)",
-             "late (client)", "tokens/s", "forwards/step", "notes rejected/min",
-             "decode workers", "busy % (all workers)"],
+             "late (client)", "late > 10 ms (client)", "tokens/s", "tokens per decode CPU s",
+             "forwards/step", "notes rejected/min", "decode workers", "busy % (all workers)",
+             "load (start, end)"],
         )  # fmt: skip
         for label, runs in s.items():
             for r in runs["results"]:
                 g = r.get("scheduler", {})
+                load = "-" if "load" not in r else "{:.1f}, {:.1f}".format(*r["load"])
                 out.append(
                     f"| {label} | {r['sessions']} | {r['accepted']} | {r['per_session_s']:.1f} "
                     f"| {r['late_pct']:.2f}% | {r['late_client_pct']:.2f}% "
-                    f"| {fmt(g.get('tokens_s'), '.0f')} | {fmt(g.get('forwards_step'), '.2f')} "
+                    f"| {fmt(r.get('late_10ms_pct'), '.2f')}{'%' * ('late_10ms_pct' in r)} "
+                    f"| {fmt(g.get('tokens_s'), '.0f')} | {fmt(g.get('tokens_cpu_s'), '.0f')} "
+                    f"| {fmt(g.get('forwards_step'), '.2f')} "
                     f"| {fmt(g.get('rejected_min'), '.0f')} | {fmt(g.get('workers'), '.0f')} "
-                    f"| {fmt(g.get('busy_pct'), '.0f')} |"
+                    f"| {fmt(g.get('busy_pct'), '.0f')} | {load} |"
                 )
         out += [
             "",
@@ -485,9 +505,10 @@ def main() -> None:
             if args.scenario == "sessions":
                 result = []
                 for n in counts:
-                    a, t0 = scrape(port), time.monotonic()
+                    a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
                     r = asyncio.run(sessions_at_once(url, n, args.seconds))
                     r["scheduler"] = scheduler_figures(a, scrape(port), time.monotonic() - t0)
+                    r["load"] = [load0, os.getloadavg()[0]]  # 1-minute load average: a shared CPU
                     print("sessions", r, flush=True)
                     result.append(r)
             else:

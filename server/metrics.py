@@ -121,6 +121,25 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
             busy,
         ),
         (
+            "improv_decode_cpu_seconds_total",
+            "counter",
+            "CPU seconds of the decode workers' threads in steps (does not count time others "
+            "took the core).",
+            st["cpu_s"],
+        ),
+        (
+            "improv_forward_cpu_seconds_total",
+            "counter",
+            "Of those, CPU seconds in forwards.",
+            st["forward_cpu_s"],
+        ),
+        (
+            "improv_process_cpu_seconds_total",
+            "counter",
+            "CPU seconds of the whole server process (decode workers, event loop, send clock).",
+            time.process_time(),
+        ),
+        (
             "improv_live_events_sent_total",
             "counter",
             "Generated MIDI events sent to live sessions.",

@@ -166,6 +166,11 @@ class Scheduler:
         self.stats = {
             "forward_s": 0.0,
             "mask_s": 0.0,
+            # CPU seconds of the scheduler thread in steps, and in forwards (onnxruntime runs on
+            # the calling thread with one intra-op thread): unlike the wall times above, they do
+            # not grow when other processes take the core, so they compare runs on a shared CPU.
+            "cpu_s": 0.0,
+            "forward_cpu_s": 0.0,
             "sample_s": 0.0,
             "tokens": 0,
             "notes_rejected": 0,
@@ -253,17 +258,20 @@ class Scheduler:
         tokens = st["tokens"] - last["tokens"]
         logger.info(
             "scheduler: %d sessions, %.0f steps/s, %.0f tokens/s, %.1f rows/step, "
-            "%.1f forwards/step, forward %.2f ms/step, %.0f%% busy, %d notes rejected, "
-            "event lead %.1f ms",
+            "%.1f forwards/step, forward %.2f ms/step (CPU %.2f), %.0f%% busy (CPU %.0f%%), "
+            "%d notes rejected, event lead %.1f ms, context %.0f tokens (mean)",
             len(self._states),
             steps / seconds,
             tokens / seconds,
             tokens / max(steps, 1),
             (st["forwards"] - last["forwards"]) / max(steps, 1),
             1000 * (st["forward_s"] - last["forward_s"]) / max(steps, 1),
+            1000 * (st["forward_cpu_s"] - last["forward_cpu_s"]) / max(steps, 1),
             100 * sum(st[k] - last[k] for k in ("forward_s", "mask_s", "sample_s")) / seconds,
+            100 * (st["cpu_s"] - last["cpu_s"]) / seconds,
             st["notes_rejected"] - last["notes_rejected"],
             1000 * self.timing.event_lead_s,
+            np.mean([s.ctx_len() for s in self._states.values()] or [0]),  # attention's cost
         )
 
     # --- sessions (any thread) ----------------------------------------------------------------------
@@ -344,7 +352,7 @@ class Scheduler:
     # --- the step (scheduler thread) --------------------------------------------------------------
     def step(self) -> bool:
         """Apply queued commands, advance every session by one forward; True if work was done."""
-        t_step = self.timing.now()
+        t_step, cpu_step = self.timing.now(), time.thread_time()
         cmds = self._queue.drain()
         for sid, cmd in cmds:
             self._apply(sid, cmd)
@@ -355,7 +363,7 @@ class Scheduler:
         self._sync_caches(states)
         caps = self._admit(states)
         self._pack(states)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         logits, n_forwards, prefilled = self._forward(states, caps)
         shadow, swapped = self.slider.step(states, any(s.req is not None for s in states))
         self.stats["slides"] += swapped
@@ -363,6 +371,7 @@ class Scheduler:
         self.stats["shadow_forwards"] += shadow
         self.stats["forwards"] += n_forwards
         self.stats["forward_s"] += time.perf_counter() - t0
+        self.stats["forward_cpu_s"] += time.thread_time() - cpu0
         rows = [s for s in states if s.req is not None and s.id in logits]
         t0 = time.perf_counter()
         masks = {s.id: m for s in rows if (m := self._guarded(s, s.mask)) is not None}
@@ -378,6 +387,7 @@ class Scheduler:
             self.steps += 1
         if n_forwards and not prefilled and not shadow:
             self.timing.decode_step(self.timing.now() - t_step)
+        self.stats["cpu_s"] += time.thread_time() - cpu_step
         return bool(cmds) or n_forwards > 0 or bool(rows)
 
     def _apply(self, sid: int, cmd: Command) -> None:
