@@ -5,6 +5,7 @@ generation queue, two replicas behind HAProxy.
     .venv/bin/python benchmarks/bench_capacity.py mixed [--live 8] [--http-clients 20]
     .venv/bin/python benchmarks/bench_capacity.py replicas [--sessions 32] [--sigterm]
     .venv/bin/python benchmarks/bench_capacity.py workers [--sessions 16,32] [--tokens 64]
+  sessions: [--horizon-ms 300]
   common: [--checkpoint models/default] [--seconds 20] [--label NAME] [--serve-args "..."]
           [--env IMPROV_X=1 ...] [--python OTHER/.venv/bin/python] [--no-write]
 
@@ -89,6 +90,9 @@ def scheduler_figures(a: dict, b: dict, seconds: float) -> dict:
         * d.get("improv_forward_cpu_seconds_total", 0.0)
         / max(d["improv_forwards_total"], 1.0),
         "rows_step": d["improv_tokens_total"] / steps,
+        # of the tokens sampled, the share a rollback removed again (a player's event before
+        # the model's time: the horizon's price)
+        "cut_share": d.get("improv_tokens_cut_total", 0.0) / max(d["improv_tokens_total"], 1.0),
         # the rest of the process: the event loop (receiving, sending), the send clock
         "other_cpu_pct": 100
         * (
@@ -108,11 +112,14 @@ def health(port: int) -> dict:
 # --- live sessions -----------------------------------------------------------------------------------
 
 
-async def sessions_at_once(url: str, n: int, seconds: float, seed0: int = 0) -> dict:
+async def sessions_at_once(
+    url: str, n: int, seconds: float, seed0: int = 0, horizon_ms: int = 300
+) -> dict:
     """n accompany sessions at once; refused ones (the server full) counted apart."""
     songs = melodies(n, seconds)
     res = await asyncio.gather(
-        *(play(url, s, seed0 + i, 300) for i, s in enumerate(songs)), return_exceptions=True
+        *(play(url, s, seed0 + i, horizon_ms) for i, s in enumerate(songs)),
+        return_exceptions=True,
     )
     ok = [r for r in res if isinstance(r, dict)]
     sent = sum(r["sent"] for r in ok)
@@ -126,6 +133,8 @@ async def sessions_at_once(url: str, n: int, seconds: float, seed0: int = 0) -> 
         "late_pct": 100 * sum(r["late"] for r in ok) / max(1, sent),
         "late_client_pct": 100 * sum(r["late_client"] for r in ok) / max(1, sent),
         "late_10ms_pct": 100 * sum(r.get("late_10ms", 0) for r in ok) / max(1, sent),
+        # generated events taken back by a rollback (a player's note): work thrown away
+        "retracts_per_sent": sum(r["retracts"] for r in ok) / max(1, sent),
         "jitter_server_p99_max": max(server_p99) if server_p99 else None,
         "jitter_server_p99_median": float(np.median(server_p99)) if server_p99 else None,
     }
@@ -461,6 +470,9 @@ def main() -> None:
     ap.add_argument("--live", type=int, default=8, help="mixed: live sessions")
     ap.add_argument("--http-clients", type=int, default=20, help="mixed: HTTP clients")
     ap.add_argument("--seconds", type=float, default=20.0, help="melody length per session")
+    ap.add_argument(
+        "--horizon-ms", type=int, default=300, help="sessions: accompany's horizon_ms (its default)"
+    )
     ap.add_argument("--sigterm", action="store_true", help="replicas: SIGTERM r1 mid-run")
     ap.add_argument("--serve-args", default="", help="extra `improv serve` arguments")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server(s)")
@@ -506,7 +518,9 @@ def main() -> None:
                 result = []
                 for n in counts:
                     a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
-                    r = asyncio.run(sessions_at_once(url, n, args.seconds))
+                    r = asyncio.run(
+                        sessions_at_once(url, n, args.seconds, horizon_ms=args.horizon_ms)
+                    )
                     r["scheduler"] = scheduler_figures(a, scrape(port), time.monotonic() - t0)
                     r["load"] = [load0, os.getloadavg()[0]]  # 1-minute load average: a shared CPU
                     print("sessions", r, flush=True)

@@ -109,6 +109,13 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
         ),
         ("improv_backoffs_total", "counter", "Waits drawn again, longer.", st["backoffs"]),
         (
+            "improv_tokens_cut_total",
+            "counter",
+            "Tokens removed by rollbacks (a player's event before the model's time): work "
+            "thrown away.",
+            st["tokens_cut"],
+        ),
+        (
             "improv_forward_seconds_total",
             "counter",
             "Seconds the decode workers spent in forwards.",

@@ -180,6 +180,7 @@ class Scheduler:
             "shadow_forwards": 0,  # of those, a chunk of the shadow slot's prefill
             "batch_tokens": 0,  # of `tokens`, sampled for batch-priority sessions
             "batch_deferred": 0,  # batch sessions' turns left to a later step (live ones busy)
+            "tokens_cut": 0,  # tokens removed by rollbacks (SessionState.tokens_cut, summed)
             "slides": 0,  # slid contexts swapped in from the shadow slot
             "blocking_slides": 0,  # overflows before one was ready (the session waited)
         }
@@ -383,6 +384,8 @@ class Scheduler:
             )
         for s in states:
             s.publish()
+        for s in states:
+            self._count_cut(s)
         if n_forwards:
             self.steps += 1
         if n_forwards and not prefilled and not shadow:
@@ -418,7 +421,12 @@ class Scheduler:
                 return i
         raise RuntimeError(f"still busy after {max_steps} steps")
 
+    def _count_cut(self, s: SessionState) -> None:
+        self.stats["tokens_cut"] += s.tokens_cut
+        s.tokens_cut = 0
+
     def _release(self, s: SessionState) -> None:
+        self._count_cut(s)
         self.decoder.reset(s.slot)
         del self._states[s.id]
         with self._lock:

@@ -131,11 +131,13 @@ def test_rollback_then_regenerate_equals_fresh(engine):
     sched.run_until_idle()
     first = s.tokens()
     cut = len(prompt) + 15
+    thrown = sched.stats["tokens_cut"]
     s.crop(cut)
     sched.run_until_idle()
     evs = drain(s)
     rb = [e for e in evs if isinstance(e, Rollback)][-1]
     assert rb.position <= cut and s.position == rb.position
+    assert sched.stats["tokens_cut"] - thrown == len(first) - rb.position  # work thrown away
     s.generate(max_tokens=25)
     sched.run_until_idle()
     regen = tokens_of(drain(s))
