@@ -264,7 +264,8 @@ class Scheduler:
         logger.info(
             "scheduler: %d sessions, %.0f steps/s, %.0f tokens/s, %.1f rows/step, "
             "%.1f forwards/step, forward %.2f ms/step (CPU %.2f), %.0f%% busy (CPU %.0f%%), "
-            "%d notes rejected, event lead %.1f ms, context %.0f tokens (mean)",
+            "%d notes rejected, %.0f%% of the tokens cut by rollbacks, event lead %.1f ms, "
+            "context %.0f tokens (mean)",
             len(self._states),
             steps / seconds,
             tokens / seconds,
@@ -275,6 +276,7 @@ class Scheduler:
             100 * sum(st[k] - last[k] for k in ("forward_s", "mask_s", "sample_s")) / seconds,
             100 * (st["cpu_s"] - last["cpu_s"]) / seconds,
             st["notes_rejected"] - last["notes_rejected"],
+            100 * (st["tokens_cut"] - last["tokens_cut"]) / max(tokens, 1),
             1000 * self.timing.event_lead_s,
             np.mean([s.ctx_len() for s in self._states.values()] or [0]),  # attention's cost
         )
