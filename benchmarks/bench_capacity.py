@@ -135,6 +135,10 @@ async def sessions_at_once(
         "late_10ms_pct": 100 * sum(r.get("late_10ms", 0) for r in ok) / max(1, sent),
         # generated events taken back by a rollback (a player's note): work thrown away
         "retracts_per_sent": sum(r["retracts"] for r in ok) / max(1, sent),
+        # ms the clock floor pushed the model's time, per ms of music (the model's own events
+        # can't sound there: after each player's event, and when it is behind real time;
+        # pushes a rollback undid count too, so it can pass 100%: ~100% is saturated)
+        "floor_pushed_pct": 100 * sum(r["lag_ms"] for r in ok) / max(1, len(ok)) / seconds / 1000,
         "jitter_server_p99_max": max(server_p99) if server_p99 else None,
         "jitter_server_p99_median": float(np.median(server_p99)) if server_p99 else None,
     }
