@@ -5,6 +5,7 @@ generation queue, two replicas behind HAProxy.
     .venv/bin/python benchmarks/bench_capacity.py mixed [--live 8] [--http-clients 20]
     .venv/bin/python benchmarks/bench_capacity.py replicas [--sessions 32] [--sigterm]
     .venv/bin/python benchmarks/bench_capacity.py workers [--sessions 16,32] [--tokens 64]
+  sessions: [--horizon-ms 300]
   common: [--checkpoint models/default] [--seconds 20] [--label NAME] [--serve-args "..."]
           [--env IMPROV_X=1 ...] [--python OTHER/.venv/bin/python] [--no-write]
 
@@ -12,9 +13,10 @@ Each scenario starts its own `improv serve` process(es) with the default setting
 --serve-args / --env), the clients run in this process: the accompany sessions of
 bench_server.py (a POP909 valid song's MELODY at real time, lookahead 100 ms, horizon 300 ms,
 8 notes/s cap, `rest_ms: null`). Late = an event sent after its time (server count) / received
-more than 1 ms after it (client). The scheduler's own figures (tokens/s, forwards per step,
-notes rejected) come from the server's /metrics, before and after (absent on servers without
-it). --python runs another checkout's server (its .venv), for the run side by side with the
+more than 1 ms after it (client), and more than 10 ms after it (client: #23's targets). The
+scheduler's own figures (tokens/s, forwards per step, notes rejected, tokens per decode CPU
+second, the share of sampled tokens a rollback cut) come from the server's /metrics, before
+and after (absent on servers without it); the 1-minute load average is kept with each run. --python runs another checkout's server (its .venv), for the run side by side with the
 previous commit: rows are kept per --label in the BENCHMARKS.md section `capacity`.
 
 `workers` is in-process, no server: the "both cores" alternatives on the decode alone, N
@@ -73,7 +75,7 @@ def scheduler_figures(a: dict, b: dict, seconds: float) -> dict:
         return {}
     d = {k: b[k] - a.get(k, 0.0) for k in b}
     steps = max(d["improv_steps_total"], 1.0)
-    return {
+    out = {
         "tokens_s": d["improv_tokens_total"] / seconds,
         "forwards_step": d["improv_forwards_total"] / steps,
         "prefill_forwards_step": d.get("improv_prefill_forwards_total", 0.0) / steps,
@@ -81,8 +83,25 @@ def scheduler_figures(a: dict, b: dict, seconds: float) -> dict:
         "rejected_min": d["improv_notes_rejected_total"] * 60 / seconds,
         "backoffs_min": d["improv_backoffs_total"] * 60 / seconds,
         "busy_pct": 100 * d["improv_busy_seconds_total"] / seconds,
+        "rows_step": d["improv_tokens_total"] / steps,
         "workers": b.get("improv_decode_workers", 1),
     }
+    if "improv_decode_cpu_seconds_total" in d:  # (servers before #23's second pass: none)
+        cpu = max(d["improv_decode_cpu_seconds_total"], 1e-9)
+        out |= {
+            # CPU time (not wall): what a shared machine's load does not inflate
+            "cpu_pct": 100 * cpu / seconds,
+            "tokens_cpu_s": d["improv_tokens_total"] / cpu,
+            "forward_cpu_ms": 1000
+            * d["improv_forward_cpu_seconds_total"]
+            / max(d["improv_forwards_total"], 1.0),
+            # the rest of the process: the event loop (receiving, sending), the send clock
+            "other_cpu_pct": 100 * (d["improv_process_cpu_seconds_total"] - cpu) / seconds,
+            # of the tokens sampled, the share a rollback removed again (a player's event
+            # before the model's time: the horizon's price)
+            "cut_share": d["improv_tokens_cut_total"] / max(d["improv_tokens_total"], 1.0),
+        }
+    return out
 
 
 def health(port: int) -> dict:
@@ -93,11 +112,14 @@ def health(port: int) -> dict:
 # --- live sessions -----------------------------------------------------------------------------------
 
 
-async def sessions_at_once(url: str, n: int, seconds: float, seed0: int = 0) -> dict:
+async def sessions_at_once(
+    url: str, n: int, seconds: float, seed0: int = 0, horizon_ms: int = 300
+) -> dict:
     """n accompany sessions at once; refused ones (the server full) counted apart."""
     songs = melodies(n, seconds)
     res = await asyncio.gather(
-        *(play(url, s, seed0 + i, 300) for i, s in enumerate(songs)), return_exceptions=True
+        *(play(url, s, seed0 + i, horizon_ms) for i, s in enumerate(songs)),
+        return_exceptions=True,
     )
     ok = [r for r in res if isinstance(r, dict)]
     sent = sum(r["sent"] for r in ok)
@@ -110,6 +132,13 @@ async def sessions_at_once(url: str, n: int, seconds: float, seed0: int = 0) -> 
         "per_session_s": sent / max(1, len(ok)) / seconds,
         "late_pct": 100 * sum(r["late"] for r in ok) / max(1, sent),
         "late_client_pct": 100 * sum(r["late_client"] for r in ok) / max(1, sent),
+        "late_10ms_pct": 100 * sum(r.get("late_10ms", 0) for r in ok) / max(1, sent),
+        # generated events taken back by a rollback (a player's note): work thrown away
+        "retracts_per_sent": sum(r["retracts"] for r in ok) / max(1, sent),
+        # ms the clock floor pushed the model's time, per ms of music (the model's own events
+        # can't sound there: after each player's event, and when it is behind real time;
+        # pushes a rollback undid count too, so it can pass 100%: ~100% is saturated)
+        "floor_pushed_pct": 100 * sum(r["lag_ms"] for r in ok) / max(1, len(ok)) / seconds / 1000,
         "jitter_server_p99_max": max(server_p99) if server_p99 else None,
         "jitter_server_p99_median": float(np.median(server_p99)) if server_p99 else None,
     }
@@ -356,18 +385,22 @@ def render(rows: dict) -> str:
         out += head(
             "Accompany sessions on one server (default settings)",
             ["label", "sessions", "accepted", "events/s per session", "late (server)",
-             "late (client)", "tokens/s", "forwards/step", "notes rejected/min",
-             "decode workers", "busy % (all workers)"],
+             "late (client)", "late > 10 ms (client)", "tokens/s", "tokens per decode CPU s",
+             "forwards/step", "notes rejected/min", "decode workers", "busy % (all workers)",
+             "load (start, end)"],
         )  # fmt: skip
         for label, runs in s.items():
             for r in runs["results"]:
                 g = r.get("scheduler", {})
+                load = "-" if "load" not in r else "{:.1f}, {:.1f}".format(*r["load"])
                 out.append(
                     f"| {label} | {r['sessions']} | {r['accepted']} | {r['per_session_s']:.1f} "
                     f"| {r['late_pct']:.2f}% | {r['late_client_pct']:.2f}% "
-                    f"| {fmt(g.get('tokens_s'), '.0f')} | {fmt(g.get('forwards_step'), '.2f')} "
+                    f"| {fmt(r.get('late_10ms_pct'), '.2f')}{'%' * ('late_10ms_pct' in r)} "
+                    f"| {fmt(g.get('tokens_s'), '.0f')} | {fmt(g.get('tokens_cpu_s'), '.0f')} "
+                    f"| {fmt(g.get('forwards_step'), '.2f')} "
                     f"| {fmt(g.get('rejected_min'), '.0f')} | {fmt(g.get('workers'), '.0f')} "
-                    f"| {fmt(g.get('busy_pct'), '.0f')} |"
+                    f"| {fmt(g.get('busy_pct'), '.0f')} | {load} |"
                 )
         out += [
             "",
@@ -379,15 +412,19 @@ def render(rows: dict) -> str:
         out += head(
             "Live sessions while HTTP clients keep the generation queue full",
             ["label", "live sessions", "HTTP clients", "late (server)", "late (client)",
-             "send jitter p99 (server; worst session / median session)",
-             "generations done / refused busy"],
+             "late > 10 ms (client)", "send jitter p99 (server; worst session / median session)",
+             "generations done / refused busy", "load (start, end)"],
         )  # fmt: skip
         for label, r in m.items():
             h = r["http"]
+            load = "-" if "load" not in r else "{:.1f}, {:.1f}".format(*r["load"])
             out.append(
                 f"| {label} | {r['sessions']} | {r['clients']} | {r['late_pct']:.2f}% "
-                f"| {r['late_client_pct']:.2f}% | {fmt(r['jitter_server_p99_max'], '.2f')} / "
-                f"{fmt(r['jitter_server_p99_median'], '.2f')} ms | {h['ok']} / {h['busy']} |"
+                f"| {r['late_client_pct']:.2f}% "
+                f"| {fmt(r.get('late_10ms_pct'), '.2f')}{'%' * ('late_10ms_pct' in r)} "
+                f"| {fmt(r['jitter_server_p99_max'], '.2f')} / "
+                f"{fmt(r['jitter_server_p99_median'], '.2f')} ms | {h['ok']} / {h['busy']} "
+                f"| {load} |"
             )
         out += ["", "Target: live late < 1%, send jitter p99 <= 2 ms."]
         out += [commands(m), ""]
@@ -441,6 +478,9 @@ def main() -> None:
     ap.add_argument("--live", type=int, default=8, help="mixed: live sessions")
     ap.add_argument("--http-clients", type=int, default=20, help="mixed: HTTP clients")
     ap.add_argument("--seconds", type=float, default=20.0, help="melody length per session")
+    ap.add_argument(
+        "--horizon-ms", type=int, default=300, help="sessions: accompany's horizon_ms (its default)"
+    )
     ap.add_argument("--sigterm", action="store_true", help="replicas: SIGTERM r1 mid-run")
     ap.add_argument("--serve-args", default="", help="extra `improv serve` arguments")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server(s)")
@@ -485,19 +525,23 @@ def main() -> None:
             if args.scenario == "sessions":
                 result = []
                 for n in counts:
-                    a, t0 = scrape(port), time.monotonic()
-                    r = asyncio.run(sessions_at_once(url, n, args.seconds))
+                    a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
+                    r = asyncio.run(
+                        sessions_at_once(url, n, args.seconds, horizon_ms=args.horizon_ms)
+                    )
                     r["scheduler"] = scheduler_figures(a, scrape(port), time.monotonic() - t0)
+                    r["load"] = [load0, os.getloadavg()[0]]  # 1-minute load average: a shared CPU
                     print("sessions", r, flush=True)
                     result.append(r)
             else:
-                a, t0 = scrape(port), time.monotonic()
+                a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
                 http_url = f"http://127.0.0.1:{port}"
                 result = asyncio.run(
                     mixed(url, http_url, args.live, args.http_clients, args.seconds)
                 )
                 result["clients"] = args.http_clients
                 result["scheduler"] = scheduler_figures(a, scrape(port), time.monotonic() - t0)
+                result["load"] = [load0, os.getloadavg()[0]]
                 print("mixed", result, flush=True)
     finally:
         for p in procs.values():

@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +64,12 @@ INT8_FILE = "model.int8.onnx"
 INT8_BLOCK = 32
 OPSET = 17
 REUSE_MAX_T = 8  # IO bindings of packed rows with at most this many new tokens are kept
+# ... at most this many, least recently used dropped first. A live server's steps use one per
+# (first slot, rows, tokens): batched steps of 1..N rows, and each session's slot with the few
+# tokens after a player's event (one-row runs). With 32 kept, a 16-session server rebuilt
+# bindings every few steps (py-spy: 3.8% of the scheduler thread in `_Binding.__init__`). A
+# binding holds its logits (rows x tokens x vocab floats, ~7 KB per row and token).
+REUSE_MAX_BINDINGS = 512
 # A batch where more than this share of the rows append several tokens runs row by row. Measured
 # (default model, int8, one thread, contexts 100-1,000): a batched one-token step costs each row
 # 0.65-0.9 of a one-row run, and each further token of a one-row run 0.3 of one: padding every
@@ -294,7 +301,7 @@ class OnnxDecoder(SlotLengths):
         c = config
         shape = (c.n_layer, self.max_batch, c.n_kv_head, self.max_seq, c.head_dim)
         self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        self._io: dict[tuple[int, int, int], _Binding] = {}  # packed rows' bindings
+        self._io: OrderedDict[tuple[int, int, int], _Binding] = OrderedDict()  # (LRU order)
 
     # --- bookkeeping: crop / reset / get_seq_length come from SlotLengths ---------------------
     def length(self, slot: int) -> int:
@@ -357,11 +364,13 @@ class OnnxDecoder(SlotLengths):
             v_rows = np.ascontiguousarray(self.v[:, slots, :, :total])  # not be contiguous)
         key = (start, B, T)
         io = self._io.get(key) if reuse else None
-        if io is None:
+        if io is not None:
+            self._io.move_to_end(key)
+        else:
             io = _Binding(self, k_rows, v_rows, T)
             if reuse:
-                if len(self._io) >= 32:
-                    self._io.clear()
+                if len(self._io) >= REUSE_MAX_BINDINGS:
+                    self._io.popitem(last=False)
                 self._io[key] = io
         io.tokens[:] = toks
         io.seqlens_k[:] = lengths

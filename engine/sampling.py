@@ -57,14 +57,42 @@ def logits_to_probs(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None and top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)  # (B, V)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the first token always stays
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = nucleus(probs, top_p)
     if min_p is not None and min_p > 0.0:
         probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
     probs = probs / probs.sum(-1, keepdim=True)
     return torch.where(greedy, onehot, probs)
+
+
+NUCLEUS_FIRST_K = 64  # nucleus: the most likely tokens ranked first (a full sort if too few)
+NUCLEUS_MARGIN = 1e-6  # ... enough when their mass passes top_p by this (float rounding)
+
+
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """(B, V) probabilities -> the smallest set of most likely tokens with mass >= top_p kept,
+    the rest 0 (the first token always stays); not renormalized.
+
+    Ranks the NUCLEUS_FIRST_K most likely tokens (`topk`) and sorts only the rows whose top k
+    fall short of top_p: torch's CPU sort of 16 rows of 1,771 took 1.2 ms, most of
+    `logits_to_probs` and ~4% of a live scheduler step, for a nucleus that is a few dozen
+    tokens (in a 16-session accompany run, 2.3% of the rows needed more than 64). The kept
+    values are the full sort's: the same cumulative sums over the same ranked prefix, and the
+    tokens past a row's top k are all dropped (the mass before each >= top_p)."""
+    k = min(NUCLEUS_FIRST_K, probs.shape[-1])
+    ranked, order = torch.topk(probs, k, dim=-1)  # (B, k), descending
+    out = torch.zeros_like(probs).scatter_(-1, order, _keep_nucleus(ranked, top_p))
+    if k < probs.shape[-1]:
+        wide = torch.nonzero(ranked.sum(-1) < top_p + NUCLEUS_MARGIN).flatten()  # (W,)
+        if len(wide):
+            ranked, order = torch.sort(probs[wide], dim=-1, descending=True)  # (W, V)
+            kept = _keep_nucleus(ranked, top_p)
+            out[wide] = torch.zeros_like(ranked).scatter_(-1, order, kept)
+    return out
+
+
+def _keep_nucleus(ranked: Tensor, top_p: float) -> Tensor:
+    """Probabilities ranked descending -> 0 where the mass strictly before reaches top_p."""
+    return ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)
 
 
 _M64 = (1 << 64) - 1

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode-workers",
         type=int,
-        help="scheduler threads decoding at once (default: one per core but one, >= 8 sessions each)",
+        help="scheduler threads decoding at once (default: one per core, but one on more than 2 "
+        "cores; >= 8 sessions each)",
     )
     parser.add_argument(
         "--max-generations",

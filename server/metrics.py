@@ -109,6 +109,13 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
         ),
         ("improv_backoffs_total", "counter", "Waits drawn again, longer.", st["backoffs"]),
         (
+            "improv_tokens_cut_total",
+            "counter",
+            "Tokens removed by rollbacks (a player's event before the model's time): work "
+            "thrown away.",
+            st["tokens_cut"],
+        ),
+        (
             "improv_forward_seconds_total",
             "counter",
             "Seconds the decode workers spent in forwards.",
@@ -119,6 +126,25 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
             "counter",
             "Seconds the decode workers spent working (forward, masks, sampling).",
             busy,
+        ),
+        (
+            "improv_decode_cpu_seconds_total",
+            "counter",
+            "CPU seconds of the decode workers' threads in steps (does not count time others "
+            "took the core).",
+            st["cpu_s"],
+        ),
+        (
+            "improv_forward_cpu_seconds_total",
+            "counter",
+            "Of those, CPU seconds in forwards.",
+            st["forward_cpu_s"],
+        ),
+        (
+            "improv_process_cpu_seconds_total",
+            "counter",
+            "CPU seconds of the whole server process (decode workers, event loop, send clock).",
+            time.process_time(),
         ),
         (
             "improv_live_events_sent_total",

@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     generation_queue: int = Field(16, ge=0, le=1024)
     generation_wait_s: float = Field(30.0, ge=0, le=600)
     max_upload_notes: int = Field(100_000, ge=1)  # notes in an uploaded file (memory per request)
-    # Decode workers: scheduler threads, each batching its own sessions (None: one per core
-    # but one, at least 8 sessions each; docs/engine-live.md, "Decode workers").
+    # Decode workers: scheduler threads, each batching its own sessions (None: one per core,
+    # but one on more than 2 cores, at least 8 sessions each; docs/engine-live.md, "Decode
+    # workers").
     decode_workers: int | None = Field(None, ge=1, le=64)
     # Tokens a decode step gives HTTP generations while live sessions play (live ones first).
     http_step_tokens: int = Field(16, ge=1, le=4096)

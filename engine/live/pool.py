@@ -23,15 +23,22 @@ from .types import ClockFn, EventCallback, SamplingParams, SchedulerFull
 
 
 def auto_workers(max_sessions: int, per_worker: int = 8, cores: int | None = None) -> int:
-    """One worker per core this process may run on but one (the event loop's: it receives and
-    sends on time, and waits for no decode), while each keeps at least `per_worker` sessions to
-    batch. On 2 cores: 1 (docs/engine-live.md, "Decode workers": the measurements so far)."""
+    """One worker per core this process may run on, but one on more than 2 cores (the event
+    loop's: it receives and sends on time, and waits for no decode), while each keeps at least
+    `per_worker` sessions to batch.
+
+    On 2 cores both decode: one worker can't take more than one core (~550 tokens per CPU
+    second at 16 sessions, below what 16 accompany sessions at 12 events/s ask), and the event
+    loop and send clock used 6-9% of a core there (/metrics, improv_process_cpu_seconds_total
+    less the workers'); the workers' lower CPU priority (`nice`) hands the loop a core when it
+    wakes. On more cores one core left to the loop costs less, and more threads contend for
+    the GIL (each worker's Python part is ~25% of its step)."""
     if cores is None:
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
             cores = os.cpu_count() or 1
-    return max(1, min(cores - 1, max_sessions // per_worker))
+    return max(1, min(cores if cores <= 2 else cores - 1, max_sessions // per_worker))
 
 
 class SchedulerPool:

@@ -133,9 +133,14 @@ class Scheduler:
         self.batch_tokens, self.name, self.note_share = batch_tokens, name, note_share
         self.nice = nice
         self.vocab: Vocab = engine.vocab
-        # Two spare slots: the scratch space for swapping two sessions' slots, and the shadow,
-        # where a session's slid context is prefilled while it plays on.
-        self.decoder: Decoder = engine.new_decoder(max_sessions + 2, max_len)
+        # One spare slot: the shadow, where a session's slid context is prefilled while it
+        # plays on. Sessions keep the slot they open on: the forward runs once per contiguous
+        # run of busy slots. (Packing busy sessions into the lowest slots, swapping an idle one
+        # out through a scratch slot, cost three copies of both caches, 1.8 ms of CPU at 500
+        # tokens and growing with the context, against ~0.45 ms per extra run; in accompany,
+        # where sessions go idle between requests, ~30 swaps/s at 16 sessions: without them
+        # 4-5% more tokens per CPU second in the capacity benchmark.)
+        self.decoder: Decoder = engine.new_decoder(max_sessions + 1, max_len)
         self.device = self.decoder.device
         self.max_sessions = max_sessions
         self.max_len = self.decoder.max_seq
@@ -144,9 +149,8 @@ class Scheduler:
             raise ValueError(f"keep_len must be in 8..{self.max_len - 1}, got {self.keep_len}")
         self.prefill_chunk, self.max_batch_pad = prefill_chunk, max_batch_pad
         self.idle_wait_s = idle_wait_s
-        self._scratch = max_sessions
         self.slider = ContextSlider(
-            self.decoder, max_sessions + 1, self.max_len, self.keep_len, shadow_chunk
+            self.decoder, max_sessions, self.max_len, self.keep_len, shadow_chunk
         )
         self.shadow_len = self.slider.start_len
         self.timing = Timing()
@@ -167,6 +171,11 @@ class Scheduler:
         self.stats = {
             "forward_s": 0.0,
             "mask_s": 0.0,
+            # CPU seconds of the scheduler thread in steps, and in forwards (onnxruntime runs on
+            # the calling thread with one intra-op thread): unlike the wall times above, they do
+            # not grow when other processes take the core, so they compare runs on a shared CPU.
+            "cpu_s": 0.0,
+            "forward_cpu_s": 0.0,
             "sample_s": 0.0,
             "tokens": 0,
             "notes_rejected": 0,
@@ -176,6 +185,7 @@ class Scheduler:
             "shadow_forwards": 0,  # of those, a chunk of the shadow slot's prefill
             "batch_tokens": 0,  # of `tokens`, sampled for batch-priority sessions
             "batch_deferred": 0,  # batch sessions' turns left to a later step (live ones busy)
+            "tokens_cut": 0,  # tokens removed by rollbacks (SessionState.tokens_cut, summed)
             "slides": 0,  # slid contexts swapped in from the shadow slot
             "blocking_slides": 0,  # overflows before one was ready (the session waited)
         }
@@ -254,17 +264,22 @@ class Scheduler:
         tokens = st["tokens"] - last["tokens"]
         logger.info(
             "scheduler: %d sessions, %.0f steps/s, %.0f tokens/s, %.1f rows/step, "
-            "%.1f forwards/step, forward %.2f ms/step, %.0f%% busy, %d notes rejected, "
-            "event lead %.1f ms",
+            "%.1f forwards/step, forward %.2f ms/step (CPU %.2f), %.0f%% busy (CPU %.0f%%), "
+            "%d notes rejected, %.0f%% of the tokens cut by rollbacks, event lead %.1f ms, "
+            "context %.0f tokens (mean)",
             len(self._states),
             steps / seconds,
             tokens / seconds,
             tokens / max(steps, 1),
             (st["forwards"] - last["forwards"]) / max(steps, 1),
             1000 * (st["forward_s"] - last["forward_s"]) / max(steps, 1),
+            1000 * (st["forward_cpu_s"] - last["forward_cpu_s"]) / max(steps, 1),
             100 * sum(st[k] - last[k] for k in ("forward_s", "mask_s", "sample_s")) / seconds,
+            100 * (st["cpu_s"] - last["cpu_s"]) / seconds,
             st["notes_rejected"] - last["notes_rejected"],
+            100 * (st["tokens_cut"] - last["tokens_cut"]) / max(tokens, 1),
             1000 * self.timing.event_lead_s,
+            np.mean([s.ctx_len() for s in self._states.values()] or [0]),  # attention's cost
         )
 
     # --- sessions (any thread) ----------------------------------------------------------------------
@@ -345,7 +360,7 @@ class Scheduler:
     # --- the step (scheduler thread) --------------------------------------------------------------
     def step(self) -> bool:
         """Apply queued commands, advance every session by one forward; True if work was done."""
-        t_step = self.timing.now()
+        t_step, cpu_step = self.timing.now(), time.thread_time()
         cmds = self._queue.drain()
         for sid, cmd in cmds:
             self._apply(sid, cmd)
@@ -355,8 +370,7 @@ class Scheduler:
                 self.stats["blocking_slides"] += 1
         self._sync_caches(states)
         caps = self._admit(states)
-        self._pack(states)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         logits, n_forwards, prefilled = self._forward(states, caps)
         shadow, swapped = self.slider.step(states, any(s.req is not None for s in states))
         self.stats["slides"] += swapped
@@ -364,6 +378,7 @@ class Scheduler:
         self.stats["shadow_forwards"] += shadow
         self.stats["forwards"] += n_forwards
         self.stats["forward_s"] += time.perf_counter() - t0
+        self.stats["forward_cpu_s"] += time.thread_time() - cpu0
         rows = [s for s in states if s.req is not None and s.id in logits]
         t0 = time.perf_counter()
         masks = {s.id: m for s in rows if (m := self._guarded(s, s.mask)) is not None}
@@ -375,10 +390,13 @@ class Scheduler:
             )
         for s in states:
             s.publish()
+        for s in states:
+            self._count_cut(s)
         if n_forwards:
             self.steps += 1
         if n_forwards and not prefilled and not shadow:
             self.timing.decode_step(self.timing.now() - t_step)
+        self.stats["cpu_s"] += time.thread_time() - cpu_step
         return bool(cmds) or n_forwards > 0 or bool(rows)
 
     def _apply(self, sid: int, cmd: Command) -> None:
@@ -409,7 +427,12 @@ class Scheduler:
                 return i
         raise RuntimeError(f"still busy after {max_steps} steps")
 
+    def _count_cut(self, s: SessionState) -> None:
+        self.stats["tokens_cut"] += s.tokens_cut
+        s.tokens_cut = 0
+
     def _release(self, s: SessionState) -> None:
+        self._count_cut(s)
         self.decoder.reset(s.slot)
         del self._states[s.id]
         with self._lock:
@@ -421,40 +444,6 @@ class Scheduler:
         for s in states:
             if self.decoder.length(s.slot) > s.cached:
                 self.decoder.crop(s.slot, s.cached)
-
-    def _pack(self, states: list[SessionState]) -> None:
-        """Keep sessions with a running request in the lowest slots, so that their batched
-        forward reads the cache as a view (a gather would copy every row's cache each step)."""
-        active = [s for s in states if s.req is not None]
-        n = len(active)
-        by_slot = {s.slot: s for s in states}
-        movers = [s for s in active if s.slot >= n]
-        if not movers:
-            return
-        with self._lock:
-            # Idle sessions' slots, or free ones (not slots of sessions still being opened).
-            targets = [
-                j
-                for j in range(n)
-                if (j in by_slot and by_slot[j].req is None)
-                or (j not in by_slot and j in self._free)
-            ]
-            for s, j in zip(movers, targets, strict=False):
-                other = by_slot.get(j)
-                src = s.slot
-                if other is None:  # a free slot
-                    self.decoder.move(src, j)
-                    self._free.remove(j)
-                    self._free.append(src)
-                    self._free.sort(reverse=True)
-                else:  # swap with an idle session through the scratch slot
-                    self.decoder.move(src, self._scratch)
-                    self.decoder.move(j, src)
-                    self.decoder.move(self._scratch, j)
-                    other.slot = src
-                    by_slot[src] = other
-                s.slot = j
-                by_slot[j] = s
 
     def _admit(self, states: list[SessionState]) -> dict[int, int]:
         """The batch sessions' share of this step: {session id: tokens it may feed} (0: its

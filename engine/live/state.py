@@ -114,6 +114,10 @@ class SessionState:
         self.shadow: Shadow | None = None  # the slid context being prefilled (ContextSlider)
         self.cached = 0  # tokens of the context the cache holds (the scheduler syncs to it)
         self.lag = [0, 0]  # the clock floor's pushes and the ticks they added
+        # Tokens removed by rollbacks (a player's event before the model's time, crop; not a
+        # rejected note's quiet cut): work thrown away. The scheduler adds them to
+        # stats["tokens_cut"] and zeroes this.
+        self.tokens_cut = 0
         self._lead_s = 0.0  # the clock floor's lead this step (Timing.lead_s)
         self._clear()
 
@@ -415,6 +419,8 @@ class SessionState:
         p = h.boundary_before(p, max(h.base, 1))
         if p >= h.position:
             return
+        if not quiet:  # (a rejected note's quiet cut is notes_rejected's)
+            self.tokens_cut += h.position - p
         h.truncate(p)
         for m in self._sched:  # marks cut away are written again when their time comes back
             if m.at is not None and m.at >= p:

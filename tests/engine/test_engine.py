@@ -10,7 +10,14 @@ import torch
 from improv.engine import sampling
 from improv.engine.context import header_len, slide_context
 from improv.engine.engine import Engine
-from improv.engine.sampling import logits_to_probs, make_generators, make_seeds, sample
+from improv.engine.sampling import (
+    NUCLEUS_FIRST_K,
+    logits_to_probs,
+    make_generators,
+    make_seeds,
+    nucleus,
+    sample,
+)
 from improv.engine.tokenizer.vocab import TokenizerConfig, TokenType, Vocab
 
 V = Vocab(TokenizerConfig())
@@ -171,6 +178,27 @@ def test_sampling_functions():
     )
     freq = (draws[:, 0] == 0).float().mean().item()  # exponential race samples from p
     assert abs(freq - torch.softmax(logits[0], -1)[0].item()) < 0.08
+
+
+def test_nucleus_equals_the_full_sort():
+    """top_p ranks the top NUCLEUS_FIRST_K first and sorts only rows whose nucleus is wider:
+    the same probabilities, to the bit, as sorting every row."""
+
+    def full_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+        ranked, order = torch.sort(probs, dim=-1, descending=True)
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)
+        return torch.zeros_like(probs).scatter_(-1, order, ranked)
+
+    g = torch.Generator().manual_seed(0)
+    wide = 0
+    for _ in range(50):
+        scale = torch.rand(8, 1, generator=g) * 12  # rows from flat to peaked in one batch
+        probs = torch.softmax(torch.randn(8, 1771, generator=g) * scale, -1)
+        for top_p in (0.5, 0.95, 0.99):
+            assert torch.equal(nucleus(probs, top_p), full_sort(probs, top_p))
+            top = torch.topk(probs, NUCLEUS_FIRST_K).values.sum(-1)
+            wide += int((top < top_p).sum())
+    assert 0 < wide < 50 * 8 * 3  # both paths taken
 
 
 def test_counter_based_sampling_is_batch_invariant_and_exact():

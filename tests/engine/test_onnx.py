@@ -232,3 +232,26 @@ def test_load_with_onnx_int8_backend(tiny_checkpoint):
     assert Engine.load(tiny_checkpoint, backend="auto").backend == "onnx-int8"  # CPU default
     with pytest.raises(ValueError, match="backend"):
         Engine.load(tiny_checkpoint, backend="int4")
+
+
+def test_kept_bindings_are_least_recently_used_and_give_the_same_logits(onnx_pair, monkeypatch):
+    """A live server's steps bind many (first slot, rows, tokens) shapes; the kept bindings
+    drop the least recently used one past the limit, and a reused binding (its buffers written
+    in place) gives the logits a fresh one gives."""
+    import improv.engine.onnx_backend as ob
+
+    model, path = onnx_pair
+    monkeypatch.setattr(ob, "REUSE_MAX_BINDINGS", 3)
+    dec = OnnxDecoder(path, model.config, max_batch=4)
+    fresh = OnnxDecoder(path, model.config, max_batch=4)
+    for d in (dec, fresh):
+        d.extend([0, 1, 2, 3], [[1, 3]] * 4)
+    for step, slots in enumerate([[0, 1], [0, 1, 2], [0], [0, 1], [3], [0, 1, 2]]):
+        toks = [[100 + step + s] for s in slots]
+        a = dec.extend(slots, toks)
+        fresh._io.clear()  # a binding made for this run
+        b = fresh.extend(slots, toks)
+        assert torch.equal(a, b), step
+    # (first slot, rows, tokens), least recently used first: (0, 2, 1), used again at the 4th
+    # step, outlived (0, 1, 1), dropped at the last
+    assert list(dec._io) == [(0, 2, 1), (3, 1, 1), (0, 3, 1)]

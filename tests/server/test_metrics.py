@@ -47,6 +47,12 @@ def test_metrics_count_sessions_tokens_and_events(server, runtime, make_player):
     # a closed connection's counters stay in the totals
     assert after["improv_live_events_sent_total"] - before["improv_live_events_sent_total"] == sent
     assert after["improv_steps_total"] > before["improv_steps_total"]
+    # The decode thread's CPU time: spent, and at most its wall time busy (one thread each).
+    cpu = after["improv_decode_cpu_seconds_total"] - before["improv_decode_cpu_seconds_total"]
+    fwd = after["improv_forward_cpu_seconds_total"] - before["improv_forward_cpu_seconds_total"]
+    assert 0 < fwd <= cpu
+    proc = after["improv_process_cpu_seconds_total"] - before["improv_process_cpu_seconds_total"]
+    assert proc >= cpu
 
 
 def test_http_generations_run_at_batch_priority(server, runtime):
