@@ -319,3 +319,37 @@ def test_a_chart_chosen_while_playing_starts_then_and_a_clock_keeps_its_count(ha
     assert [c.label for c in last][:1] == ["F:maj"] and last[0].time < new_chart + 100.0
     assert any(V.chord_base <= t < V.HEADER for t in tokens)
     assert balanced(out)
+
+
+def test_accompaniment_keeps_to_the_chords_unless_chord_tones_is_off(harmony_runtime):
+    """chord_tones (default true): the model's harmony starts only on the chart's chord tones
+    (in the history it kept); `params` chord_tones false reopens the engine session without
+    ChordTones."""
+    from improv.engine.constraints import ChordTones
+    from improv.engine.tokenizer.harmony import chord_tones
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        down = conn.now_ms() + 100.0
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 50,
+                           "chord_source": "chart", "chords": "C Am F G", "tempo_bpm": 120,
+                           "beat_time": down, "rest_ms": None})  # fmt: skip
+        await play_melody(conn, down, 12)
+        tokens = conn.active.session.tokens()
+        had = conn.active.session.constraint(ChordTones)
+        await conn.handle({"type": "params", "chord_tones": False})
+        off = conn.active.session.constraint(ChordTones)
+        await conn.close()
+        return out, tokens, had, off
+
+    out, tokens, had, off = asyncio.run(main())
+    assert not of(out, "error")
+    assert had is not None and off is None
+    harmony, chord, notes = V.part_index["harmony"], 0, 0
+    for t in tokens:
+        if V.chord_base <= t < V.HEADER:
+            chord = t - V.chord_base
+        elif V.on_base <= t < V.off_base and (t - V.on_base) // 128 == harmony:
+            notes += 1
+            assert chord and (t - V.on_base) % 128 % 12 in chord_tones(chord), chord_label(chord)
+    assert notes >= 3, " ".join(V.name(t) for t in tokens)
