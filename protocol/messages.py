@@ -163,6 +163,12 @@ class LiveParams(_Message):
     beats_per_bar: int = Field(
         4, ge=1, le=16, description="beats in a bar of the session's clock (and of a chart)"
     )
+    chord_tones: bool = Field(
+        True,
+        description="accompany: harmony and bass start only on tones of the sounding chord (the "
+        "chart's, the left hand's, or the model's own plan; a model with harmony tokens); false: "
+        "they may leave it (as the HTTP endpoints' chord_tones=false)",
+    )
 
     @field_validator("programs")
     @classmethod

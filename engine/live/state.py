@@ -118,6 +118,9 @@ class SessionState:
         # rejected note's quiet cut): work thrown away. The scheduler adds them to
         # stats["tokens_cut"] and zeroes this.
         self.tokens_cut = 0
+        # (position, gap, wait): the draw at `position` is behind the clock floor by `gap`
+        # ticks; a wait drawn there must last `wait` (prepare, _accept)
+        self._floor_draw: tuple[int, int, int] | None = None
         self._lead_s = 0.0  # the clock floor's lead this step (Timing.lead_s)
         self._clear()
 
@@ -275,17 +278,33 @@ class SessionState:
             if req is not None and req.start_tick is not None:  # generate(start_tick=)
                 start, req.start_tick = req.start_tick, None
                 self._push(self.vocab.time_tokens(start - self.tick), given=False)
-            if floor > self.tick and not self.marks.redrawing_wait(self.position):
-                # The model's own wait (a rollback undoes it; the event drawn after it may still
-                # send it back to be drawn longer). Not while a wait is being drawn again here:
-                # that one is longer than the push it replaces.
+            if (
+                floor > self.tick
+                and not self.marks.redrawing_wait(self.position)
+                and not self._waited_for_floor()
+            ):
+                # Not while a wait is being drawn again here (it is drawn past the floor), nor
+                # right after one was: the floor's lead allowed for the event after it.
                 gap = floor - self.tick
                 self.lag[0] += 1
                 self.lag[1] += gap
-                wait = self.vocab.time_tokens(gap)
-                self._push(wait, given=False)
-                if len(wait) == 1:
-                    self.marks.backoff = (self.position - 1, gap)
+                # (one step more than a push: the wait takes a step of its own to draw)
+                step = int(np.ceil(self._timing.step_s_ema * self.vocab.ticks_per_second))
+                if self._may_wait(gap + step):
+                    # The model draws here, at its own time: an event it draws (it plays with
+                    # the player's event just heard) goes out at the floor, as soon as it can
+                    # be heard; a wait it draws ends at the floor or after it (drawn again if
+                    # shorter: `_accept`), in its rhythm (the next beat or eighth). Pushed to
+                    # the floor first instead, it drew there, a few ms after the player's
+                    # event: at every rollback to one, a note off the grid.
+                    self._floor_draw = (self.position, gap, gap + step)
+                else:  # (a wait that long can't be drawn, or no time may pass: a lead-in)
+                    # The model's own wait (a rollback undoes it; the event drawn after it may
+                    # still send it back to be drawn longer).
+                    wait = self.vocab.time_tokens(gap)
+                    self._push(wait, given=False)
+                    if len(wait) == 1:
+                        self.marks.backoff = (self.position - 1, gap)
             if req is not None:
                 if req.until_tick is not None and self.tick >= req.until_tick:
                     self.finish("until_tick")
@@ -297,6 +316,20 @@ class SessionState:
         if self.req is not None and self.pending() == 0 and self.kept_logits() is None:
             self.cached -= 1  # re-run the last token for its logits
         return slid
+
+    def _waited_for_floor(self) -> bool:
+        """The last token is a wait drawn to end at or after the clock floor (`min_wait`)."""
+        mw = self.marks.min_wait
+        return mw is not None and mw[0] == self.position - 1
+
+    def _may_wait(self, ticks: int) -> bool:
+        """The running request may draw a single wait of at least `ticks` now (at a boundary)."""
+        v = self.vocab
+        if ticks > v.config.max_shift_ticks:
+            return False
+        n_shift = v.long_base - v.shift_base
+        shifts = self.mask()[v.shift_base : v.long_base]
+        return bool((shifts & (self.tables.time_ticks[:n_shift] >= ticks)).any())
 
     def clock_floor(self) -> int:
         """The earliest token time the running request may place its next event at: the clock's
@@ -434,6 +467,7 @@ class SessionState:
             del self._logits[k]
         self._held = [x for x in self._held if x.position < p]
         self.marks.clear_waits()
+        self._floor_draw = None
         if not quiet:
             self._emit(Rollback(self.id, p, self.tick))
 
@@ -504,6 +538,17 @@ class SessionState:
         if tok == v.EOS:
             self.finish("eos")
             return
+        if (fd := self._floor_draw) is not None and fd[0] == self.position:
+            self._floor_draw = None
+            if self.tables.type_list[tok] == TokenType.TIME:
+                if v.shift_ticks(tok) < fd[2]:  # drawn again, past the floor (policy.draw)
+                    self.marks.min_wait = (self.position, fd[2], 0)
+                    return
+            else:  # an event: at the floor (the wait it adds may still be sent back)
+                wait = v.time_tokens(fd[1])
+                self._push(wait, given=False)
+                if len(wait) == 1:
+                    self.marks.backoff = (self.position - 1, fd[1])
         # A shift past the time ceiling ends on it; a note may move to a BeatGrid point, unless
         # it sounds with a player's event (given tokens at this tick).
         onset_free = self.history.given_tick == self.tick

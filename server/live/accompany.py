@@ -54,7 +54,7 @@ class Accompany(Mode):
             self.harmony.new_engine_session(self.session, self.clock.now_ms())
 
     def _mode_constraints(self) -> list[Constraint]:
-        return self.harmony.constraints()
+        return self.harmony.constraints(self.params)
 
     def _clock_changed(self, old: p.LiveParams, new: p.LiveParams) -> None:
         keys = ("chord_source", "chords", "beats_per_bar", "tempo_bpm", "beat_time")

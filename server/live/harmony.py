@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from improv.engine.constraints import Constraint, GivenMarks
+from improv.engine.constraints import ChordsOnBeats, ChordTones, Constraint, GivenMarks
 from improv.engine.live import LiveSession
 from improv.engine.tokenizer.chord_match import match_chord
 from improv.engine.tokenizer.decode import Beat, ChordChange
@@ -37,8 +37,8 @@ from .clock import SessionClock
 from .playback import Playback
 
 AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
-RETIME_TOLERANCE_MS = 5.0
-STALE_MS = 100.0  # marks further back than this are not scheduled (the model played past them)  # a re-anchored clock whose beats moved less than this changes nothing
+RETIME_TOLERANCE_MS = 5.0  # a re-anchored clock whose beats moved less than this changes nothing
+STALE_MS = 100.0  # marks further back than this are not scheduled (the model played past them)
 TEMPO_BEATS = 8  # the model's latest beats its tempo is read from
 
 
@@ -126,19 +126,23 @@ class Harmony:
         """The model hears the given chords and beats (its vocabulary has them)."""
         return self.vocab.harmony
 
-    @property
-    def clocked(self) -> bool:
-        """The session has a clock (now, or from the player's first note)."""
-        return self.params.beat_time is not None or self.params.chord_source == "chart"
-
-    def constraints(self) -> list[Constraint]:
-        """The model writes no beats or chords of its own where they are given."""
+    def constraints(self, pr: p.LiveParams) -> list[Constraint]:
+        """As offline accompaniment's (engine.generation._given_marks), for parameters `pr`
+        (the mode's: a change that only alters constraints does not reach `self.params`): the
+        model writes no beats or chords of its own where they are given, its own chords change
+        on a beat, and harmony and bass start on the sounding chord's tones (`chord_tones`)."""
         if not self.forced:
             return []
-        given_chords = self.params.chord_source != "model"
-        if not (self.clocked or given_chords):
-            return []
-        return [GivenMarks(beats=self.clocked, chords=given_chords)]
+        given_chords = pr.chord_source != "model"
+        clocked = pr.beat_time is not None or pr.chord_source == "chart"
+        out: list[Constraint] = []
+        if clocked or given_chords:
+            out.append(GivenMarks(beats=clocked, chords=given_chords))
+        if not given_chords:
+            out.append(ChordsOnBeats(strong_only=False))
+        if pr.chord_tones:
+            out.append(ChordTones())
+        return out
 
     # --- the schedule ---------------------------------------------------------------------------
     def begin(self, session: LiveSession | None, t: float) -> None:

@@ -318,4 +318,5 @@ def _constraint_keys(pr: p.LiveParams) -> tuple:
     return (
         pr.parts, pr.drums, pr.programs, pr.pitch_low, pr.pitch_high, pr.max_notes_per_second,
         pr.chord_source, pr.beat_time is not None,  # which marks are given (GivenMarks)
+        pr.chord_tones,
     )  # fmt: skip

@@ -319,3 +319,45 @@ def test_a_chart_chosen_while_playing_starts_then_and_a_clock_keeps_its_count(ha
     assert [c.label for c in last][:1] == ["F:maj"] and last[0].time < new_chart + 100.0
     assert any(V.chord_base <= t < V.HEADER for t in tokens)
     assert balanced(out)
+
+
+def test_accompaniment_keeps_to_the_chords_unless_chord_tones_is_off(harmony_runtime):
+    """chord_tones (default true): the engine session has ChordTones (what it does there:
+    tests/engine/live/test_schedule.py); `params` chord_tones false reopens it without."""
+    from improv.engine.constraints import ChordTones
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        down = conn.now_ms() + 100.0
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 50,
+                           "chord_source": "chart", "chords": "C Am F G", "tempo_bpm": 120,
+                           "beat_time": down, "rest_ms": None})  # fmt: skip
+        await play_melody(conn, down, 3)
+        had = conn.active.session.constraint(ChordTones)
+        await conn.handle({"type": "params", "chord_tones": False})
+        off = conn.active.session.constraint(ChordTones)
+        await conn.close()
+        return out, had, off
+
+    out, had, off = asyncio.run(main())
+    assert not of(out, "error")
+    assert had is not None and off is None
+
+
+@pytest.mark.parametrize("source", ["chart", "left_hand", "model"])
+def test_every_chord_source_binds_harmony_and_bass_to_the_chord(source):
+    """As offline accompaniment: ChordTones wherever the session knows the chord (the model's
+    own plan too, whose changes then fall on a beat), none with chord_tones false."""
+    from improv.engine.constraints import ChordsOnBeats, ChordTones, GivenMarks
+    from improv.protocol import messages as p
+    from improv.server.live.harmony import Harmony
+
+    chart = {"chords": "C Am"} if source == "chart" else {}
+    pr = p.LiveParams(chord_source=source, **chart)
+    h = Harmony(V, None, None, pr)  # type: ignore[arg-type]  # (constraints need neither)
+    kinds = {type(c) for c in h.constraints(pr)}
+    assert ChordTones in kinds
+    assert (ChordsOnBeats in kinds) == (source == "model")
+    assert (GivenMarks in kinds) == (source != "model")
+    off = pr.model_copy(update={"chord_tones": False})
+    assert ChordTones not in {type(c) for c in h.constraints(off)}

@@ -119,3 +119,59 @@ def test_schedule_checks_its_arguments(engine):
         s.schedule(-1, [])
     with pytest.raises(ValueError, match="before from_tick"):
         s.schedule(10, [(5, [V.BEAT])])
+
+
+def onsets_in_chord(tokens: list[int]) -> list[bool]:
+    """For each harmony or bass note-on: whether its pitch is a tone of the chord sounding then
+    (the last CHORD token before it)."""
+    from improv.engine.tokenizer.harmony import chord_tones
+
+    out, chord = [], 0
+    parts = {V.part_index["harmony"], V.part_index["bass"]}
+    for t in tokens:
+        if V.chord_base <= t < V.HEADER:
+            chord = t - V.chord_base
+        elif V.on_base <= t < V.off_base and chord:
+            part, pitch = divmod(t - V.on_base, 128)
+            if part in parts:
+                out.append(pitch % 12 in chord_tones(chord))
+    return out
+
+
+@pytest.fixture(scope="module")
+def busy_engine(make_model):
+    """The tiny model with its waits damped: it plays enough notes to judge in a few bars."""
+    import torch
+
+    model = make_model(seed=2, vocab_size=V.size)
+    with torch.no_grad():
+        model.lm_head.weight[V.shift_base : V.part_base] *= 0.1
+    return Engine.from_model(model, HARMONY)
+
+
+@pytest.mark.parametrize("tones", [True, False])
+def test_chord_tones_keep_live_harmony_and_bass_in_the_scheduled_chord(busy_engine, tones):
+    """A live session with ChordTones (what the server gives accompany sessions that know the
+    chord): every harmony and bass note starts on a tone of the forced chord, through the
+    schedule's changes and a rollback by a player's note; the same model without it leaves the
+    chord (the test can fail)."""
+    from improv.engine.constraints import ChordTones
+
+    cons = [Parts(["harmony", "bass"]), GivenMarks(beats=True, chords=True)]
+    sched = Scheduler(busy_engine, max_sessions=1)
+    s = sched.open_session(
+        [V.BOS, V.TASK_ACCOMPANY], cons + ([ChordTones()] if tones else []), SamplingParams(seed=5)
+    )
+    marks = beats(16)
+    marks[0] = (0, [V.BAR, C])
+    marks[4] = (200, [V.BAR, AM])
+    marks[8] = (400, [V.BAR, V.chord(chord_index(5, "maj"))])
+    s.schedule(0, marks)
+    s.generate(until_tick=500)
+    sched.run_until_idle()
+    s.insert(230, [V.velocity(20), V.note_on(0, 76)])  # rolls back into Am's bar
+    s.generate(until_tick=760)
+    sched.run_until_idle()
+    in_chord = onsets_in_chord(s.tokens())
+    assert len(in_chord) >= 5
+    assert all(in_chord) if tones else not all(in_chord)

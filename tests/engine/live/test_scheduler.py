@@ -539,6 +539,37 @@ def test_clock_floor_never_places_an_event_before_now(make_model):
     assert s.lag == before and s.tick == 650
 
 
+@pytest.mark.parametrize("seed", [5, 6, 7, 8, 9, 10])
+def test_behind_the_clock_the_model_draws_at_its_own_time(make_model, seed):
+    """The player's event comes late (the model's time rolled back to it, the clock 80 ticks
+    on): the model draws right after it, at its own time. An event it draws (it plays with the
+    player) goes out at the floor; a wait it draws ends at the floor or after it, in its own
+    rhythm. Time was pushed to the floor first before, and the model drew there, a few ms after
+    the player's event, off any grid (the default model on a POP909 song, in virtual time: 2.7x
+    the offline note count)."""
+    engine = Engine.from_model(make_model(seed=1, max_seq_len=1024).double())
+    sched = Scheduler(engine, max_sessions=1)
+    acc = [Parts(accompaniment_parts(V)), NoteDensity(10.0)]
+    s = sched.open_session(
+        [V.BOS, V.TASK_ACCOMPANY], constraints=acc, sampling=SamplingParams(top_k=64, seed=seed)
+    )
+    s.set_clock(lambda: 200.0)
+    lead = [V.velocity(20), V.note_on(LEAD, 60)]
+    s.insert(120, lead)
+    s.generate(until_tick=400)
+    sched.run_until_idle()
+    toks = s.tokens()
+    i = _find(toks, lead) + len(lead)
+    sampled = {e.position: e for e in drain(s) if isinstance(e, Token)}
+    if i in sampled:  # the model's own wait, from the player's event past the floor
+        assert V.type_of(toks[i]) is TokenType.TIME and V.shift_ticks(toks[i]) >= 200 - 120
+    else:  # the floor's wait, then the event the model drew there (not a wait from the floor)
+        assert V.type_of(toks[i + 1]) is not TokenType.TIME
+        assert sampled[i + 1].tick >= 200
+    assert s.lag["pushes"] >= 1
+    assert ConstraintSet(V).check(toks) is None
+
+
 def _assert_cache_is_the_context(engine, sched, s) -> None:
     """The session's cache == a fresh prefill of its context (head + tokens): same logits."""
     ctx = s.context()
@@ -747,6 +778,8 @@ def _late_sounds(make_model, measured_lead: bool) -> tuple[int, int]:
     real time on a fake clock: each forward takes 4 ms, every 4th 40 ms (a rollback's
     prefill, a stall), and the model plays a harmony note or ends one every 20 ms."""
     x = torch.full((V.size,), -30.0, dtype=torch.float64)
+    # (a wait drawn past the clock floor: the shortest the model allows, mostly)
+    x[[V.shift(k) for k in range(3, 101)]] = -4.0 - torch.arange(3, 101, dtype=torch.float64)
     x[V.shift(2)] = x[V.velocity(20)] = 0.0
     for pitch in range(48, 60):
         x[V.note_on(HARMONY, pitch)] = x[V.note_off(HARMONY, pitch)] = 0.0
