@@ -53,12 +53,22 @@ def _csv(value: Sequence[str] | str | None) -> str | None:
 
 
 def _harmony(
-    chords: str | None, beats: str | Sequence[float] | None, bpm: float | None, bpb: int | None
+    chords: str | None,
+    beats: str | Sequence[float] | None,
+    bpm: float | None,
+    bpb: int | None,
+    chord_tones: bool | None,
 ) -> dict[str, Any]:
     """The harmony and meter form fields (beat times may be given as numbers)."""
     if beats is not None and not isinstance(beats, str):
         beats = "\n".join(f"{float(t):.6f}" for t in beats)
-    return {"chords": chords, "beats": beats, "bpm": bpm, "beats_per_bar": bpb}
+    return {
+        "chords": chords,
+        "beats": beats,
+        "bpm": bpm,
+        "beats_per_bar": bpb,
+        "chord_tones": chord_tones,
+    }
 
 
 def _programs(value: Mapping[str, int] | str | None) -> str | None:
@@ -106,11 +116,14 @@ class Client:
         beats: str | Sequence[float] | None = None,
         bpm: float | None = None,
         beats_per_bar: int | None = None,
+        chord_tones: bool | None = None,
     ) -> mido.MidiFile:
         """The prompt followed by `seconds` of continuation. `chords`: a chart ('C Am F G',
         '| C | Am F |', laid on the beats) or chord-lab lines ('0.0 2.0 C:maj'); `beats`: beat
         times (s) or lines 'seconds [1 if downbeat]'; `bpm`: steady beats from time 0. Default:
-        the file's tempo map, and the model's own chords (returned as MIDI markers)."""
+        the file's tempo map, and the model's own chords (returned as MIDI markers).
+        `chord_tones=False`: harmony and bass may leave the chord (default: they keep to it where
+        chords are given, and in accompaniment)."""
         return self._generate(
             "/v1/continue",
             midi,
@@ -120,7 +133,7 @@ class Client:
             seed=seed,
             parts=_csv(parts),
             programs=_programs(programs),
-            **_harmony(chords, beats, bpm, beats_per_bar),
+            **_harmony(chords, beats, bpm, beats_per_bar, chord_tones),
         )
 
     def infill(
@@ -137,6 +150,7 @@ class Client:
         beats: str | Sequence[float] | None = None,
         bpm: float | None = None,
         beats_per_bar: int | None = None,
+        chord_tones: bool | None = None,
     ) -> mido.MidiFile:
         """The file with [start, end) seconds regenerated (everything outside is kept); chords
         and beats as for `continue_`."""
@@ -149,7 +163,7 @@ class Client:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-            **_harmony(chords, beats, bpm, beats_per_bar),
+            **_harmony(chords, beats, bpm, beats_per_bar, chord_tones),
         )
 
     def accompany(
@@ -166,6 +180,7 @@ class Client:
         beats: str | Sequence[float] | None = None,
         bpm: float | None = None,
         beats_per_bar: int | None = None,
+        chord_tones: bool | None = None,
     ) -> mido.MidiFile:
         """The melody plus generated accompaniment parts; chords and beats as for `continue_`."""
         return self._generate(
@@ -177,7 +192,7 @@ class Client:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-            **_harmony(chords, beats, bpm, beats_per_bar),
+            **_harmony(chords, beats, bpm, beats_per_bar, chord_tones),
         )
 
     def _generate(self, path: str, midi: MidiInput, **form: Any) -> mido.MidiFile:

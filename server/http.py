@@ -194,12 +194,14 @@ async def conditioning(
     bpm: float | None,
     beats_per_bar: int | None,
     until: float,
+    chord_tones: bool | None = None,
 ) -> Conditioning:
     """The request's chords, beats and output tempo map (engine/conditioning.py), off the loop."""
     try:
         return await asyncio.to_thread(
-            Conditioning.parse, data, chords, beats, bpm, beats_per_bar, until
-        )
+            Conditioning.parse, data, chords, beats, bpm, beats_per_bar, until,
+            chord_tones=chord_tones,
+        )  # fmt: skip
     except ConditioningError as e:
         raise HTTPException(422, str(e)) from e
 
@@ -380,6 +382,14 @@ Bpm = Annotated[
     Form(ge=20, le=400, description="steady beats from the file's time 0 (and the output tempo)"),
 ]
 BeatsPerBar = Annotated[int | None, Form(ge=1, le=16, description="with bpm or beats; default 4")]
+ChordTonesField = Annotated[
+    bool | None,
+    Form(
+        description="harmony and bass keep to the chord's tones, and an accompaniment without "
+        "chords changes to chords that fit the melody (default: true where chords are given and "
+        "in accompaniment); false lets the model alone choose"
+    ),
+]
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -424,6 +434,7 @@ async def continue_(
     beats: Beats = None,
     bpm: Bpm = None,
     beats_per_bar: BeatsPerBar = None,
+    chord_tones: ChordTonesField = None,
     stream: Stream = False,
     accept: Accept = None,
 ) -> Response:
@@ -437,7 +448,7 @@ async def continue_(
     try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
         notes = await read_notes(rt, data)
         until = float(notes.end.max()) + seconds
-        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, until)
+        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, until, chord_tones)
         job = await asyncio.to_thread(
             gen.plan_continue, rt, notes, seconds, sampling(temperature, top_p, seed),
             chosen, progs, cond,
@@ -469,6 +480,7 @@ async def infill(
     beats: Beats = None,
     bpm: Bpm = None,
     beats_per_bar: BeatsPerBar = None,
+    chord_tones: ChordTonesField = None,
     stream: Stream = False,
     accept: Accept = None,
 ) -> Response:
@@ -487,7 +499,9 @@ async def infill(
             raise HTTPException(
                 422, f"start must be before the end of the music ({length:.2f} s), got {start}"
             )
-        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, max(length, end))
+        cond = await conditioning(
+            data, chords, beats, bpm, beats_per_bar, max(length, end), chord_tones
+        )
         try:
             job = await asyncio.to_thread(
                 gen.plan_infill, rt, notes, start, end, sampling(temperature, top_p, seed),
@@ -524,6 +538,7 @@ async def accompany(
     beats: Beats = None,
     bpm: Bpm = None,
     beats_per_bar: BeatsPerBar = None,
+    chord_tones: ChordTonesField = None,
     stream: Stream = False,
     accept: Accept = None,
 ) -> Response:
@@ -548,7 +563,9 @@ async def accompany(
             if not (notes.part == rt.vocab.lead).any():
                 raise HTTPException(422, "no melody found: the file has only drums")
         length = float(notes.end.max())
-        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, length + 1.0)
+        cond = await conditioning(
+            data, chords, beats, bpm, beats_per_bar, length + 1.0, chord_tones
+        )
         job = await asyncio.to_thread(
             gen.plan_accompany, rt, notes, sampling(temperature, top_p, seed), chosen,
             progs, 1.0, cond,

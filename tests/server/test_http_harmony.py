@@ -87,6 +87,32 @@ def test_the_stream_carries_given_chords_first(harmony_server) -> None:
     assert events[-1]["type"] == "done"
 
 
+def test_chord_tones_false_lets_the_model_leave_the_chord(harmony_server) -> None:
+    """`chord_tones` (form field, as the CLI's --no-chord-tones): by default in accompaniment
+    every generated harmony note is a tone of the given chord; with false, a random model's
+    are not."""
+
+    def harmony_pitch_classes(extra: dict[str, str]) -> list[int]:
+        r = httpx.post(
+            f"{harmony_server.url}/v1/accompany",
+            files={"file": ("s.mid", _melody(), "audio/midi")},
+            data={"chords": "C", "bpm": "120", "parts": "harmony", "seed": "5", **extra},
+            headers={"Accept": "application/json"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        notes = r.json()["notes"]
+        return [n["pitch"] % 12 for n in notes if n["generated"] and n["part"] == "harmony"]
+
+    guarded, free = harmony_pitch_classes({}), harmony_pitch_classes({"chord_tones": "false"})
+    assert guarded and set(guarded) <= {0, 4, 7}
+    assert free and not set(free) <= {0, 4, 7}
+    with Client(harmony_server.url) as c:  # the client's keyword sends it: the same notes
+        out = c.accompany(_melody(), "harmony", chords="C", bpm=120, seed=5, chord_tones=False)
+    track = next(t for t in out.tracks if "harmony" in t.name.lower())
+    assert sorted(m.note % 12 for m in track if m.type == "note_on" and m.velocity) == sorted(free)
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
