@@ -22,7 +22,7 @@ from fastapi import (
     UploadFile,
     WebSocket,
 )
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -172,7 +172,7 @@ async def read_notes(
     sessions; the note count and length are checked on the parsed arrays, before any per-note
     work (the bound on a request's memory: IMPROV_MAX_UPLOAD_NOTES)."""
     try:
-        notes = await asyncio.to_thread(
+        notes = await rt.offline(
             rt.tokenizer.read_notes, data, parts, (), rt.settings.max_upload_notes, max_seconds
         )
     except MidiReadError as e:  # its message says what is wrong, once
@@ -188,6 +188,7 @@ async def read_notes(
 
 
 async def conditioning(
+    rt: Runtime,
     data: bytes,
     chords: str | None,
     beats: str | None,
@@ -198,7 +199,7 @@ async def conditioning(
 ) -> Conditioning:
     """The request's chords, beats and output tempo map (engine/conditioning.py), off the loop."""
     try:
-        return await asyncio.to_thread(
+        return await rt.offline(
             Conditioning.parse, data, chords, beats, bpm, beats_per_bar, until,
             chord_tones=chord_tones,
         )  # fmt: skip
@@ -312,13 +313,20 @@ async def respond(
     headers = {"X-Improv-Generated-Seconds": f"{seconds:g}", "X-Improv-Stop-Reason": why}
     if missing:
         headers["X-Improv-Missing-Parts"] = ",".join(missing)
+    # The answer is built and encoded off the loop: a song's MIDI or JSON took the loop 10-50 ms
+    # a request (mido's writer, json), every live session's sends waiting behind it.
     if wants_json(accept):
-        return JSONResponse(notes_json(rt, notes, job), headers=headers)
-    midi = await asyncio.to_thread(rt.tokenizer.notes_to_midi, notes, job.cond.tempo, job.chords())
-    buf = io.BytesIO()
-    midi.save(file=buf)
+        body = await rt.offline(lambda: json.dumps(notes_json(rt, notes, job)).encode())
+        return Response(body, media_type="application/json", headers=headers)
+    data = await rt.offline(_midi_bytes, rt, notes, job)
     headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return Response(buf.getvalue(), media_type="audio/midi", headers=headers)
+    return Response(data, media_type="audio/midi", headers=headers)
+
+
+def _midi_bytes(rt: Runtime, notes: Notes, job: gen.Job) -> bytes:
+    buf = io.BytesIO()
+    rt.tokenizer.notes_to_midi(notes, job.cond.tempo, job.chords()).save(file=buf)
+    return buf.getvalue()
 
 
 def _stream(rt: Runtime, job: gen.Job, lease: Lease) -> StreamingResponse:
@@ -448,8 +456,8 @@ async def continue_(
     try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
         notes = await read_notes(rt, data)
         until = float(notes.end.max()) + seconds
-        cond = await conditioning(data, chords, beats, bpm, beats_per_bar, until, chord_tones)
-        job = await asyncio.to_thread(
+        cond = await conditioning(rt, data, chords, beats, bpm, beats_per_bar, until, chord_tones)
+        job = await rt.offline(
             gen.plan_continue, rt, notes, seconds, sampling(temperature, top_p, seed),
             chosen, progs, cond,
         )  # fmt: skip
@@ -500,10 +508,10 @@ async def infill(
                 422, f"start must be before the end of the music ({length:.2f} s), got {start}"
             )
         cond = await conditioning(
-            data, chords, beats, bpm, beats_per_bar, max(length, end), chord_tones
+            rt, data, chords, beats, bpm, beats_per_bar, max(length, end), chord_tones
         )
         try:
-            job = await asyncio.to_thread(
+            job = await rt.offline(
                 gen.plan_infill, rt, notes, start, end, sampling(temperature, top_p, seed),
                 chosen, cond,
             )  # fmt: skip
@@ -564,9 +572,9 @@ async def accompany(
                 raise HTTPException(422, "no melody found: the file has only drums")
         length = float(notes.end.max())
         cond = await conditioning(
-            data, chords, beats, bpm, beats_per_bar, length + 1.0, chord_tones
+            rt, data, chords, beats, bpm, beats_per_bar, length + 1.0, chord_tones
         )
-        job = await asyncio.to_thread(
+        job = await rt.offline(
             gen.plan_accompany, rt, notes, sampling(temperature, top_p, seed), chosen,
             progs, 1.0, cond,
         )  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import heapq
 import itertools
@@ -17,11 +18,12 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from improv.engine.live import SamplingParams, SchedulerFull
 from improv.engine.live.pool import SchedulerPool, auto_workers
-from improv.engine.live.scheduler import Priority
+from improv.engine.live.scheduler import Priority, lower_thread_priority
 
 from .settings import Settings
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
     from .live import LiveConnection
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
@@ -165,6 +168,15 @@ class Runtime:
             note_share=settings.note_share,
             nice=settings.decode_nice,
         )
+        # An HTTP request's own work off the loop (parse the file, plan, write the MIDI back) runs
+        # in threads as low in priority as the decode workers': with the machine full, the
+        # event loop's sends come first (the default executor's threads competed with it).
+        self.offline_pool = ThreadPoolExecutor(
+            max_workers=max(2, settings.http_sessions),
+            thread_name_prefix="improv-offline",
+            initializer=lower_thread_priority if settings.decode_nice else None,
+            initargs=(settings.decode_nice,) if settings.decode_nice else (),
+        )
         self._warm_up()
         self.scheduler.start()
         self.clock = SendClock()
@@ -220,6 +232,12 @@ class Runtime:
     def close(self) -> None:
         self.scheduler.stop()
         self.clock.close()
+        self.offline_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def offline(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in the offline pool (an HTTP request's CPU work, off the loop)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.offline_pool, functools.partial(fn, *args, **kwargs))
 
     # --- capacity -----------------------------------------------------------------------------
     def sessions_open(self) -> int:

@@ -100,6 +100,16 @@ class CommandQueue:
         return len(self._items)
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Add `nice` to the calling thread's nice value (this thread only, Linux; elsewhere, or
+    where not allowed, a warning)."""
+    try:
+        tid = threading.get_native_id()  # (setpriority sets, not adds)
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + nice, 19))
+    except (AttributeError, OSError):
+        logger.warning("could not lower the priority of %s", threading.current_thread().name)
+
+
 class Scheduler:
     """Advances many live sessions with one batched forward per step, on one thread."""
 
@@ -234,14 +244,8 @@ class Scheduler:
         self.stop()
 
     def _loop(self) -> None:
-        if self.nice:  # this thread only (Linux): the event loop and the send clock preempt it
-            try:
-                tid = threading.get_native_id()  # (setpriority sets, not adds)
-                os.setpriority(
-                    os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + self.nice, 19)
-                )
-            except (AttributeError, OSError):  # not Linux, or not allowed
-                logger.warning("could not lower the priority of %s", self.name)
+        if self.nice:  # the event loop and the send clock preempt it
+            lower_thread_priority(self.nice)
         last_t, last = time.monotonic(), dict(self.stats, steps=self.steps)
         while not self._stop.is_set():
             if (now := time.monotonic()) - last_t >= REPORT_EVERY_S and self.steps > last["steps"]:
