@@ -313,8 +313,8 @@ async def respond(
     headers = {"X-Improv-Generated-Seconds": f"{seconds:g}", "X-Improv-Stop-Reason": why}
     if missing:
         headers["X-Improv-Missing-Parts"] = ",".join(missing)
-    # The answer is built and encoded off the loop: a song's MIDI or JSON took the loop 10-50 ms
-    # a request (mido's writer, json), every live session's sends waiting behind it.
+    # The answer is built and encoded off the loop: writing a song's MIDI file took the loop
+    # ~6 ms (mido), its JSON ~3 ms, every live session's sends waiting behind it.
     if wants_json(accept):
         body = await rt.offline(lambda: json.dumps(notes_json(rt, notes, job)).encode())
         return Response(body, media_type="application/json", headers=headers)
