@@ -236,11 +236,26 @@ async def run(url: str, song: Song, cond: str, seconds: float, split: int, seed:
     acc, stuck = generated_notes(msgs, down)
     stopped = next((m for m in msgs if m["type"] == "stopped"), {})
     chords_sent = [m for m in client_view(msgs, "chord") if m["source"] == cond]
-    matched = sum(
-        any(m["label"] == chord_label(v) and abs(m["time"] - (down + t * 1000.0)) <= MATCH_MS
-            for m in chords_sent)
-        for t, v in given
-    )  # fmt: skip
+
+    def hit(t: float, v: int) -> bool:
+        return any(
+            m["label"] == chord_label(v) and abs(m["time"] - (down + t * 1000.0)) <= MATCH_MS
+            for m in chords_sent
+        )
+
+    matched = sum(hit(t, v) for t, v in given)
+    # Each change no message matched: (its time s, its label, the nearest message's label and
+    # time offset ms), to see whether a miss is the label or the time.
+    misses = []
+    for t, v in given:
+        if not hit(t, v):
+            near = min(
+                chords_sent, key=lambda m: abs(m["time"] - (down + t * 1000.0)), default=None
+            )
+            misses.append(
+                (round(t, 3), chord_label(v))
+                + ((near["label"], round(near["time"] - (down + t * 1000.0), 1)) if near else ())
+            )
     beats_msgs = client_view(msgs, "beat")
     tempo = next((m["tempo_bpm"] for m in reversed(beats_msgs) if m.get("tempo_bpm")), None)
     end = seconds
@@ -252,6 +267,7 @@ async def run(url: str, song: Song, cond: str, seconds: float, split: int, seed:
         "grid": eighth_grid_share(acc, clock_beats(song, seconds), GRID_TOL_S),
         "given": len(given),
         "matched": matched,
+        "misses": misses,
         "stuck": stuck,
         "errors": [m["message"] for m in msgs if m["type"] == "error"],
         "late": stopped.get("late_events"),
