@@ -225,10 +225,13 @@ class Marks:
 
     def window(self, start: float, end: float) -> Marks:
         """Marks in [start, end), shifted to start at 0; the chord sounding at `start` (if any
-        changes before it) is restated at 0, as a song cut there would need it."""
+        changes before it) is restated at 0, as a song cut there would need it. A change within
+        a millisecond of `start` is the chord at it: a window cut at a change's time, computed
+        in floats, had the chord before it restated for 70 ns."""
         inside = self.select((self.time >= start) & (self.time < end))
         before = self.select((self.kind == CHORD) & (self.time < start))
-        if len(before) and not ((inside.kind == CHORD) & (inside.time <= start)).any():
+        at_start = (inside.kind == CHORD) & (inside.time <= start + 1e-3)
+        if len(before) and not at_start.any():
             head = Marks(np.array([start]), np.array([CHORD], np.int8), before.value[-1:].copy())
             inside = Marks.concat([head, inside])
         return inside.shifted(-start)

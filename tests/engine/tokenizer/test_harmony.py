@@ -91,6 +91,9 @@ def test_marks_window_restates_the_sounding_chord() -> None:
     w = m.window(5.0, 7.0)
     assert w.chords.time.tolist() == [0.0] and chord_label(w.chords.value[0]) == "G:maj"
     assert (w.time[w.kind != CHORD] == [0.0, 1.0]).all()
+    # cut a hair before a change (float time): the change is the chord at the start, alone
+    w = m.window(4.0 - 7e-8, 7.0)
+    assert [chord_label(c) for c in w.chords.value] == ["G:maj"]
 
 
 def test_marks_come_before_the_notes_of_their_time() -> None:
