@@ -380,10 +380,7 @@ class SessionState:
             if req is None or not self._fence.live(req.id):
                 return False  # cancelled meanwhile: the cancel cuts the VEL
             if back_off:
-                if req.redraw_waits:
-                    self._redraw_wait()
-                else:
-                    self._back_off()
+                self._back_off()
                 return True
             r = self.marks.retries_here(self.position)
             if self.vel_held():
@@ -586,19 +583,6 @@ class SessionState:
             elif req.until_tick is not None and self.tick >= req.until_tick:
                 self.finish("until_tick")
 
-    def _redraw_wait(self) -> None:
-        """`_back_off` under `generate(redraw_waits=True)`: the wait before a rejected event is
-        drawn again from the same distribution, with a fresh seed (policy, "Waits drawn again
-        afresh")."""
-        m, req = self.marks, self.req
-        assert m.backoff is not None and req is not None
-        p = m.backoff[0]
-        removed = self.position - p
-        self._cut(p, quiet=any(x.position == p for x in self._held))
-        req.redraws[p] = req.redraws.get(p, 0) + 1
-        m.salt += 1
-        req.n = max(0, req.n - removed)
-
     def _back_off(self) -> None:
         """The event drawn after a wait is one the constraints forbid (a melody note, under
         "accompaniment only"): the model waited for that event. It did not come, so the wait is
@@ -606,14 +590,20 @@ class SessionState:
         every melody note the model expects into an accompaniment note; waiting longer thins the
         melody out of the model's stream (competing events: the accompaniment's next event is
         later than the melody's the model expected). Nothing after the wait was sent (held), so
-        the cut is quiet, unless the wait itself was (an earlier request ended with it)."""
-        m = self.marks
+        the cut is quiet, unless the wait itself was (an earlier request ended with it).
+        Under `generate(redraw_waits=True)` (infill) the wait is drawn again from the same
+        distribution instead, with a fresh seed (policy, "Waits drawn again afresh")."""
+        m, req = self.marks, self.req
         assert m.backoff is not None
         p, ticks = m.backoff
         mw = m.min_wait
         n = mw[2] + 1 if mw is not None and mw[0] == p else 1
         removed = self.position - p
         self._cut(p, quiet=any(x.position == p for x in self._held))
-        m.min_wait = (p, ticks + 1, n)
-        if self.req is not None:
-            self.req.n = max(0, self.req.n - removed)
+        if req is not None and req.redraw_waits:
+            req.redraws[p] = req.redraws.get(p, 0) + 1
+            m.salt += 1
+        else:
+            m.min_wait = (p, ticks + 1, n)
+        if req is not None:
+            req.n = max(0, req.n - removed)

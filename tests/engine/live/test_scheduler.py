@@ -195,12 +195,12 @@ def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine
     assert s.tick == 1500 and ConstraintSet(V).check(s.tokens()) is None
 
 
-def _accompanists(sched: Scheduler, n: int = 4) -> list:
-    """n accompaniment-only sessions, seeds 0..n-1."""
+def _accompanists(sched: Scheduler, n: int = 4, parts: list[str] | None = None) -> list:
+    """n sessions playing only `parts` (default: the accompaniment), seeds 0..n-1."""
     return [
         sched.open_session(
             [V.BOS, V.TASK_ACCOMPANY],
-            constraints=[Parts(accompaniment_parts(V))],
+            constraints=[Parts(parts or accompaniment_parts(V))],
             sampling=SamplingParams(temperature=1.0, seed=seed),
         )
         for seed in range(n)
@@ -294,14 +294,7 @@ def test_redraw_waits_draws_a_wait_again_afresh_not_longer(engine, monkeypatch):
 
     def lead(redraw: bool) -> tuple[int, set[int]]:
         sched = Scheduler(engine, max_sessions=4)
-        sessions = [
-            sched.open_session(
-                [V.BOS, V.TASK_CONTINUE],
-                constraints=[Parts(["lead"])],
-                sampling=SamplingParams(temperature=1.0, seed=seed),
-            )
-            for seed in range(4)
-        ]
+        sessions = _accompanists(sched, parts=["lead"])
         for s in sessions:
             s.generate(until_tick=1000, redraw_waits=redraw)
             for i, tick in enumerate(range(100, 1000, 100)):  # a chord note every second
