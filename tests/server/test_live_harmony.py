@@ -86,6 +86,13 @@ async def play_melody(conn: LiveConnection, start: float, n: int, step: float = 
         await conn.handle({"type": "midi", "data": [128, 72 + i % 5, 0]})
 
 
+async def _start_chart(conn, down: float) -> None:
+    """An accompany session along C Am F G at 120 bpm, its first bar at `down`."""
+    await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 50,
+                       "chord_source": "chart", "chords": "C Am F G", "tempo_bpm": 120,
+                       "beat_time": down, "rest_ms": None})  # fmt: skip
+
+
 def test_a_chart_on_the_clock_is_forced_and_announced(harmony_runtime):
     """C Am F G at 120 bpm from a downbeat: a chord event a bar (2 s), beat events every 500 ms
     with the downbeats flagged, the CHORD and BAR/BEAT tokens in the model's history at their
@@ -94,9 +101,7 @@ def test_a_chart_on_the_clock_is_forced_and_announced(harmony_runtime):
     async def main():
         conn, out = await open_in_process(harmony_runtime)
         down = conn.now_ms() + 200.0
-        await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 50,
-                           "chord_source": "chart", "chords": "C Am F G", "tempo_bpm": 120,
-                           "beat_time": down, "rest_ms": None})  # fmt: skip
+        await _start_chart(conn, down)
         await play_melody(conn, down, 18)  # 4.5 s: three bars are past when it stops
         await asyncio.sleep(0.3)
         tokens = conn.active.session.tokens()
@@ -329,9 +334,7 @@ def test_accompaniment_keeps_to_the_chords_unless_chord_tones_is_off(harmony_run
     async def main():
         conn, out = await open_in_process(harmony_runtime)
         down = conn.now_ms() + 100.0
-        await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "lookahead_ms": 50,
-                           "chord_source": "chart", "chords": "C Am F G", "tempo_bpm": 120,
-                           "beat_time": down, "rest_ms": None})  # fmt: skip
+        await _start_chart(conn, down)
         await play_melody(conn, down, 3)
         had = conn.active.session.constraint(ChordTones)
         await conn.handle({"type": "params", "chord_tones": False})
