@@ -114,10 +114,12 @@ def main() -> None:
         sampling = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, seed=args.seed + i
         )
-        for name, (with_chords, chord_tones) in VARIANTS.items():
+        for name, (with_chords, chord_tones, eighths) in VARIANTS.items():
             cond = Conditioning(beats, chords if with_chords else None, tempo, chord_tones)
             jobs[name].append(
-                plan_accompany(sessions, lead, sampling, ["harmony"], tail_seconds=0.0, cond=cond)
+                plan_accompany(
+                    sessions, lead, sampling, ["harmony"], 0.0, cond=cond, eighths=eighths
+                )
             )
         both = Conditioning(beats, chords, tempo)
         jobs["band"].append(
@@ -258,18 +260,20 @@ def main() -> None:
         write_section("harmony", card_section(report), args.checkpoint / "README.md")
 
 
-# name -> (chords given, ChordTones: None = the planners' default (on in accompaniment), False)
+# name -> (chords given, ChordTones: None = the planners' default (on in accompaniment), False,
+# the eighth-note decision points)
 VARIANTS = {
-    "guarded": (True, None),
-    "model": (True, False),
-    "own_guarded": (False, None),
-    "own_model": (False, False),
+    "guarded": (True, None, True),
+    "model": (True, False, True),
+    "own_guarded": (False, None, True),
+    "own_model": (False, False, True),
+    "no_cuts": (True, None, False),
 }
 
 
 def card_section(q: dict) -> str:
     n = q["n"]
-    g, m, og, om = (q[k] for k in ("guarded", "model", "own_guarded", "own_model"))
+    g, m, og, om, nc = (q[k] for k in ("guarded", "model", "own_guarded", "own_model", "no_cuts"))
 
     def pct(x: float) -> str:
         return f"{100 * x:.1f}%"
@@ -303,7 +307,9 @@ def card_section(q: dict) -> str:
 {q["seconds"]:.0f} s of each song's melody with its annotated beats (beat_midi.txt) and, where
 given, chords (chord_midi.txt); seeds {q["seeds"]}; temperature {q["temperature"]}, top-p
 {q["top_p"]} (the server's defaults); no grid snapping; the offline planners and scheduler (benchmarks/harmony_card.py, metrics
-in benchmarks/music_metrics.py). The harmony part is generated alone, against the real PIANO.
+in benchmarks/music_metrics.py). The harmony part is generated alone, against the real PIANO,
+as the server does it: the model continues the piece with the melody given, and draws again at
+each eighth between the beats (docs/engine-live.md, "Accompaniment as continuation").
 "guarded" is what the server does by default: harmony and bass start only on tones of the
 sounding chord (`ChordTones`), the model's own chord changes fall on beats (`ChordsOnBeats`) and,
 without chords, are among those that fit the melody of the next two beats, changing where the
@@ -321,6 +327,11 @@ sounding chord does not fit it (`ChordsFitMelody`); "model alone" turns `ChordTo
 | (d) density (notes/s) | {g["density"]:.2f} ({rel(g["density"], g["real_density"])}) | {m["density"]:.2f} ({rel(m["density"], g["real_density"])}) | {g["real_density"]:.2f} | within 15% |
 | (d) polyphony | {g["polyphony"]:.2f} ({rel(g["polyphony"], g["real_polyphony"])}) | {m["polyphony"]:.2f} ({rel(m["polyphony"], g["real_polyphony"])}) | {g["real_polyphony"]:.2f} | within 15% |
 | (d) notes above the melody | {pct(g["above"])} | {pct(m["above"])} | {pct(g["real_above"])} | within 10 points |
+
+Without the decision points at the eighths between the beats (`eighths=False`; guarded, chords
+and beats given): onsets on the eighth grid {pct(nc["grid"])}, density {nc["density"]:.2f}
+({rel(nc["density"], nc["real_density"])}), polyphony {nc["polyphony"]:.2f}
+({rel(nc["polyphony"], nc["real_polyphony"])}), chord tones {pct(nc["chord_tones"])}.
 
 (e) {bits}
 

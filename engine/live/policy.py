@@ -19,7 +19,12 @@ step of that session's time.
 
 Right after a wait the model drew, a rejected event means the model waited *for* it: if it is
 another part's (a melody note or its end) or a note that sounds already, the wait is drawn
-again, longer (`SessionState.reject(back_off=True)`), up to MAX_BACKOFFS times at one place.
+again, longer (`SessionState.reject(back_off=True)`; for another part's event, to the next
+forced event or mark at least), up to MAX_BACKOFFS times at one place.
+
+At a decision point (`SessionState.at_cut`: an eighth-note position a wait was cut at, docs/
+engine-live.md, "Accompaniment as continuation") the draw is the masked one: the cut chose that
+time, not the model, and a given part does not play there (it would have been forced).
 
 Waits drawn again afresh (`generate(redraw_waits=True)`, infill): where every given event is
 inserted before the request runs, a given part's event the model drew after its wait is known
@@ -152,7 +157,7 @@ def _draw(st: SessionState, mask: np.ndarray) -> Draw:
         )
         if longer.any():
             mask = longer
-    if st.sampling.temperature <= 0 or m.retries_here(pos) >= MAX_NOTE_RETRIES:
+    if st.sampling.temperature <= 0 or m.retries_here(pos) >= MAX_NOTE_RETRIES or st.at_cut():
         return Draw(mask)
     held = st.vel_held()
     share = m.share_at(pos, held)

@@ -122,6 +122,9 @@ class SessionState:
         # ticks; a wait drawn there must last `wait` (prepare, _accept)
         self._floor_draw: tuple[int, int, int] | None = None
         self._lead_s = 0.0  # the clock floor's lead this step (Timing.lead_s)
+        # The tick of the last decision point reached (a forced event with no tokens: an
+        # eighth-note position, `generation.eighth_cuts`)
+        self._cut_tick = -1
         self._clear()
 
     # --- reads (scheduler thread) -----------------------------------------------------------------
@@ -272,6 +275,9 @@ class SessionState:
                 self._floor_at = self._timing.now()
             while self._forced and (req is None or self._forced[0][0] <= floor):
                 tick, _, tokens = heapq.heappop(self._forced)
+                if not tokens:  # a decision point: the wait that reached it was cut there
+                    self._cut_tick = tick
+                    continue
                 self._insert_now(max(tick, self.tick), tokens)
             if req is not None:  # marks due before the floor (without a request: with an event)
                 self._write_marks(floor)
@@ -351,10 +357,8 @@ class SessionState:
         # The session's ticks run on over infill sections; the grammar's restart with each:
         # limits are moved to the grammar's time.
         offset = self.tick - int(self.cs.tick[0])
-        ahead = [self._forced[0][0]] if self._forced else []
-        if (m := self._next_mark()) is not None:
-            ahead.append(m.tick)
-        limit = min(ahead) - offset if ahead else None
+        stop = self._next_stop()
+        limit = None if stop is None else stop - offset
         end = None if req.until_tick is None else req.until_tick - offset
         m = self.cs.allowed(limit, end, lead_in=req.lead_in is not None)[0]
         if req.max_tokens is not None and req.max_tokens - req.n == 1:
@@ -365,6 +369,23 @@ class SessionState:
             if closed.any():
                 m = closed
         return m
+
+    def at_cut(self) -> bool:
+        """The event drawn now starts at a decision point its wait was cut at (no event of
+        any part there yet; the VEL of a note counts as not yet)."""
+        if self._cut_tick != self.tick:
+            return False
+        back = 2 if self.vel_held() else 1
+        if self.position - back < self.history.base:
+            return False
+        return self._is(self.history.since(self.position - back)[0], TokenType.TIME)
+
+    def _next_stop(self) -> int | None:
+        """The tick of the next forced event or scheduled mark: a wait drawn ends there."""
+        ahead = [self._forced[0][0]] if self._forced else []
+        if (m := self._next_mark()) is not None:
+            ahead.append(m.tick)
+        return min(ahead) if ahead else None
 
     def accept(self, tok: int) -> None:
         """A token drawn for the running request (dropped if it was cancelled meanwhile)."""
@@ -380,7 +401,7 @@ class SessionState:
             if req is None or not self._fence.live(req.id):
                 return False  # cancelled meanwhile: the cancel cuts the VEL
             if back_off:
-                self._back_off()
+                self._back_off(bool(self.foreign[self.vocab.note_of(tok)[0]]))
                 return True
             r = self.marks.retries_here(self.position)
             if self.vel_held():
@@ -491,6 +512,8 @@ class SessionState:
             self._push(self.vocab.time_tokens(max(m.tick - self.tick, 0)), given=False)
             m.at = self.position
             self._push(m.tokens, given=False)
+            if not m.tokens:  # a decision point (an eighth): the wait that reached it was cut
+                self._cut_tick = m.tick
         written = [m for m in self._sched if m.at is not None]
         if len(written) > MARKS_KEPT:
             old = {id(m) for m in written[: len(written) - MARKS_KEPT]}
@@ -583,10 +606,14 @@ class SessionState:
             elif req.until_tick is not None and self.tick >= req.until_tick:
                 self.finish("until_tick")
 
-    def _back_off(self) -> None:
+    def _back_off(self, foreign: bool) -> None:
         """The event drawn after a wait is one the constraints forbid (a melody note, under
-        "accompaniment only"): the model waited for that event. It did not come, so the wait is
-        drawn again, longer. Drawing another event in its place instead (the mask) would turn
+        "accompaniment only"; `foreign`: another part's): the model waited for that event. It
+        did not come, so the wait is drawn again, longer: for another part's event, to the next
+        forced event or mark at least (the player's next note, a beat, an eighth-note decision
+        point, where known: the model waits for the player to play, and decides again there;
+        one tick longer at a time, it drew the player's note again and again, and when
+        MAX_BACKOFFS ran out, the mask drew a note at whatever time that was). Drawing another event in its place instead (the mask) would turn
         every melody note the model expects into an accompaniment note; waiting longer thins the
         melody out of the model's stream (competing events: the accompaniment's next event is
         later than the melody's the model expected). Nothing after the wait was sent (held), so
@@ -604,6 +631,9 @@ class SessionState:
             req.redraws[p] = req.redraws.get(p, 0) + 1
             m.salt += 1
         else:
-            m.min_wait = (p, ticks + 1, n)
+            need = ticks + 1
+            if foreign and (stop := self._next_stop()) is not None:
+                need = max(need, min(stop - self.tick, self.vocab.config.max_shift_ticks))
+            m.min_wait = (p, need, n)
         if req is not None:
             req.n = max(0, req.n - removed)

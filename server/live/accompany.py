@@ -48,6 +48,19 @@ class Accompany(Mode):
         self._timer = None
         super().release()
 
+    def _start(self) -> list[int]:
+        """On a clock (or a chart's), a harmony model continues the whole piece, the player's
+        parts given, as offline accompaniment does (`engine.generation.plan_accompany`;
+        docs/engine-live.md, "Accompaniment as continuation")."""
+        v, pr = self.vocab, self.params
+        if not (v.harmony and (pr.beat_time is not None or pr.chord_source == "chart")):
+            return super()._start()
+        given = ["lead"] + (["bass"] if pr.bass_split is not None else [])
+        parts = given + [x for x in self._gen_parts() if x not in given]
+        programs = pr.programs or {}
+        head = v.header([(v.part_index[x], programs.get(x)) for x in parts])
+        return [v.BOS, v.TASK_CONTINUE, *head]
+
     def _new_engine_session(self) -> None:
         self._horizon_tick = -1
         if self._timer is not None:  # (a reopen; at the start, `Harmony` waits for the lead)

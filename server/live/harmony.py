@@ -229,6 +229,11 @@ class Harmony:
         for n in m.beats(lo, hi):
             t = m.time(n)
             out[t] = Mark(t, n, n % m.per_bar == 0)
+        if self.forced:  # the eighths between the beats: decision points, no tokens
+            # (engine.generation.eighth_cuts)
+            for n in m.beats(lo - m.beat_ms, hi):
+                if lo <= (t := m.time(n + 0.5)) < hi:
+                    out[t] = Mark(t)
         if self.bars:
             first_bar = math.floor((m.number + (lo - m.anchor) / m.beat_ms) / m.per_bar)
             last_bar = math.floor((m.number + (hi - m.anchor) / m.beat_ms) / m.per_bar)

@@ -108,7 +108,6 @@ class Mode:
         if s is not None:
             s.close()
             self.ctx.stats.add_lag(s.lag)
-        v = self.vocab
         loop = self._loop
         assert loop is not None
 
@@ -120,14 +119,18 @@ class Mode:
 
         if prompt is None:
             self.playback.new_history(self.clock.now_ms())
-        task = v.TASK_CONTINUE if self.name == "respond" else v.TASK_ACCOMPANY
         self.session = await self.rt.open_session(
-            prompt or [v.BOS, task], self._constraints(), self._sampling(), on_event
+            prompt or self._start(), self._constraints(), self._sampling(), on_event
         )
         self.session.set_clock(self.clock.engine_clock())
         self.cancel_floor = -1
         self.request = None
         self._new_engine_session()
+
+    def _start(self) -> list[int]:
+        """A fresh engine session's first tokens."""
+        v = self.vocab
+        return [v.BOS, v.TASK_CONTINUE if self.name == "respond" else v.TASK_ACCOMPANY]
 
     def _new_engine_session(self) -> None:
         """Hook: a new engine session runs no request yet."""

@@ -12,6 +12,7 @@ from improv.engine.conditioning import Conditioning, ConditioningError
 from improv.engine.engine import Engine
 from improv.engine.generation import (
     SchedulerSessions,
+    eighth_cuts,
     execute,
     plan_accompany,
     plan_continue,
@@ -86,6 +87,40 @@ def test_accompaniment_hears_the_given_chords_at_their_times(sessions) -> None:
             at.append(tick)
     assert at[:4] == [0, 200, 400, 600]  # 2 s bars at 120 bpm, from the first note
     assert [chord_label(c) for c in job.chords().value[:2]] == ["C:maj", "A:min"]
+
+
+def test_a_harmony_model_accompanies_as_a_continuation_with_decision_points(sessions) -> None:
+    """The whole piece continued, the melody given and named in the header with the parts
+    asked for; a forced event with no tokens at each eighth between the beats."""
+    v = sessions.vocab
+    cond = Conditioning.parse(bpm=120, beats_per_bar=4, until=8.0)  # beats every 50 ticks
+    job = plan_accompany(sessions, _melody(), SamplingParams(seed=1), ["harmony"], cond=cond)
+    req = job.request
+    assert [v.name(t) for t in req.prompt] == [
+        "BOS",
+        "TASK_CONTINUE",
+        "HEADER",
+        "PART_lead",
+        "PROGRAM_0",
+        "PART_harmony",
+        "HEADER_END",
+    ]
+    beats = [t for t, toks in req.forced if toks and toks[0] in (v.BAR, v.BEAT)]
+    cuts = [t for t, toks in req.forced if not toks]
+    assert beats[:3] == [0, 50, 100] and cuts[:3] == [25, 75, 125]
+    assert len(cuts) == len(beats)  # one after each beat, the last's too (before the end)
+    none = plan_accompany(
+        sessions, _melody(), SamplingParams(seed=1), ["harmony"], cond=cond, eighths=False
+    )
+    assert all(toks for _, toks in none.request.forced)
+    notes = asyncio.run(execute(sessions, job))
+    assert (notes.part == v.part_index["harmony"]).any()
+
+
+def test_eighth_cuts() -> None:
+    assert eighth_cuts([0, 60, 120], 200) == [(30, ()), (90, ()), (150, ())]
+    assert eighth_cuts([0, 60, 120], 150) == [(30, ()), (90, ())]
+    assert eighth_cuts([0], 100) == [] and eighth_cuts([], 100) == []
 
 
 def test_without_chords_the_model_writes_its_own_plan(sessions) -> None:

@@ -113,6 +113,8 @@ def test_a_chart_on_the_clock_is_forced_and_announced(harmony_runtime):
     out, tokens, down, origin = asyncio.run(main())
     assert of(out, "started")[0].harmony is True
     assert not of(out, "error")
+    # the whole piece continued, the player's part named with the model's (docs/engine-live.md)
+    assert tokens[1:3] == [V.TASK_CONTINUE, V.HEADER] and V.part(0) in tokens[3:5]
     chords = client_view(out, "chord")  # (a retract re-sends what survives it)
     want = ["C:maj", "A:min", "F:maj"]  # (G's bar comes after the stop: retracted)
     assert [c.label for c in chords] == want and {c.source for c in chords} == {"chart"}
@@ -364,3 +366,21 @@ def test_every_chord_source_binds_harmony_and_bass_to_the_chord(source):
     assert (GivenMarks in kinds) == (source != "model")
     off = pr.model_copy(update={"chord_tones": False})
     assert ChordTones not in {type(c) for c in h.constraints(off)}
+
+
+def test_the_clocks_eighths_are_decision_points_for_a_harmony_model():
+    """Between the clock's beats, a mark with no tokens at each eighth: the model's waits are
+    cut there (engine.generation.eighth_cuts); none for a model without harmony tokens."""
+    from improv.protocol import messages as p
+    from improv.server.live.clock import SessionClock
+    from improv.server.live.harmony import Harmony
+
+    pr = p.LiveParams(tempo_bpm=120.0, beat_time=1000.0)
+    for vocab, eighths in ((V, True), (Vocab(TokenizerConfig()), False)):
+        h = Harmony(vocab, SessionClock(10.0), None, pr)  # type: ignore[arg-type]
+        marks = h._marks(900.0, 3000.0)
+        beats = [m.time for m in marks if m.beat is not None]
+        cuts = [m.time for m in marks if m.beat is None and m.chord is None]
+        assert beats == [1000.0 + 500.0 * k for k in range(4)]
+        assert cuts == ([1250.0 + 500.0 * k for k in range(4)] if eighths else [])
+        assert all(h._tokens(m) == [] for m in marks if m.time in cuts)

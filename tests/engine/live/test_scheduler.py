@@ -240,20 +240,11 @@ def _under_a_melody(engine, monkeypatch, logits: torch.Tensor, backoffs: int) ->
     """Accompaniment notes (4 seeds) under a forced melody note every 50 ticks, held 40, from a
     model whose logits are `logits`."""
     monkeypatch.setattr(policy, "MAX_BACKOFFS", backoffs)
-    make = engine.new_decoder
-    monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), logits))
-    sched = Scheduler(engine, max_sessions=4)
-    sessions = _accompanists(sched)
-    for s in sessions:
-        s.generate(until_tick=1000)
-        for i, tick in enumerate(range(50, 1000, 50)):
-            s.insert(tick, [V.velocity(20), V.note_on(LEAD, 72 + i % 12)])
-            s.insert(tick + 40, [V.note_off(LEAD, 72 + i % 12)])
-    sched.run_until_idle()
-    evs = [e for s in sessions for e in drain(s) if isinstance(e, Token)]
-    notes = [V.note_of(e.token) for e in evs if V.type_of(e.token) is TokenType.NOTE_ON]
-    assert notes and all(part == HARMONY for part, _ in notes)
-    return len(notes)
+    melody = []
+    for i, tick in enumerate(range(50, 1000, 50)):
+        melody.append((tick, [V.velocity(20), V.note_on(LEAD, 72 + i % 12)]))
+        melody.append((tick + 40, [V.note_off(LEAD, 72 + i % 12)]))
+    return len(_onsets(engine, monkeypatch, logits, melody))
 
 
 @pytest.mark.parametrize("expects", ["melody notes", "melody note-offs"])
@@ -275,6 +266,67 @@ def test_a_melody_event_expected_after_a_wait_draws_the_wait_again(engine, monke
     waiting = _under_a_melody(engine, monkeypatch, x, policy.MAX_BACKOFFS)
     masking = _under_a_melody(engine, monkeypatch, x, 0)
     assert masking > 20 and waiting < masking / 2, (waiting, masking)
+
+
+def _onsets(engine, monkeypatch, logits: torch.Tensor, forced: list[tuple[int, list[int]]]):
+    """The ON ticks of the accompaniment (4 seeds, until tick 1000) from a model whose
+    logits are `logits`, with `forced` inserted up front."""
+    make = engine.new_decoder
+    monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), logits))
+    sched = Scheduler(engine, max_sessions=4)
+    sessions = _accompanists(sched)
+    for s in sessions:
+        s.generate(until_tick=1000)
+        for tick, toks in forced:
+            s.insert(tick, toks)
+    sched.run_until_idle()
+    evs = [e for s in sessions for e in drain(s) if isinstance(e, Token)]
+    on = [e.tick for e in evs if V.type_of(e.token) is TokenType.NOTE_ON]
+    assert on and all(V.note_of(e.token)[0] == HARMONY for e in evs if e.token >= V.on_base)
+    return on
+
+
+def test_a_melody_note_drawn_after_a_wait_waits_for_the_melody(engine, monkeypatch):
+    """A model that waits 10 ticks, then expects a melody note, with the melody's next note
+    forced at tick 50: the wait is sent back to be drawn again at least to tick 50 (where the
+    melody plays: the model waits for it and decides again there), not one tick longer (its
+    waits crept 11, 12, ... until the back-offs ran out, and the mask drew a note at whatever
+    tick that was)."""
+    x = torch.full((V.size,), -30.0, dtype=torch.float64)
+    x[V.shift(10)] = 0.0
+    x[V.velocity(16)] = 0.0
+    x[[V.note_on(LEAD, k) for k in range(60, 72)]] = 0.0
+    make = engine.new_decoder
+    monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), x))
+    sched = Scheduler(engine, max_sessions=1)
+    (s,) = _accompanists(sched, n=1)
+    s.generate(until_tick=1000)
+    s.insert(50, [V.velocity(20), V.note_on(LEAD, 72)])
+    st = None
+    for _ in range(10):
+        sched.step()
+        st = sched.state(s)
+        if st.marks.min_wait is not None:
+            break
+    assert st is not None and st.marks.min_wait is not None
+    assert st.tick == 0 and st.marks.min_wait[1] == 50
+
+
+def test_at_a_decision_point_a_melody_note_drawn_is_not_a_wait_sent_back(engine, monkeypatch):
+    """Decision points (forced events with no tokens) at ticks 25, 125, ...: a model that waits
+    10 ticks, then most wants a melody note, reaches them by a cut wait. A melody note it draws
+    there is not a wait it chose (the cut chose the time) and the melody does not play there
+    (it would have been forced): the draw is the masked one, a harmony note at the decision
+    point, where sending the wait on would have skipped it."""
+    x = torch.full((V.size,), -30.0, dtype=torch.float64)
+    x[V.shift(10)] = 0.0
+    x[V.velocity(16)] = 0.0
+    x[[V.note_on(HARMONY, k) for k in range(48, 60)]] = -1.0
+    x[[V.note_off(HARMONY, k) for k in range(48, 60)]] = 0.0
+    x[[V.note_on(LEAD, k) for k in range(60, 72)]] = 2.0
+    cuts = list(range(25, 1000, 100))
+    on = _onsets(engine, monkeypatch, x, [(t, []) for t in cuts])
+    assert sum(t in cuts for t in on) >= len(cuts), (sorted(on), cuts)
 
 
 def test_redraw_waits_draws_a_wait_again_afresh_not_longer(engine, monkeypatch):
