@@ -368,6 +368,14 @@ class SessionState:
             closed[self.tables.ids[TokenType.VELOCITY]] = False
             if closed.any():
                 m = closed
+        if self.at_cut() and not self.vel_held():
+            # At a decision point, no note ends: the model reads the cut wait as its own choice
+            # to act there, and ends drawn there are the cut's (20-song card: polyphony -3% and
+            # -6% in two runs with this rule, -14% without; near an eighth 78.7%, 77.4%, 76.1%).
+            keep = m.copy()
+            keep[self.tables.ids[TokenType.NOTE_OFF]] = False
+            if keep.any():
+                m = keep
         return m
 
     def at_cut(self) -> bool:

@@ -4,6 +4,7 @@ cancel, close, context overflow, the background thread. Random-weight tiny model
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -244,7 +245,7 @@ def _under_a_melody(engine, monkeypatch, logits: torch.Tensor, backoffs: int) ->
     for i, tick in enumerate(range(50, 1000, 50)):
         melody.append((tick, [V.velocity(20), V.note_on(LEAD, 72 + i % 12)]))
         melody.append((tick + 40, [V.note_off(LEAD, 72 + i % 12)]))
-    return len(_onsets(engine, monkeypatch, logits, melody))
+    return len(_onsets(engine, monkeypatch, logits, melody)[0])
 
 
 @pytest.mark.parametrize("expects", ["melody notes", "melody note-offs"])
@@ -269,7 +270,7 @@ def test_a_melody_event_expected_after_a_wait_draws_the_wait_again(engine, monke
 
 
 def _onsets(engine, monkeypatch, logits: torch.Tensor, forced: list[tuple[int, list[int]]]):
-    """The ON ticks of the accompaniment (4 seeds, until tick 1000) from a model whose
+    """(ON ticks, ticks of the OFFs drawn right after a wait) of the accompaniment (4 seeds, until tick 1000) from a model whose
     logits are `logits`, with `forced` inserted up front."""
     make = engine.new_decoder
     monkeypatch.setattr(engine, "new_decoder", lambda *a, **k: _Fixed(make(*a, **k), logits))
@@ -280,10 +281,17 @@ def _onsets(engine, monkeypatch, logits: torch.Tensor, forced: list[tuple[int, l
         for tick, toks in forced:
             s.insert(tick, toks)
     sched.run_until_idle()
-    evs = [e for s in sessions for e in drain(s) if isinstance(e, Token)]
-    on = [e.tick for e in evs if V.type_of(e.token) is TokenType.NOTE_ON]
-    assert on and all(V.note_of(e.token)[0] == HARMONY for e in evs if e.token >= V.on_base)
-    return on
+    evs = [[e for e in drain(s) if isinstance(e, Token)] for s in sessions]
+    on = [e.tick for ev in evs for e in ev if V.type_of(e.token) is TokenType.NOTE_ON]
+    assert on and all(V.note_of(e.token)[0] == HARMONY for ev in evs for e in ev if e.token >= 306)
+    # the ends drawn right after a wait
+    ends = [
+        b.tick
+        for ev in evs
+        for a, b in itertools.pairwise(ev)
+        if V.type_of(a.token) is TokenType.TIME and V.type_of(b.token) is TokenType.NOTE_OFF
+    ]
+    return on, ends
 
 
 def test_a_melody_note_drawn_after_a_wait_waits_for_the_melody(engine, monkeypatch):
@@ -325,8 +333,22 @@ def test_at_a_decision_point_a_melody_note_drawn_is_not_a_wait_sent_back(engine,
     x[[V.note_off(HARMONY, k) for k in range(48, 60)]] = 0.0
     x[[V.note_on(LEAD, k) for k in range(60, 72)]] = 2.0
     cuts = list(range(25, 1000, 100))
-    on = _onsets(engine, monkeypatch, x, [(t, []) for t in cuts])
+    on, _ = _onsets(engine, monkeypatch, x, [(t, []) for t in cuts])
     assert sum(t in cuts for t in on) >= len(cuts), (sorted(on), cuts)
+
+
+def test_at_a_decision_point_no_note_ends(engine, monkeypatch):
+    """A model that waits 10 ticks and then most wants to end a note: at the decision points
+    (25, 125, ...) it reaches by a cut wait it ends none (the cut chose that time, not the
+    model); it ends them after its own waits."""
+    x = torch.full((V.size,), -30.0, dtype=torch.float64)
+    x[V.shift(10)] = 0.0
+    x[V.velocity(16)] = 0.0
+    x[[V.note_on(HARMONY, k) for k in range(48, 60)]] = -1.0
+    x[[V.note_off(HARMONY, k) for k in range(48, 60)]] = 3.0
+    cuts = list(range(25, 1000, 100))
+    _, ends = _onsets(engine, monkeypatch, x, [(t, []) for t in cuts])
+    assert ends and not set(ends) & set(cuts), sorted(set(ends) & set(cuts))
 
 
 def test_redraw_waits_draws_a_wait_again_afresh_not_longer(engine, monkeypatch):
