@@ -14,6 +14,9 @@ from improv.protocol.args import add_live_arguments, live_start
 
 logger = logging.getLogger(__name__)
 
+STOP_GRACE_S = 5.0  # SIGTERM/SIGINT: how long the server gets to end the session
+STOP_DEADLINE_S = 12.0  # then the process ends regardless, with its stacks on stderr
+
 
 # --- improv bridge -----------------------------------------------------------------------------
 def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +54,7 @@ def add_bridge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bridge(args: argparse.Namespace) -> int:
     import asyncio
+    import faulthandler
     import os
     import signal
 
@@ -85,8 +89,6 @@ def run_bridge(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, bridge.request_stop)
         try:
             bridge.open_ports()
         except PortError as e:
@@ -94,7 +96,23 @@ def run_bridge(args: argparse.Namespace) -> int:
             return 2
         assert bridge.inp is not None and bridge.out is not None
         logger.info("bridge: %r -> %s -> %r", bridge.inp.name, args.url, bridge.out.name)
-        await bridge.run()
+        run = asyncio.create_task(bridge.run())
+
+        def on_signal() -> None:
+            # A stop is bounded: a server that does not answer gets STOP_GRACE_S, then the run
+            # is cancelled (its `finally` still silences the output). faulthandler's own thread
+            # (no GIL needed) dumps every stack and exits if even that hangs (a MIDI system's
+            # close): the log then says where.
+            bridge.request_stop()
+            loop.call_later(STOP_GRACE_S, run.cancel)
+            faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await run
+        except asyncio.CancelledError:
+            logger.warning("the server did not end the session in %.0f s; stopped", STOP_GRACE_S)
         return 1 if bridge.error else 0
 
     return asyncio.run(main())

@@ -27,6 +27,8 @@ from improv.protocol import messages as p
 
 logger = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 2.0  # the closing handshake's wait (websockets' default 10 s stalls a stop)
+
 
 class LiveError(RuntimeError):
     """The session could not be started or the server closed the connection."""
@@ -76,6 +78,7 @@ class LiveClient:
             self.url,
             additional_headers=headers,
             open_timeout=self.open_timeout,
+            close_timeout=CLOSE_TIMEOUT_S,
             max_size=2**20,
             ping_interval=20,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -44,18 +45,21 @@ def jack_server(period: int = 256) -> Iterator[dict[str, str]]:
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # jackd's complaints (xruns on a loaded machine) go to a file: an unread pipe fills, and a
+    # jackd blocked on its stderr stalls every client's close
+    err_file = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         ["jackd", "--no-realtime", "-n", name, "-d", "dummy", "-r", "48000", "-p", str(period)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=err_file,
     )
     try:
         ok = subprocess.run(
             ["jack_wait", "-w", "-t", "10"], env={**os.environ}, capture_output=True
         )
         if ok.returncode != 0 or proc.poll() is not None:
-            err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+            err_file.seek(0)
+            err = err_file.read().decode(errors="replace")
             pytest.skip(f"jackd did not start: {err.strip()[-300:]}")
         yield {**os.environ}
     finally:
@@ -69,6 +73,7 @@ def jack_server(period: int = 256) -> Iterator[dict[str, str]]:
         # those and the next jackd refuses to start ("Too many servers already active").
         for leftover in Path("/dev/shm").glob(f"jack*{name}*"):
             leftover.unlink(missing_ok=True)
+        err_file.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

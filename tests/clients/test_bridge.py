@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import mido
 import pytest
@@ -141,18 +143,34 @@ class JackBridge:
     proc: subprocess.Popen
     rec: Recorder
     sender: mido.ports.BaseOutput
-    log: str = ""  # the bridge's output, once it ended
+    log_path: Path  # the bridge's stdout and stderr, readable while it runs
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def sigterm(self) -> None:
+        """SIGTERM; the bridge must end cleanly within 20 s (its own limit is 12 s: then it
+        exits 1 with every thread's stack in the log)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            rc = None
+        assert rc == 0, (rc, self.log[-6000:])
 
 
 @contextlib.contextmanager
-def jack_bridge(server, runtime, mode: str, *args: str) -> Iterator[JackBridge]:  # noqa: ANN001
+def jack_bridge(server, runtime, tmp: Path, mode: str, *args: str) -> Iterator[JackBridge]:  # noqa: ANN001
     """`improv bridge URL --virtual ARGS` as a subprocess on a private JACK server, once its
     session (in `mode`) has started: the recorder on `improv bridge out`, a sender into
-    `improv bridge in`. Killed at the end if still running; its output in `.log`."""
+    `improv bridge in`. Killed at the end if still running; its output in `.log` while the block runs."""
     with jack_server() as env:
         cmd = [sys.executable, "-m", "improv.cli", "bridge", server.ws.rsplit("/v1", 1)[0],
                "--virtual", *args]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log_path = tmp / "bridge.log"
+        with log_path.open("wb") as log:  # a file, not a pipe: nothing blocks on a full pipe
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         rec = sender = None
         try:
             in_name = wait_port("input", "improv bridge in")
@@ -166,29 +184,26 @@ def jack_bridge(server, runtime, mode: str, *args: str) -> Iterator[JackBridge]:
             ):
                 time.sleep(0.05)
             time.sleep(0.5)  # the bridge's own start handling (it drains its inbox then)
-            jb = JackBridge(proc, rec, sender)
-            yield jb
+            yield JackBridge(proc, rec, sender, log_path)
         finally:
             if proc.poll() is None:
                 proc.kill()
-            out = proc.communicate()[0].decode(errors="replace")
+            proc.wait()
             if sender is not None:
                 sender.close()
             if rec is not None:
                 rec.close()
-        jb.log = out
 
 
 @pytest.mark.jack
-def test_bridge_virtual_on_jack_sigterm(server, runtime):
+def test_bridge_virtual_on_jack_sigterm(server, runtime, tmp_path):
     """`improv bridge --virtual` as a subprocess on JACK: a phrase into `improv bridge in`
     comes back as generated notes on `improv bridge out`; SIGTERM leaves nothing sounding."""
-    with jack_bridge(server, runtime, "respond", "--param", "gap_ms=100", "--param",
+    with jack_bridge(server, runtime, tmp_path, "respond", "--param", "gap_ms=100", "--param",
                      "response_seconds=3", "--param", "seed=21") as jb:  # fmt: skip
         play_phrase(jb.sender)
         assert jb.rec.wait(lambda ms: note_balance(ms)[0] >= 1, 30)  # a response starts with a note
-        jb.proc.send_signal(signal.SIGTERM)  # mid-response (3 s long)
-        assert jb.proc.wait(20) == 0
+        jb.sigterm()  # mid-response (3 s long)
         time.sleep(0.3)
     ons, offs = note_balance(jb.rec.snapshot())
     assert ons > 0 and ons == offs, (ons, offs, jb.log[-2000:])
@@ -208,7 +223,7 @@ def test_bridge_sends_chart_chords_to_the_daw_on_jack(server, runtime, tmp_path)
     chart (from the player's first note, no DAW clock here); each chord reaches the DAW's port
     as SysEx text at its time, and the markers file holds them when the bridge stops."""
     markers = tmp_path / "chords.mid"
-    with jack_bridge(server, runtime, "accompany", "--chords", "C Am F G", "--chord-sysex",
+    with jack_bridge(server, runtime, tmp_path, "accompany", "--chords", "C Am F G", "--chord-sysex",
                      "--chord-markers", str(markers), "--param", "tempo_bpm=240",
                      "--param", "seed=22") as jb:  # fmt: skip
         for _ in range(3):  # 1 s bars at 240 bpm: two chords within the phrases
@@ -216,8 +231,7 @@ def test_bridge_sends_chart_chords_to_the_daw_on_jack(server, runtime, tmp_path)
         assert jb.rec.wait(lambda ms: chord_labels(ms)[:2] == ["C:maj", "A:min"], 30), chord_labels(
             jb.rec.snapshot()
         )
-        jb.proc.send_signal(signal.SIGTERM)
-        assert jb.proc.wait(20) == 0
+        jb.sigterm()
     ons, offs = note_balance(jb.rec.snapshot())
     assert ons == offs, (ons, offs, jb.log[-2000:])
     texts = [m.text for m in mido.MidiFile(markers).tracks[0] if m.type == "marker"]
@@ -228,7 +242,6 @@ def test_bridge_without_a_midi_system_is_one_line_and_exit_2(tmp_path):
     """#22 item 11: no JACK server (and no ALSA): what is missing and how to get it, no
     traceback."""
     import os
-    from pathlib import Path
 
     env = {
         **os.environ,
@@ -246,3 +259,66 @@ def test_bridge_without_a_midi_system_is_one_line_and_exit_2(tmp_path):
         errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln]
         assert len(errors) == 1 and "MIDI is unavailable here" in errors[0], r.stderr
         assert "JACK" in errors[0] and "ALSA" in errors[0]
+
+
+@contextlib.contextmanager
+def deaf_server() -> Iterator[str]:
+    """A WebSocket server that starts sessions and answers pings but never ends one: `stop`
+    goes unanswered and the socket stays open (a hung server). Yields its ws:// URL."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    from improv.protocol import messages as p
+
+    done = threading.Event()
+
+    def handle(ws) -> None:  # noqa: ANN001
+        for frame in ws:
+            m = json.loads(frame)
+            if m["type"] == "ping":
+                ws.send(p.Pong(time=m["time"], server_time=0.0).model_dump_json())
+            elif m["type"] == "start":
+                params = p.LiveParams.model_validate({k: v for k, v in m.items()
+                                                      if k not in ("type", "mode")})  # fmt: skip
+                started = p.Started(session="deaf", mode=m["mode"], params=params, server_time=0)
+                ws.send(started.model_dump_json())
+        done.wait(60)  # the peer closed: answer nothing, not even the close
+
+    with serve(handle, "127.0.0.1", 0) as srv:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            yield f"ws://127.0.0.1:{srv.socket.getsockname()[1]}"
+        finally:
+            done.set()
+            srv.shutdown()
+
+
+@pytest.mark.jack
+def test_bridge_stops_in_bounded_time_when_the_server_does_not_answer(tmp_path):
+    """SIGTERM with a server that never ends the session: the bridge gives it its grace time,
+    then stops anyway with exit 0, its output silent, and says why."""
+    from improv.clients.cli import STOP_GRACE_S
+
+    with deaf_server() as url, jack_server() as env:
+        log_path = tmp_path / "bridge.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "improv.cli", "bridge", url,
+                                     "--virtual"], env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while "session deaf" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "session deaf" in log_path.read_text(), log_path.read_text()
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(30)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log = log_path.read_text()
+    assert rc == 0, log
+    assert STOP_GRACE_S - 0.5 < took < STOP_GRACE_S + 5, (took, log)
+    assert "did not end the session" in log, log
