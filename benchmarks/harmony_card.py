@@ -118,7 +118,13 @@ def main() -> None:
             cond = Conditioning(beats, chords if with_chords else None, tempo, chord_tones)
             jobs[name].append(
                 plan_accompany(
-                    sessions, lead, sampling, ["harmony"], 0.0, cond=cond, eighths=eighths
+                    sessions,
+                    lead,
+                    sampling,
+                    ["harmony"],
+                    tail_seconds=0.0,
+                    cond=cond,
+                    eighths=eighths,
                 )
             )
         both = Conditioning(beats, chords, tempo)
@@ -312,8 +318,8 @@ as the server does it: the model continues the piece with the melody given, and 
 each eighth between the beats (docs/engine-live.md, "Accompaniment as continuation").
 "guarded" is what the server does by default: harmony and bass start only on tones of the
 sounding chord (`ChordTones`), the model's own chord changes fall on beats (`ChordsOnBeats`) and,
-without chords, are among those that fit the melody of the next two beats, changing where the
-sounding chord does not fit it (`ChordsFitMelody`); "model alone" turns `ChordTones` and
+without chords, follow a chord plan read from the whole melody (a triad a beat, an HMM over the
+beats: `engine/tokenizer/chord_plan.py`, `ChordsFitMelody`); "model alone" turns `ChordTones` and
 `ChordsFitMelody` off (`chord_tones=false`, `--no-chord-tones`).
 
 | | guarded (default) | model alone | real PIANO | target |

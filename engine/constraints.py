@@ -361,15 +361,14 @@ class ChordsOnBeats(Constraint):
 
 @dataclass(frozen=True)
 class ChordsFitMelody(Constraint):
-    """The model's own chord at a beat is one of those that fit the melody after it: `fits`
-    names, for the ticks of the beats where a chord may change, the chord indices allowed
-    there (`tokenizer.chord_match.fitting_chords` of the melody until the next change). A file's
-    melody is known ahead, but a causal model writes the chord of a bar before it hears the
-    bar's melody; it guessed other harmony than the songs' (38% of its notes in the annotated
-    chord, 6 validation songs). The model still decides whether to change (its probability of
-    a CHORD is kept) and chooses among the chords that fit (the scheduler moves the mass of
-    the others onto them: `pool`, policy.Draw.chord_pool); masking the others instead made it
-    change chords 0.7 times a song. Ticks not named are left alone."""
+    """The model's own chord at a beat is one of `fits` there: offline accompaniment without
+    chords names, at every beat, the chord of the plan `tokenizer.chord_plan.plan_chords` makes
+    from the melody (known ahead; a causal model writes a bar's chord before it hears the bar's
+    melody, and guessed other harmony than the songs': 38% of its notes in the annotated chord,
+    6 validation songs). Where its sounding chord is not allowed it changes now (a CHORD before
+    anything else); among several allowed the scheduler moves the mass of the others onto them
+    (`pool`, policy.Draw.chord_pool: masking them instead made the model change chords 0.7
+    times a song). Ticks not named are left alone."""
 
     fits: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (tick, chord indices allowed there)
     row_fields = ("chord", "chord_tick")
@@ -389,9 +388,9 @@ class ChordsFitMelody(Constraint):
         }
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
-        # Where the sounding chord does not fit the melody at all, it changes now: a chord
-        # held on (the model changed every ~5 s, the songs every bar or two) was the rest of
-        # the distance to the annotated harmony.
+        # Where the sounding chord is not allowed, it changes now: a chord held on (the model
+        # changed every ~5 s, the songs every bar or two) was the rest of the distance to the
+        # annotated harmony.
         if not vocab.harmony or not own["table"]:
             return
         for b, t in enumerate(state.tick.tolist()):

@@ -38,7 +38,7 @@ from .constraints import (
 )
 from .live import Done, Event, EventCallback, LiveSession, SamplingParams, Scheduler, Token
 from .tokenizer import Note, Notes, Tokenizer
-from .tokenizer.chord_match import fitting_chords
+from .tokenizer.chord_plan import plan_chords
 from .tokenizer.decode import ChordChange, NoteOff, NoteOn, OpenNotes, TokenDecoder
 from .tokenizer.encode import mark_events, quantize
 from .tokenizer.harmony import CHORD, Marks, chord_label
@@ -440,16 +440,17 @@ def plan_accompany(
         MaxDuration(sessions.max_note_seconds, parts),
         *_given_marks(cond, v, accompany=True),
     ]
-    beats = [t for t, toks in forced if toks[0] in (v.BAR, v.BEAT)] if v.harmony else []
+    meter = [(t, toks[0] == v.BAR) for t, toks in forced if toks[0] in (v.BAR, v.BEAT)]
+    beats = [t for t, _ in meter] if v.harmony else []
     if v.harmony and cond.chords is None and cond.wants_chord_tones(True):
-        cons.append(_melody_fits(v, lead.shifted(-first / v.ticks_per_second), beats))
+        cons.append(_melody_fits(v, lead.shifted(-first / v.ticks_per_second), meter))
     if v.harmony:  # every part asked for plays (a harmony model)
         cons.append(StartParts(parts))
     programs = {k: x for k, x in (programs or {}).items() if k in parts}  # the given keep theirs
     if programs:
         cons.append(Programs({k: [x] for k, x in programs.items()}))
     seconds = end / v.ticks_per_second
-    task, head = v.TASK_ACCOMPANY, []
+    task, head = v.TASK_ACCOMPANY, _header(v, parts, programs)
     if v.harmony and beats:  # the piece continued, the given parts forced: docs/engine-live.md
         task = v.TASK_CONTINUE
         given = [(int(p), x) for p, x in sorted(part_programs(lead).items())]
@@ -473,23 +474,28 @@ def eighth_cuts(beat_ticks: list[int], end: int) -> list[tuple[int, tuple[int, .
     return [(t, ()) for t in cuts if t < end]
 
 
-def _melody_fits(vocab: Vocab, melody: Notes, beat_ticks: list[int]) -> ChordsFitMelody:
-    """The chords each beat may change to: those that fit the melody (session time) sounding
-    over the two beats from it (`chord_match.fitting_chords`; a chord lasts a half bar or more)."""
+def _melody_fits(vocab: Vocab, melody: Notes, beats: list[tuple[int, bool]]) -> ChordsFitMelody:
+    """The model's chord at each beat (tick, is a downbeat): the plan of `chord_plan.plan_chords`
+    from the melody (session time) sounding in each beat."""
+    if not len(melody := melody.select(melody.part != vocab.drums)) or len(beats) < 2:
+        return ChordsFitMelody()
     tps = vocab.ticks_per_second
-    melody = melody.select(melody.part != vocab.drums)
-    start, end = melody.start * tps, melody.end * tps  # (N,) ticks
-    fits = []
-    for i, t in enumerate(beat_ticks):
-        if i + 2 < len(beat_ticks):
-            hi = beat_ticks[i + 2]
-        else:  # the last beats: two of the last beat lengths
-            hi = t + 2 * (t - beat_ticks[i - 1]) if i else t + tps
-        overlap = np.clip(np.minimum(end, hi) - np.maximum(start, t), 0.0, None)  # (N,)
-        weights = np.bincount(melody.pitch % 12, weights=overlap, minlength=12)  # (12,)
-        if len(idx := fitting_chords(weights)):
-            fits.append((int(t), tuple(idx.tolist())))
-    return ChordsFitMelody(tuple(fits))
+    ticks = np.array([t for t, _ in beats], dtype=np.float64)  # (N,)
+    edges = np.append(ticks, ticks[-1] + (ticks[-1] - ticks[-2]))  # (N+1,) the last beat as long
+    start, end = melody.start * tps, melody.end * tps  # (M,) ticks
+    overlap = np.clip(
+        np.minimum(end, edges[1:, None]) - np.maximum(start, edges[:-1, None]), 0, None
+    )
+    weights = np.stack([np.bincount(melody.pitch % 12, weights=o, minlength=12) for o in overlap])
+    weights /= np.diff(edges)[:, None]  # (N, 12) in beats
+    downbeat = np.array([d for _, d in beats])
+    bar_pos = np.arange(len(beats)) - np.maximum.accumulate(
+        np.where(downbeat, np.arange(len(beats)), 0)
+    )
+    bars = np.cumsum(downbeat)  # (N,) the bar each beat is in (0: before the first downbeat)
+    beats_per_bar = np.bincount(bars)[bars]
+    plan = plan_chords(weights, bar_pos, np.where(beats_per_bar < 2, 4, beats_per_bar))
+    return ChordsFitMelody(tuple((int(t), (int(c),)) for t, c in zip(ticks, plan, strict=True)))
 
 
 def _cap(seconds: float) -> int:

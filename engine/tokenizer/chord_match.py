@@ -49,21 +49,3 @@ def match_chord(keys: Iterable[int], min_keys: int = 2) -> int:
     # tie-breaks, worth less than one tone: root in the bass, then the smaller template
     score = score + 0.5 * (_ROOTS == bass) - 0.01 * _SIZES
     return int(np.argmax(score))
-
-
-def melody_fit(pitch_weights: np.ndarray) -> np.ndarray:
-    """(N_CHORDS,) the share of a melody's weight (12 pitch-class weights, e.g. the seconds
-    each sounds) on each chord's tones; N (index 0) scores 0."""
-    total = float(pitch_weights.sum())
-    if total <= 0:
-        return np.zeros(N_CHORDS)
-    return (_TEMPLATES.astype(np.float64) @ pitch_weights) / total
-
-
-def fitting_chords(pitch_weights: np.ndarray, margin: float = 0.1) -> np.ndarray:
-    """Chord indices whose `melody_fit` is within `margin` of the best (empty for a silent
-    span): the chords a melody's notes allow, for a model to choose among."""
-    fit = melody_fit(pitch_weights)
-    if fit.max() <= 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(fit >= fit.max() - margin)

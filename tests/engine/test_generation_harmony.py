@@ -20,7 +20,6 @@ from improv.engine.generation import (
 )
 from improv.engine.live import SamplingParams
 from improv.engine.tokenizer import Note, Notes
-from improv.engine.tokenizer.chord_match import melody_fit
 from improv.engine.tokenizer.harmony import CHORD, chord_label, parse_label
 from improv.engine.tokenizer.vocab import TokenizerConfig
 
@@ -153,6 +152,9 @@ def test_notes_are_in_the_programs_asked_for_without_the_model_restating_them(se
         sessions, _melody(), SamplingParams(seed=1), ["harmony", "bass"], {"bass": 33}
     )
     cont = plan_continue(sessions, _melody(), 2.0, SamplingParams(seed=1), ["lead"], {"lead": 73})
+    # (no beats: the accompaniment task, with the parts and programs asked for in its header)
+    want = v.header([(v.part_index["harmony"], None), (bass, 33)])
+    assert acc.request.prompt == [v.BOS, v.TASK_ACCOMPANY, *want]
     assert [e["program"] for e in acc.builder.feed(v.note_on(bass, 40), 5)] == [33]
     assert [e["program"] for e in cont.builder.feed(v.note_on(lead, 72), 5)] == [73]
     # a part with no program asked for: the model's choice, 0 until it names one
@@ -171,11 +173,10 @@ def test_bad_chords_and_beats_get_clear_errors() -> None:
         Conditioning.parse(chords="0.0 zz")
 
 
-def test_without_chords_an_accompaniment_plans_chords_that_fit_the_melody(sessions) -> None:
-    """Beats only, a melody that arpeggiates C, Am, F, G: every chord the plan writes is one
-    of the best fits (within 0.1) for the melody of the two beats from it (`ChordsFitMelody`),
-    and where the sounding chord does not fit, it changes there (a random model left alone
-    rarely would)."""
+def test_without_chords_an_accompaniment_plays_the_chord_plan_of_the_melody(sessions) -> None:
+    """Beats only, a melody that arpeggiates C, Am, F, G, a half bar each: the model's chords
+    are the plan's (`chord_plan.plan_chords`, through `ChordsFitMelody`), changing where the
+    melody does, though a random model left alone rarely would."""
     v = sessions.vocab
     arps = [(60, 64, 67), (57, 60, 64), (53, 57, 60), (55, 59, 62)] * 2
     melody = Notes.from_list(
@@ -190,15 +191,11 @@ def test_without_chords_an_accompaniment_plans_chords_that_fit_the_melody(sessio
         sessions, melody, SamplingParams(seed=4, temperature=1.5), ["harmony"], cond=cond
     )
     toks = _history(sessions, job)
-    tick, written = 0, []
+    tick, changes = 0, []
     for t in toks:
         tick += v.shift_ticks(t)
-        if v.type_of(t).name == "CHORD":
-            written.append((tick, t - v.chord_base))
-    assert len(written) >= 6, written
-    for tick, chord in written:
-        lo, hi = tick / 100, tick / 100 + 1.0  # two beats at 120 bpm
-        overlap = np.clip(np.minimum(melody.end, hi) - np.maximum(melody.start, lo), 0, None)
-        weights = np.bincount(melody.pitch % 12, weights=overlap, minlength=12)
-        fit = melody_fit(weights)
-        assert fit[chord] >= fit.max() - 0.1 - 1e-9, (tick, chord_label(chord), weights)
+        label = chord_label(t - v.chord_base) if v.type_of(t).name == "CHORD" else None
+        if label is not None and (not changes or changes[-1][1] != label):
+            changes.append((tick, label))
+    want = ["C:maj", "A:min", "F:maj", "G:maj"] * 2
+    assert changes == [(100 * i, c) for i, c in enumerate(want)], changes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from improv.engine.tokenizer.chord_match import match_chord
@@ -35,19 +34,3 @@ def test_too_few_keys_is_no_chord() -> None:
     assert match_chord([]) == 0
     assert match_chord([48]) == 0
     assert match_chord([48, 60]) == 0  # an octave is one pitch class
-
-
-def test_melody_fit_and_the_chords_that_fit_a_melody():
-    from improv.engine.tokenizer.chord_match import fitting_chords, melody_fit
-    from improv.engine.tokenizer.harmony import parse_label
-
-    w = np.zeros(12)
-    w[[0, 4, 7]] = 1.0  # C E G, a second each
-    w[2] = 0.25  # and a passing D
-    fit = melody_fit(w)
-    assert abs(fit[parse_label("C:maj")] - 3 / 3.25) < 1e-9  # all but the D
-    assert fit[parse_label("C:maj")] > fit[parse_label("A:min")] > fit[parse_label("F#:maj")]
-    best = set(fitting_chords(w).tolist())
-    assert parse_label("C:maj") in best and parse_label("A:min") not in best
-    assert fit[0] == 0.0  # N
-    assert len(fitting_chords(np.zeros(12))) == 0  # silence: no narrowing

@@ -1,0 +1,65 @@
+"""A chord plan from a melody known ahead: one triad per beat, from an HMM over the beats.
+
+Offline accompaniment without chords hears the whole melody before it plays, but a causal model
+writes a bar's CHORD before it hears the bar's melody. So its chord changes are planned here from
+the melody, and the model plays the plan (`constraints.ChordsFitMelody`), as SongDriver plans
+chords before it plays them. The states are the 24 major and minor triads (the tones an
+accompaniment can rely on: a seventh the melody does not prove is as likely a wrong note); each
+beat's melody time per pitch class is the evidence (`CHORD_TONE_P` of it on chord tones), a triad
+outside the melody's major scale pays `OFF_KEY`, and a change pays `CHANGE_COST` by where it falls
+in the bar (POP909's chords change on 79% of downbeats, 38% of mid-bars and 10% of other beats).
+Viterbi then sees a phrase whole: a passing note does not move the harmony, and a bar's chord is
+chosen from the whole bar.
+
+Measured on POP909's validation songs, the first 30 s of melody, as the share of the planned
+triad's tones that are tones of the annotated chord (what an accompaniment playing the plan's
+tones scores): 63.3% on the model card's 20 songs and 66.3% on the other 39, where the earlier
+rule (at each beat, the chords that fit the next two beats' melody, the sounding one kept while
+it fits) scored 52.8% and 52.6%, and the card's reference told where every annotated chord changes
+(`melody_triad_share`) 65.7%. Parameters tuned on those 59 songs; a learned chord-transition
+table (300 training songs) did no better (63.6%, 64.2%).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .chord_match import _TEMPLATES
+from .harmony import chord_index
+
+TRIADS = np.array([chord_index(r, q) for q in ("maj", "min") for r in range(12)])  # (24,)
+CHORD_TONE_P = 0.75  # the share of a melody's time on the tones of its chord
+OFF_KEY = 1.0  # log-penalty of a triad with a tone outside the melody's major scale
+CHANGE_COST = (0.5, 1.5, 4.0)  # log-penalty of a change on a downbeat, mid-bar, another beat
+EVIDENCE_PER_BEAT = 2.5  # log-likelihood scale of one beat of melody
+_MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
+
+
+def plan_chords(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> np.ndarray:
+    """(N,) chord indices, one per beat. `weights`: (N, 12) the melody's time on each pitch
+    class within each beat, in beats; `bar_pos`: (N,) the beat's index in its bar (0: the
+    downbeat); `beats_per_bar`: (N,) the bar's length in beats (mid-bar: the middle of an even
+    bar of 4 or more)."""
+    n = len(weights)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    tones = _TEMPLATES[TRIADS].astype(np.float64)  # (S, 12)
+    log_p = np.where(tones > 0, np.log(CHORD_TONE_P / 3), np.log((1 - CHORD_TONE_P) / 9))
+    scales = np.array([np.isin(np.arange(12), (_MAJOR + k) % 12) for k in range(12)])  # (12, 12)
+    key = int(np.argmax(scales @ weights.sum(axis=0)))
+    off_key = (tones * ~scales[key]).sum(axis=1) > 0  # (S,)
+    evidence = EVIDENCE_PER_BEAT * weights @ log_p.T - OFF_KEY * off_key  # (N, S)
+    half = np.where((beats_per_bar >= 4) & (beats_per_bar % 2 == 0), beats_per_bar // 2, -1)
+    cost = np.where(bar_pos == 0, CHANGE_COST[0], np.where(bar_pos == half, *CHANGE_COST[1:]))
+    best = evidence[0].copy()  # (S,) the best path's log-score ending in each state
+    back = np.zeros((n, len(TRIADS)), dtype=np.int64)
+    for i in range(1, n):
+        j = int(np.argmax(best))
+        change = best[j] - cost[i]
+        back[i] = np.where(change > best, j, np.arange(len(TRIADS)))
+        best = np.maximum(best, change) + evidence[i]
+    path = np.zeros(n, dtype=np.int64)
+    path[-1] = int(np.argmax(best))
+    for i in range(n - 1, 0, -1):
+        path[i - 1] = back[i, path[i]]
+    return TRIADS[path]
