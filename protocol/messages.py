@@ -199,6 +199,11 @@ class LiveParams(_Message):
                 )  # its symbols are checked by the server (the chord vocabulary is the engine's)
         return self
 
+    def clocked(self) -> bool:
+        """The session keeps beats: a clock's (`beat_time`), or a chart's (from the first note
+        without a clock)."""
+        return self.beat_time is not None or self.chord_source == "chart"
+
     def beat_ms(self) -> float:
         """Milliseconds between beats at `tempo_bpm`."""
         return 60_000.0 / self.tempo_bpm

@@ -53,7 +53,7 @@ class Accompany(Mode):
         parts given, as offline accompaniment does (`engine.generation.plan_accompany`;
         docs/engine-live.md, "Accompaniment as continuation")."""
         v, pr = self.vocab, self.params
-        if not (v.harmony and (pr.beat_time is not None or pr.chord_source == "chart")):
+        if not (v.harmony and pr.clocked()):
             return super()._start()
         given = ["lead"] + (["bass"] if pr.bass_split is not None else [])
         parts = given + [x for x in self._gen_parts() if x not in given]

@@ -112,7 +112,7 @@ class Harmony:
     def _configure(self, pr: p.LiveParams) -> None:
         old, self.params = self.params, pr
         self.bars = chart_bars(pr.chords) if pr.chord_source == "chart" and pr.chords else None
-        if pr.beat_time is None and pr.chord_source != "chart":
+        if not pr.clocked():
             self.meter = None  # no clock: the model's own beats
         elif self.meter is not None and (old.beat_time is not None or pr.beat_time is None):
             # the clock moved (the bridge re-anchors), or only the tempo: the count goes on
@@ -134,10 +134,9 @@ class Harmony:
         if not self.forced:
             return []
         given_chords = pr.chord_source != "model"
-        clocked = pr.beat_time is not None or pr.chord_source == "chart"
         out: list[Constraint] = []
-        if clocked or given_chords:
-            out.append(GivenMarks(beats=clocked, chords=given_chords))
+        if pr.clocked() or given_chords:
+            out.append(GivenMarks(beats=pr.clocked(), chords=given_chords))
         if not given_chords:
             out.append(ChordsOnBeats(strong_only=False))
         if pr.chord_tones:

@@ -198,9 +198,12 @@ class Mode:
             return  # only the grid moved (the bridge re-anchors every 4 beats)
         self._drop_ahead()  # sampled with the old parameters
         if _constraint_keys(old) != _constraint_keys(new):
-            # Constraints are fixed per engine session: reopen it on the same history.
+            # Constraints are fixed per engine session: reopen it on the same history, unless
+            # the history's start is another now (a clock that came or went turns accompaniment
+            # into continuation and back: its task token and header).
             hist = s.tokens() if s.window_start == 0 else None
-            await self._open_engine(hist)
+            start = self._start()
+            await self._open_engine(hist if hist and hist[: len(start)] == start else None)
         else:
             s.set_sampling(self._sampling())  # a seed of None keeps the session's
         self._params_changed()

@@ -384,3 +384,32 @@ def test_the_clocks_eighths_are_decision_points_for_a_harmony_model():
         assert beats == [1000.0 + 500.0 * k for k in range(4)]
         assert cuts == ([1250.0 + 500.0 * k for k in range(4)] if eighths else [])
         assert all(h._tokens(m) == [] for m in marks if m.time in cuts)
+
+
+def test_a_clock_that_comes_or_goes_restarts_the_history_with_its_task(harmony_runtime):
+    """Accompaniment is a continuation only on a clock (its first tokens: TASK_CONTINUE and
+    the header): a clock set while playing, then taken away, reopens the engine session with
+    the task of each, not on the old history's first tokens."""
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "rest_ms": None})
+        await play_melody(conn, conn.now_ms() + 50.0, 3)
+        firsts = [conn.active.session.tokens()[:2]]
+        await conn.handle({"type": "params", "tempo_bpm": 120, "beat_time": conn.now_ms()})
+        await play_melody(conn, conn.now_ms() + 50.0, 3)
+        firsts.append(conn.active.session.tokens()[:3])
+        await conn.handle({"type": "params", "beat_time": None})
+        await play_melody(conn, conn.now_ms() + 50.0, 3)
+        firsts.append(conn.active.session.tokens()[:2])
+        await conn.close()
+        return out, firsts
+
+    out, firsts = asyncio.run(main())
+    assert not of(out, "error")
+    assert firsts == [
+        [V.BOS, V.TASK_ACCOMPANY],
+        [V.BOS, V.TASK_CONTINUE, V.HEADER],
+        [V.BOS, V.TASK_ACCOMPANY],
+    ]
+    assert balanced(out)
