@@ -306,10 +306,13 @@ class SessionState:
                     self._floor_draw = (self.position, gap, gap + step)
                 else:  # (a wait that long can't be drawn, or no time may pass: a lead-in)
                     # The model's own wait (a rollback undoes it; the event drawn after it may
-                    # still send it back to be drawn longer).
+                    # still send it back to be drawn longer, where a longer one may be drawn:
+                    # where no time may pass, a chord due to end, every OFF was drawn again
+                    # here, behind the floor, one a step).
+                    longer = self._may_wait(gap + 1)
                     wait = self.vocab.time_tokens(gap)
                     self._push(wait, given=False)
-                    if len(wait) == 1:
+                    if len(wait) == 1 and longer:
                         self.marks.backoff = (self.position - 1, gap)
             if req is not None:
                 if req.until_tick is not None and self.tick >= req.until_tick:

@@ -891,6 +891,33 @@ def test_clock_floor_allows_for_the_measured_event_lead(make_model):
     assert late_avg / n_avg > 3 * late / n
 
 
+def test_a_chord_due_to_end_behind_the_clock_ends_at_the_floor(make_model):
+    """A chord past its MaxDuration deadline, the player's note sounding, the model behind the
+    clock: no time may pass until the chord ends, so the floor's wait is pushed and every OFF
+    goes after it. The model expects the player's note to end: that OFF drawn after the push
+    sent the push back to be drawn longer, but no wait may be drawn there, and the OFFs were
+    drawn at the old tick, behind the clock, one a step (bench_live_harmony's late note-offs)."""
+    x = torch.full((V.size,), -30.0, dtype=torch.float64)
+    x[V.note_off(LEAD, 72)] = 0.0  # the player's note ending: what the model expects most
+    x[[V.note_off(HARMONY, k) for k in (48, 52, 55, 59)]] = -1.0
+    x[[V.shift(k) for k in range(1, 101)]] = -3.0
+    engine = Engine.from_model(make_model(seed=1, max_seq_len=1024).double())
+    make = engine.new_decoder
+    engine.new_decoder = lambda *a, **k: _Fixed(make(*a, **k), x)
+    sched = Scheduler(engine, max_sessions=1)
+    sched.now = lambda: 0.0  # no step time: the floor is the clock (+ the send's 2 ms)
+    chord = [t for k in (48, 52, 55, 59) for t in (V.velocity(20), V.note_on(HARMONY, k))]
+    prompt = [V.BOS, V.TASK_ACCOMPANY, *chord, V.velocity(20), V.note_on(LEAD, 72), V.shift(50)]
+    acc = [Parts(accompaniment_parts(V)), MaxDuration(0.3, ["harmony"])]  # due at tick 30
+    s = sched.open_session(prompt, constraints=acc, sampling=SamplingParams(seed=3))
+    s.set_clock(lambda: 70.0)  # 20 ticks ahead of the model's time (50)
+    s.generate(until_tick=120)
+    sched.run_until_idle()
+    offs = [e for e in drain(s) if isinstance(e, Token) and e.token >= V.off_base]
+    assert {V.note_of(e.token) for e in offs} >= {(HARMONY, k) for k in (48, 52, 55, 59)}
+    assert min(e.tick for e in offs) >= 70
+
+
 # --- musicians first, and decode workers -----------------------------------------------------
 
 
