@@ -110,6 +110,7 @@ class SessionState:
         self._forced: list[tuple[int, int, list[int]]] = []  # heap of (tick, seq, tokens)
         self._forced_seq = itertools.count()
         self._sched: list[ScheduledMark] = []  # the schedule, by tick (written ones first)
+        self._unwritten = 0  # _sched[:_unwritten] are written (a hint: `_next_mark` moves it)
         self.marks = policy.Marks()
         self.shadow: Shadow | None = None  # the slid context being prefilled (ContextSlider)
         self.cached = 0  # tokens of the context the cache holds (the scheduler syncs to it)
@@ -122,9 +123,6 @@ class SessionState:
         # ticks; a wait drawn there must last `wait` (prepare, _accept)
         self._floor_draw: tuple[int, int, int] | None = None
         self._lead_s = 0.0  # the clock floor's lead this step (Timing.lead_s)
-        # The tick of the last decision point reached (a forced event with no tokens: an
-        # eighth-note position, `generation.eighth_cuts`)
-        self._cut_tick = -1
         self._clear()
 
     # --- reads (scheduler thread) -----------------------------------------------------------------
@@ -239,6 +237,7 @@ class SessionState:
                 self._clear()
                 for m in self._sched:
                     m.at = None
+                self._unwritten = 0
                 self.cached = 0
                 self._push(self._prompt if prompt is None else prompt, given=True)
             case Close():
@@ -246,6 +245,7 @@ class SessionState:
                 self.shadow = None
                 self._forced.clear()
                 self._sched.clear()
+                self._unwritten = 0
                 self.closed = True
             case SetGrid(grid):
                 self.cs.replace(grid)
@@ -375,6 +375,7 @@ class SessionState:
             # At a decision point, no note ends: the model reads the cut wait as its own choice
             # to act there, and ends drawn there are the cut's (20-song card: polyphony -3% and
             # -6% in two runs with this rule, -14% without; near an eighth 78.7%, 77.4%, 76.1%).
+            # (A wait of the model's own that ends there counts too: it was so measured.)
             keep = m.copy()
             keep[self.tables.ids[TokenType.NOTE_OFF]] = False
             if keep.any():
@@ -458,6 +459,9 @@ class SessionState:
         self._floor_at: float | None = None
         # The last LOGITS_KEPT logits (V,) the model gave, by (position, token before it).
         self._logits: dict[tuple[int, int], Tensor] = {}
+        # The tick of the last decision point reached (a forced event with no tokens: an
+        # eighth-note position, `generation.eighth_cuts`; `at_cut`)
+        self._cut_tick = -1
         self.history.clear()
 
     def _push(self, tokens: Sequence[int], given: bool) -> None:
@@ -487,6 +491,7 @@ class SessionState:
         for m in self._sched:  # marks cut away are written again when their time comes back
             if m.at is not None and m.at >= p:
                 m.at = None
+        self._unwritten = 0
         self.cached = min(self.cached, self.ctx_len())
         if self.shadow is not None and not self.shadow.cut(p):
             self.shadow = None  # dropped: made again later
@@ -513,7 +518,12 @@ class SessionState:
 
     # --- the schedule (marks of the session's clock and chart) --------------------------------
     def _next_mark(self) -> ScheduledMark | None:
-        return next((m for m in self._sched if m.at is None), None)
+        # (from the hint: a scan of every kept mark, up to MARKS_KEPT, ran at every step)
+        sched, i = self._sched, self._unwritten
+        while i < len(sched) and sched[i].at is not None:
+            i += 1
+        self._unwritten = i
+        return sched[i] if i < len(sched) else None
 
     def _write_marks(self, upto: int) -> None:
         """Write the scheduled marks due at or before `upto` (at an event boundary), each at its
@@ -525,10 +535,10 @@ class SessionState:
             self._push(m.tokens, given=False)
             if not m.tokens:  # a decision point (an eighth): the wait that reached it was cut
                 self._cut_tick = m.tick
-        written = [m for m in self._sched if m.at is not None]
-        if len(written) > MARKS_KEPT:
-            old = {id(m) for m in written[: len(written) - MARKS_KEPT]}
-            self._sched = [m for m in self._sched if id(m) not in old]
+        if self._unwritten > 2 * MARKS_KEPT:  # the oldest written marks are forgotten
+            drop = self._unwritten - MARKS_KEPT
+            del self._sched[:drop]
+            self._unwritten -= drop
 
     def _schedule(self, from_tick: int, marks: tuple[tuple[int, tuple[int, ...]], ...]) -> None:
         """Replace the schedule from `from_tick` on; what the model wrote after a mark that
@@ -538,8 +548,11 @@ class SessionState:
         old = {(m.tick, tuple(m.tokens)): m.at for m in self._sched if m.tick >= from_tick}
         new = [ScheduledMark(t, list(toks), old.pop((t, tuple(toks)), None)) for t, toks in marks]
         self._sched = [m for m in self._sched if m.tick < from_tick] + new
-        cut = [at for at in old.values() if at is not None]
-        late = [m.tick for m in new if m.at is None and m.tick < self.tick]
+        self._unwritten = 0
+        # (a decision point, no tokens, that moved or came late rolls nothing back: it wrote
+        # nothing, and the model's waits are cut at the next one)
+        cut = [at for (_, toks), at in old.items() if at is not None and toks]
+        late = [m.tick for m in new if m.at is None and m.tick < self.tick and m.tokens]
         if late:
             cut.append(self.history.position_after_tick(min(late)))
         if cut:
