@@ -150,7 +150,8 @@ class LiveParams(_Message):
         "model",
         description="accompany: where the harmony comes from. chart: `chords`, looped, laid on "
         "the session's bars; left_hand: the player's keys below `bass_split` (default "
-        f"{LEFT_HAND_SPLIT}) read as chords; model: the model plans its own. The model hears "
+        f"{LEFT_HAND_SPLIT}) read as chords; model: the model plans its own (on a clock: read "
+        "from the player's melody, beat by beat). The model hears "
         "the given chords (a model with harmony tokens) and the client gets `chord` messages",
     )
     chords: str | None = Field(

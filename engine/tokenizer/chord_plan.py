@@ -43,14 +43,8 @@ def plan_chords(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndar
     n = len(weights)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    tones = _TEMPLATES[TRIADS].astype(np.float64)  # (S, 12)
-    log_p = np.where(tones > 0, np.log(CHORD_TONE_P / 3), np.log((1 - CHORD_TONE_P) / 9))
-    scales = np.array([np.isin(np.arange(12), (_MAJOR + k) % 12) for k in range(12)])  # (12, 12)
-    key = int(np.argmax(scales @ weights.sum(axis=0)))
-    off_key = (tones * ~scales[key]).sum(axis=1) > 0  # (S,)
-    evidence = EVIDENCE_PER_BEAT * weights @ log_p.T - OFF_KEY * off_key  # (N, S)
-    half = np.where((beats_per_bar >= 4) & (beats_per_bar % 2 == 0), beats_per_bar // 2, -1)
-    cost = np.where(bar_pos == 0, CHANGE_COST[0], np.where(bar_pos == half, *CHANGE_COST[1:]))
+    evidence = _evidence(weights, weights.sum(axis=0))  # (N, S)
+    cost = _change_cost(bar_pos, beats_per_bar)  # (N,)
     best = evidence[0].copy()  # (S,) the best path's log-score ending in each state
     back = np.zeros((n, len(TRIADS)), dtype=np.int64)
     for i in range(1, n):
@@ -63,3 +57,32 @@ def plan_chords(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndar
     for i in range(n - 1, 0, -1):
         path[i - 1] = back[i, path[i]]
     return TRIADS[path]
+
+
+def follow_chord(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> int:
+    """The plan's causal twin, for live play: the chord of the last beat of `weights` (as in
+    `plan_chords`; its row holds what has been heard of that beat so far), from the melody
+    until then only. Measured as `plan_chords` was (the last 32 beats heard): 52.9% on the
+    card's 20 songs deciding at the beat, 55.1% hearing its first 80 ms, 56.5% and 59.6% on the
+    other 39 (the plan: 63.3%, 66.3%)."""
+    evidence = _evidence(weights, weights.sum(axis=0))  # (N, S)
+    cost = _change_cost(bar_pos, beats_per_bar)  # (N,)
+    best = evidence[0].copy()  # (S,) the best path's log-score ending in each state
+    for i in range(1, len(weights)):
+        best = np.maximum(best, best.max() - cost[i]) + evidence[i]
+    return int(TRIADS[int(np.argmax(best))])
+
+
+def _evidence(weights: np.ndarray, melody: np.ndarray) -> np.ndarray:
+    """(N, S) log-scores of each triad at each beat; `melody`: (12,) the key's evidence."""
+    tones = _TEMPLATES[TRIADS].astype(np.float64)  # (S, 12)
+    log_p = np.where(tones > 0, np.log(CHORD_TONE_P / 3), np.log((1 - CHORD_TONE_P) / 9))
+    scales = np.array([np.isin(np.arange(12), (_MAJOR + k) % 12) for k in range(12)])  # (12, 12)
+    key = int(np.argmax(scales @ melody))
+    off_key = (tones * ~scales[key]).sum(axis=1) > 0  # (S,)
+    return EVIDENCE_PER_BEAT * weights @ log_p.T - OFF_KEY * off_key
+
+
+def _change_cost(bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> np.ndarray:
+    half = np.where((beats_per_bar >= 4) & (beats_per_bar % 2 == 0), beats_per_bar // 2, -1)
+    return np.where(bar_pos == 0, CHANGE_COST[0], np.where(bar_pos == half, *CHANGE_COST[1:]))

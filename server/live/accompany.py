@@ -79,6 +79,7 @@ class Accompany(Mode):
         while True:
             s = self.session
             self.harmony.advance(s, self.clock.now_ms())
+            self.harmony.follow_beats(s, self.clock.now_ms())
             # Not before the player's first note: an intro would be in a key the model can
             # only guess, and it would hold to it when the player comes in.
             if s is not None and self.lead_heard:
@@ -114,10 +115,14 @@ class Accompany(Mode):
         return []
 
     def _player_marks(self, msg: mido.Message, part: str | None, t: float) -> list[int]:
-        """The left hand: a chord change read from the keys held below the split."""
-        if part != "bass" or msg.type not in ("note_on", "note_off"):
+        """A chord change read from the left hand (the keys held below the split), or on a
+        clock from the melody (`Harmony.melody_note`)."""
+        if msg.type not in ("note_on", "note_off") or msg.channel == DRUM_CHANNEL:
             return []
-        if msg.type == "note_off" or msg.velocity == 0:
+        on = msg.type == "note_on" and msg.velocity > 0
+        if part != "bass":
+            return self.harmony.melody_note(msg.note, t, on)
+        if not on:
             self._low_held.discard(msg.note)
             return []
         self._low_held.add(msg.note)

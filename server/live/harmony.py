@@ -9,6 +9,10 @@ hand's chords, the model's own (docs/protocol.md, "Harmony and meter").
   ticks), and to the client (`beat` `lookahead_ms` before it, `chord` when scheduled).
 - **The left hand** (`chord_source: left_hand`): the keys below `bass_split` are read as a chord
   at each key struck (`match_chord`); a change is given to the model with the key's event.
+- **The player's melody** (`chord_source: model` on a clock): the chord of a beat is read from
+  the melody heard until a note the player strikes on it (`chord_plan.follow_chord`, the causal
+  twin of offline accompaniment's chord plan); a change is given to the model with that note's
+  event, as the left hand's is, and announced with source `model`.
 - **The model** (`chord_source: model`, no clock): its own CHORD and BEAT tokens become
   `chord` (at once: what comes next) and `beat` messages, retracted with a rollback; its beats
   give the session's tempo (the median of its last beats' spacing).
@@ -28,6 +32,7 @@ import numpy as np
 from improv.engine.constraints import ChordsOnBeats, ChordTones, Constraint, GivenMarks
 from improv.engine.live import LiveSession
 from improv.engine.tokenizer.chord_match import match_chord
+from improv.engine.tokenizer.chord_plan import follow_chord
 from improv.engine.tokenizer.decode import Beat, ChordChange
 from improv.engine.tokenizer.harmony import chart_bars, chord_label
 from improv.engine.tokenizer.vocab import Vocab
@@ -36,6 +41,10 @@ from improv.protocol import messages as p
 from .clock import SessionClock
 from .playback import Playback
 
+FOLLOW_BEATS = 32  # the melody's last beats a live chord is read from
+FOLLOW_EARLY_MS, FOLLOW_LATE_MS = 40.0, 150.0  # a note this close to a beat decides its chord
+FOLLOW_HEARD_MS = 80.0  # a beat's chord hears this much of its melody (a note just struck too)
+FOLLOW_AHEAD_MS = 150.0  # a beat's chord is read this long before it (the engine's horizon)
 AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
 RETIME_TOLERANCE_MS = 5.0  # a re-anchored clock whose beats moved less than this changes nothing
 STALE_MS = 100.0  # marks further back than this are not scheduled (the model played past them)
@@ -105,6 +114,11 @@ class Harmony:
     chord: int | None = None  # the latest left-hand chord
     model_beats: list[tuple[float, int]] = field(default_factory=list)  # (ms, token position)
     tempo_bpm: float | None = None  # the model's, without a clock
+    # the player's melody, for the chords read from it: [pitch, start, end] (session ms; end
+    # inf while it sounds), the latest FOLLOW_BEATS beats of it
+    melody: list[list[float]] = field(default_factory=list)
+    followed: dict[int, int] = field(default_factory=dict)  # beat number -> chord read for it
+    followed_beat: int = -(1 << 62)  # the latest beat whose chord was read ahead
 
     def __post_init__(self) -> None:
         self._configure(self.params)
@@ -133,7 +147,7 @@ class Harmony:
         on a beat, and harmony and bass start on the sounding chord's tones (`chord_tones`)."""
         if not self.forced:
             return []
-        given_chords = pr.chord_source != "model"
+        given_chords = pr.chord_source != "model" or pr.beat_time is not None  # (following)
         out: list[Constraint] = []
         if pr.clocked() or given_chords:
             out.append(GivenMarks(beats=pr.clocked(), chords=given_chords))
@@ -158,7 +172,10 @@ class Harmony:
         self.engine_until = None
 
     def new_engine_session(self, session: LiveSession | None, now: float) -> None:
-        """A reopened engine session has no schedule: it starts again from now."""
+        """A reopened engine session has no schedule: it starts again from now (and a chord
+        read from the melody is stated again)."""
+        if self.following:
+            self.chord = None
         if self.engine_until is not None:
             self.engine_until = now
             self.advance(session, now, restate=True)
@@ -233,6 +250,11 @@ class Harmony:
             for n in m.beats(lo - m.beat_ms, hi):
                 if lo <= (t := m.time(n + 0.5)) < hi:
                     out[t] = Mark(t)
+        if self.followed:  # chords read from the melody (`follow_beats`)
+            for n in m.beats(lo, hi):
+                if (c := self.followed.get(n)) is not None:
+                    t = m.time(n)
+                    out[t] = Mark(t, out[t].beat, out[t].bar, c)
         if self.bars:
             first_bar = math.floor((m.number + (lo - m.anchor) / m.beat_ms) / m.per_bar)
             last_bar = math.floor((m.number + (hi - m.anchor) / m.beat_ms) / m.per_bar)
@@ -274,7 +296,8 @@ class Harmony:
                 scheduled=True,
             )
         if mk.chord is not None:
-            msg = p.Chord(time=mk.time, label=chord_label(mk.chord), source="chart")
+            source = "chart" if self.bars else "model"  # (else read from the melody)
+            msg = p.Chord(time=mk.time, label=chord_label(mk.chord), source=source)
             self.playback.announce(msg, at_once=True, scheduled=True)
 
     # --- the left hand --------------------------------------------------------------------------
@@ -289,6 +312,75 @@ class Harmony:
         msg = p.Chord(time=t, label=chord_label(c), source="left_hand")
         self.playback.announce(msg, at_once=True, scheduled=True)
         return [self.vocab.chord(c)] if self.forced else []
+
+    # --- the player's melody ---------------------------------------------------------------------
+    @property
+    def following(self) -> bool:
+        """Chords are read from the player's melody (`chord_source: model` on a clock)."""
+        return self.params.chord_source == "model" and self.meter is not None and self.forced
+
+    def melody_note(self, pitch: int, t: float, on: bool) -> list[int]:
+        """A melody key struck (`on`) or released at `t`. Struck near a beat while `following`:
+        the beat's chord again, from what has been heard of it (its first notes tell most);
+        a change is announced and its CHORD token returned (to give with the key's event)."""
+        m = self.meter
+        if not self.following or m is None:
+            return []
+        if not on:
+            for n in self.melody:
+                if n[0] == pitch and n[2] == math.inf:
+                    n[2] = t
+            return []
+        self.melody.append([pitch, t, math.inf])
+        beat = round(m.number + (t - m.anchor) / m.beat_ms)
+        if not -FOLLOW_EARLY_MS <= t - m.time(beat) <= FOLLOW_LATE_MS:
+            return []
+        c = self._follow(beat, max(t, m.time(beat) + FOLLOW_HEARD_MS))
+        if c == self.chord:
+            return []
+        self.chord = c
+        msg = p.Chord(time=t, label=chord_label(c), source="model")
+        self.playback.announce(msg, at_once=True, scheduled=True)
+        return [self.vocab.chord(c)]
+
+    def follow_beats(self, session: LiveSession | None, now: float) -> None:
+        """While `following`: the chord of each beat up to `now + FOLLOW_AHEAD_MS`, from the
+        melody heard before it (a beat with no note near it gets one too); a change goes into
+        the schedule at the beat (the engine rolls back to it if it played past it)."""
+        m = self.meter
+        if not self.following or m is None or self.engine_until is None:
+            return
+        beat = math.floor(m.number + (now + FOLLOW_AHEAD_MS - m.anchor) / m.beat_ms)
+        if beat <= self.followed_beat:
+            return
+        self.followed_beat = beat
+        c = self._follow(beat, m.time(beat))
+        self.followed = {b: x for b, x in self.followed.items() if b > beat - FOLLOW_BEATS}
+        if c == self.chord:
+            return
+        self.chord = self.followed[beat] = c
+        msg = p.Chord(time=m.time(beat), label=chord_label(c), source="model")
+        self.playback.announce(msg, at_once=True, scheduled=True)
+        self.engine_until = min(self.engine_until, m.time(beat))  # laid again from the beat
+        self.advance(session, now)
+
+    def _follow(self, beat: int, heard: float) -> int:
+        """`follow_chord` for beat number `beat`, the melody heard until `heard` (ms)."""
+        m = self.meter
+        assert m is not None
+        lo = m.time(beat - FOLLOW_BEATS)
+        self.melody = [n for n in self.melody if n[2] > lo]
+        numbers = np.arange(beat - FOLLOW_BEATS, beat + 1)  # (B+1,)
+        edges = np.append([m.time(b) for b in numbers], max(heard, m.time(beat)))  # (B+2,)
+        notes = np.array(self.melody).reshape(-1, 3)  # (M, 3)
+        end = np.minimum(notes[:, 2], heard)
+        overlap = np.clip(  # (B+1, M) ms of each note in each beat
+            np.minimum(end, edges[1:, None]) - np.maximum(notes[:, 1], edges[:-1, None]), 0, None
+        )
+        pcs = notes[:, 0].astype(np.int64) % 12
+        weights = np.stack([np.bincount(pcs, weights=o, minlength=12) for o in overlap])
+        per_bar = np.full(len(numbers), m.per_bar)
+        return follow_chord(weights / m.beat_ms, numbers % m.per_bar, per_bar)
 
     # --- the model's own --------------------------------------------------------------------------
     def model_marks(self, marks: list[Beat | ChordChange], position: int | None) -> None:
