@@ -415,33 +415,41 @@ def test_a_clock_that_comes_or_goes_restarts_the_history_with_its_task(harmony_r
     assert balanced(out)
 
 
-def test_on_a_clock_the_models_chords_are_read_from_the_melody(harmony_runtime):
-    """`chord_source: model` on a clock: a bar of C E G, then a bar of A C E, a note or two a
-    beat (some a little late, as a player's are): a `chord` (source model) on each bar's first
-    beat, C:maj then A:min, its CHORD token given with the note that decided it; the model
-    writes none of its own."""
-    bars = [((60,), (64,), (67,), (64,)), ((76, 69), (72,), (76,), (72,))]
+def _melody_on_clock(rt, seed: int, notes: list[tuple[float, tuple[int, ...]]]) -> tuple:
+    """An accompany session on a 120-bpm clock (`chord_source: model`), `notes` played as
+    (ms after its first downbeat, keys struck together, held 300 ms). Returns (messages, the
+    engine's tokens, the downbeat, the clock's origin)."""
 
     async def main():
-        conn, out = await open_in_process(harmony_runtime)
+        conn, out = await open_in_process(rt)
         down = conn.now_ms() + 200.0
-        await conn.handle({"type": "start", "mode": "accompany", "seed": 5, "tempo_bpm": 120,
+        await conn.handle({"type": "start", "mode": "accompany", "seed": seed, "tempo_bpm": 120,
                            "beat_time": down, "rest_ms": None})  # fmt: skip
-        for b, beats in enumerate(bars):
-            for k, keys in enumerate(beats):
-                t = down + 2000.0 * b + 500.0 * k + (30.0 if k % 2 else 0.0)
-                await asyncio.sleep(max(0.0, (t - conn.now_ms()) / 1000.0))
-                for key in keys:  # (a dyad: its E first, which C major has too)
-                    await conn.handle({"type": "midi", "data": [144, key, 90], "time": t})
-                await asyncio.sleep(0.4)
-                for key in keys:
-                    await conn.handle({"type": "midi", "data": [128, key, 0]})
+        for dt, keys in notes:
+            await asyncio.sleep(max(0.0, (down + dt - conn.now_ms()) / 1000.0))
+            for key in keys:
+                await conn.handle({"type": "midi", "data": [144, key, 90], "time": down + dt})
+            await asyncio.sleep(0.3)
+            for key in keys:
+                await conn.handle({"type": "midi", "data": [128, key, 0]})
+        await asyncio.sleep(0.3)
         tokens = conn.active.session.tokens()
         origin = conn.clock.origin
         await conn.close()
         return out, tokens, down, origin
 
-    out, tokens, down, origin = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_on_a_clock_the_models_chords_are_read_from_the_melody(harmony_runtime):
+    """`chord_source: model` on a clock: a bar of C E G, then a bar of A C E, a note or two a
+    beat (some a little late, as a player's are): a `chord` (source model) on each bar's first
+    beat, C:maj then A:min, its CHORD token given with the note that decided it; the model
+    writes none of its own."""
+    bars = [((60,), (64,), (67,), (64,)), ((76, 69), (72,), (76,), (72,))]  # (E first: C has it)
+    notes = [(2000.0 * b + 500.0 * k + (30.0 if k % 2 else 0.0), keys)
+             for b, beats in enumerate(bars) for k, keys in enumerate(beats)]  # fmt: skip
+    out, tokens, down, origin = _melody_on_clock(harmony_runtime, 5, notes)
     assert not of(out, "error")
     chords = client_view(out, "chord")
     assert [(c.label, c.source) for c in chords] == [("C:maj", "model"), ("A:min", "model")]
@@ -459,26 +467,9 @@ def test_on_a_clock_a_beat_without_a_note_gets_its_chord_from_the_melody_before_
     """A bar of A C E on the beats, then F A C played between them (no note near a beat): the
     change to F is read ahead of a beat from what was heard, announced at that beat and forced
     there (`Harmony.follow_beats`)."""
-
-    async def main():
-        conn, out = await open_in_process(harmony_runtime)
-        down = conn.now_ms() + 200.0
-        await conn.handle({"type": "start", "mode": "accompany", "seed": 6, "tempo_bpm": 120,
-                           "beat_time": down, "rest_ms": None})  # fmt: skip
-        notes = [(down + 500.0 * k, key) for k, key in enumerate((69, 72, 76, 72))]
-        notes += [(down + 2250.0 + 500.0 * k, key) for k, key in enumerate((65, 69, 72, 65, 69))]
-        for t, key in notes:
-            await asyncio.sleep(max(0.0, (t - conn.now_ms()) / 1000.0))
-            await conn.handle({"type": "midi", "data": [144, key, 90], "time": t})
-            await asyncio.sleep(0.2)
-            await conn.handle({"type": "midi", "data": [128, key, 0]})
-        await asyncio.sleep(0.4)
-        tokens = conn.active.session.tokens()
-        origin = conn.clock.origin
-        await conn.close()
-        return out, tokens, down, origin
-
-    out, tokens, down, origin = asyncio.run(main())
+    notes = [(500.0 * k, (key,)) for k, key in enumerate((69, 72, 76, 72))]
+    notes += [(2250.0 + 500.0 * k, (key,)) for k, key in enumerate((65, 69, 72, 65, 69))]
+    out, tokens, down, origin = _melody_on_clock(harmony_runtime, 6, notes)
     assert not of(out, "error")
     chords = [c for c in client_view(out, "chord") if c.time > down + 2000.0]
     assert chords and chords[0].label == "F:maj" and chords[0].source == "model", chords
