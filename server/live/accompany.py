@@ -55,9 +55,13 @@ class Accompany(Mode):
         v, pr = self.vocab, self.params
         if not (v.harmony and pr.clocked()):
             return super()._start()
-        given = ["lead"] + (["bass"] if pr.bass_split is not None else [])
-        parts = given + [x for x in self._gen_parts() if x not in given]
-        programs = pr.programs or {}
+        # the player's parts with the programs they are heard in (`_player_part`), as offline
+        # accompaniment names the given parts' programs
+        given = {"lead": pr.player_program}
+        if pr.bass_split is not None:
+            given["bass"] = p.PLAYER_BASS_PROGRAM
+        programs = {**(pr.programs or {}), **given}
+        parts = [*given, *(x for x in self._gen_parts() if x not in given)]
         head = v.header([(v.part_index[x], programs.get(x)) for x in parts])
         return [v.BOS, v.TASK_CONTINUE, *head]
 
