@@ -250,7 +250,7 @@ class Harmony:
             for n in m.beats(lo - m.beat_ms, hi):
                 if lo <= (t := m.time(n + 0.5)) < hi:
                     out[t] = Mark(t)
-        if self.followed:  # chords read from the melody (`follow_beats`)
+        if self.following:  # chords read from the melody (`follow_beats`)
             for n in m.beats(lo, hi):
                 if (c := self.followed.get(n)) is not None:
                     t = m.time(n)
