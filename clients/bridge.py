@@ -126,6 +126,11 @@ class Bridge:
     def request_stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for (or the bridge gave up)."""
+        return self._stop.is_set()
+
     async def run(self) -> None:
         """Connect, play, reconnect on drops, until `request_stop()`; ports closed at the end."""
         if self.out is None:

@@ -102,10 +102,11 @@ def run_bridge(args: argparse.Namespace) -> int:
             # A stop is bounded: a server that does not answer gets STOP_GRACE_S, then the run
             # is cancelled (its `finally` still silences the output). faulthandler's own thread
             # (no GIL needed) dumps every stack and exits if even that hangs (a MIDI system's
-            # close): the log then says where.
-            bridge.request_stop()
-            loop.call_later(STOP_GRACE_S, run.cancel)
-            faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
+            # close): the log then says where. (Once: a second Ctrl-C moves neither.)
+            if not bridge.stopping:
+                bridge.request_stop()
+                loop.call_later(STOP_GRACE_S, run.cancel)
+                faulthandler.dump_traceback_later(STOP_DEADLINE_S, exit=True)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
@@ -113,6 +114,8 @@ def run_bridge(args: argparse.Namespace) -> int:
             await run
         except asyncio.CancelledError:
             logger.warning("the server did not end the session in %.0f s; stopped", STOP_GRACE_S)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         return 1 if bridge.error else 0
 
     return asyncio.run(main())

@@ -533,8 +533,8 @@ class SessionState:
             self._push(self.vocab.time_tokens(max(m.tick - self.tick, 0)), given=False)
             m.at = self.position
             self._push(m.tokens, given=False)
-            if not m.tokens:  # a decision point (an eighth): the wait that reached it was cut
-                self._cut_tick = m.tick
+            if not m.tokens and m.tick == self.tick:  # a decision point (an eighth): the
+                self._cut_tick = m.tick  # wait that reached it was cut (one written late: not)
         if self._unwritten > 2 * MARKS_KEPT:  # the oldest written marks are forgotten
             drop = self._unwritten - MARKS_KEPT
             del self._sched[:drop]

@@ -33,6 +33,9 @@ OFF_KEY = 1.0  # log-penalty of a triad with a tone outside the melody's major s
 CHANGE_COST = (0.5, 1.5, 4.0)  # log-penalty of a change on a downbeat, mid-bar, another beat
 EVIDENCE_PER_BEAT = 2.5  # log-likelihood scale of one beat of melody
 _MAJOR = np.array([0, 2, 4, 5, 7, 9, 11])
+_TONES = _TEMPLATES[TRIADS]  # (S, 12) bool
+_LOG_P = np.where(_TONES, np.log(CHORD_TONE_P / 3), np.log((1 - CHORD_TONE_P) / 9))  # (S, 12)
+_SCALES = np.array([np.isin(np.arange(12), (_MAJOR + k) % 12) for k in range(12)])  # (12, 12)
 
 
 def plan_chords(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> np.ndarray:
@@ -75,12 +78,9 @@ def follow_chord(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.nda
 
 def _evidence(weights: np.ndarray, melody: np.ndarray) -> np.ndarray:
     """(N, S) log-scores of each triad at each beat; `melody`: (12,) the key's evidence."""
-    tones = _TEMPLATES[TRIADS].astype(np.float64)  # (S, 12)
-    log_p = np.where(tones > 0, np.log(CHORD_TONE_P / 3), np.log((1 - CHORD_TONE_P) / 9))
-    scales = np.array([np.isin(np.arange(12), (_MAJOR + k) % 12) for k in range(12)])  # (12, 12)
-    key = int(np.argmax(scales @ melody))
-    off_key = (tones * ~scales[key]).sum(axis=1) > 0  # (S,)
-    return EVIDENCE_PER_BEAT * weights @ log_p.T - OFF_KEY * off_key
+    key = int(np.argmax(_SCALES @ melody))
+    off_key = (_TONES & ~_SCALES[key]).any(axis=1)  # (S,)
+    return EVIDENCE_PER_BEAT * weights @ _LOG_P.T - OFF_KEY * off_key
 
 
 def _change_cost(bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> np.ndarray:

@@ -125,7 +125,7 @@ class Accompany(Mode):
             return []
         on = msg.type == "note_on" and msg.velocity > 0
         if part != "bass":
-            return self.harmony.melody_note(msg.note, t, on)
+            return self.harmony.melody_note(self.session, msg.note, t, on, self.clock.now_ms())
         if not on:
             self._low_held.discard(msg.note)
             return []

@@ -127,12 +127,18 @@ class Harmony:
         old, self.params = self.params, pr
         self.bars = chart_bars(pr.chords) if pr.chord_source == "chart" and pr.chords else None
         if not pr.clocked():
-            self.meter = None  # no clock: the model's own beats
+            self._count(None)  # no clock: the model's own beats
         elif self.meter is not None and (old.beat_time is not None or pr.beat_time is None):
             # the clock moved (the bridge re-anchors), or only the tempo: the count goes on
             self.meter = self.meter.retimed(pr.beat_time, pr.beat_ms(), pr.beats_per_bar)
         elif pr.beat_time is not None:  # a clock starts (a count-in): bar 1 is its downbeat
-            self.meter = Meter(pr.beat_time, pr.beat_ms(), pr.beats_per_bar)
+            self._count(Meter(pr.beat_time, pr.beat_ms(), pr.beats_per_bar))
+
+    def _count(self, meter: Meter | None) -> None:
+        """A count that starts again (or stops): the chords read for the old one's beats go."""
+        self.meter = meter
+        self.followed = {}
+        self.followed_beat = -(1 << 62)
 
     # --- settings -------------------------------------------------------------------------------
     @property
@@ -162,7 +168,7 @@ class Harmony:
         """The player's first note (again, after a rest) at `t`: a chart without a clock starts
         its first bar here; the engine's schedule starts here, the sounding chord restated."""
         if self.meter is None and self.params.chord_source == "chart":
-            self.meter = Meter(t, self.params.beat_ms(), self.params.beats_per_bar)
+            self._count(Meter(t, self.params.beat_ms(), self.params.beats_per_bar))
         self.engine_until = t
         self.advance(session, t, restate=True)
 
@@ -215,7 +221,7 @@ class Harmony:
         self._configure(new)
         if self.meter is None and new.chord_source == "chart" and self.engine_until is not None:
             # a chart chosen while the player plays, without a clock: its first bar is now
-            self.meter = Meter(now, new.beat_ms(), new.beats_per_bar)
+            self._count(Meter(now, new.beat_ms(), new.beats_per_bar))
         if self.meter is not None and before is None:  # a clock starts: laid from now
             self.sent_until = now
             if self.engine_until is not None:
@@ -319,10 +325,13 @@ class Harmony:
         """Chords are read from the player's melody (`chord_source: model` on a clock)."""
         return self.params.chord_source == "model" and self.meter is not None and self.forced
 
-    def melody_note(self, pitch: int, t: float, on: bool) -> list[int]:
+    def melody_note(
+        self, session: LiveSession | None, pitch: int, t: float, on: bool, now: float
+    ) -> list[int]:
         """A melody key struck (`on`) or released at `t`. Struck near a beat while `following`:
-        the beat's chord again, from what has been heard of it (its first notes tell most);
-        a change is announced and its CHORD token returned (to give with the key's event)."""
+        the beat's chord again, from what has been heard of it (its first notes tell most); a
+        change goes into the schedule at the beat if the beat is still ahead, else is given
+        with the key's event: its CHORD token is returned."""
         m = self.meter
         if not self.following or m is None:
             return []
@@ -336,9 +345,13 @@ class Harmony:
         if not -FOLLOW_EARLY_MS <= t - m.time(beat) <= FOLLOW_LATE_MS:
             return []
         c = self._follow(beat, max(t, m.time(beat) + FOLLOW_HEARD_MS))
-        if c == self.chord:
+        if c is None or c == self.chord:
             return []
-        self.chord = c
+        if t < m.time(beat):
+            self._change(session, beat, c, now)
+            return []
+        self.chord = self.followed[beat] = c
+        self.followed_beat = max(self.followed_beat, beat)
         msg = p.Chord(time=t, label=chord_label(c), source="model")
         self.playback.announce(msg, at_once=True, scheduled=True)
         return [self.vocab.chord(c)]
@@ -354,18 +367,27 @@ class Harmony:
         if beat <= self.followed_beat:
             return
         self.followed_beat = beat
-        c = self._follow(beat, m.time(beat))
-        self.followed = {b: x for b, x in self.followed.items() if b > beat - FOLLOW_BEATS}
-        if c == self.chord:
-            return
+        # (a beat already past, the first after the player's first note: that note read it)
+        if m.time(beat) >= now and (c := self._follow(beat, m.time(beat))) is not None:
+            if c != self.chord:
+                self._change(session, beat, c, now)
+
+    def _change(self, session: LiveSession | None, beat: int, c: int, now: float) -> None:
+        """Chord `c` from beat number `beat` (still ahead): announced, and laid into the
+        engine's schedule from that beat."""
+        m = self.meter
+        assert m is not None
         self.chord = self.followed[beat] = c
+        self.followed = {b: x for b, x in self.followed.items() if b > beat - FOLLOW_BEATS}
         msg = p.Chord(time=m.time(beat), label=chord_label(c), source="model")
         self.playback.announce(msg, at_once=True, scheduled=True)
-        self.engine_until = min(self.engine_until, m.time(beat))  # laid again from the beat
-        self.advance(session, now)
+        if self.engine_until is not None:
+            self.engine_until = min(self.engine_until, m.time(beat))  # laid again from the beat
+            self.advance(session, now)
 
-    def _follow(self, beat: int, heard: float) -> int:
-        """`follow_chord` for beat number `beat`, the melody heard until `heard` (ms)."""
+    def _follow(self, beat: int, heard: float) -> int | None:
+        """`follow_chord` for beat number `beat`, the melody heard until `heard` (ms); None if
+        none was heard."""
         m = self.meter
         assert m is not None
         lo = m.time(beat - FOLLOW_BEATS)
@@ -379,6 +401,8 @@ class Harmony:
         )
         pcs = notes[:, 0].astype(np.int64) % 12
         weights = np.stack([np.bincount(pcs, weights=o, minlength=12) for o in overlap])
+        if not weights.any():
+            return None
         per_bar = np.full(len(numbers), m.per_bar)
         return follow_chord(weights / m.beat_ms, numbers % m.per_bar, per_bar)
 

@@ -199,11 +199,11 @@ class Mode:
         self._drop_ahead()  # sampled with the old parameters
         if _constraint_keys(old) != _constraint_keys(new):
             # Constraints are fixed per engine session: reopen it on the same history, unless
-            # the history's start is another now (a clock that came or went turns accompaniment
-            # into continuation and back: its task token and header).
+            # its task is another now (a clock that came or went turns accompaniment into
+            # continuation and back; a header that names other parts keeps the history).
             hist = s.tokens() if s.window_start == 0 else None
-            start = self._start()
-            await self._open_engine(hist if hist and hist[: len(start)] == start else None)
+            task = self._start()[:2]
+            await self._open_engine(hist if hist and hist[:2] == task else None)
         else:
             s.set_sampling(self._sampling())  # a seed of None keeps the session's
         self._params_changed()

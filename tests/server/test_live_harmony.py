@@ -443,11 +443,13 @@ def _melody_on_clock(rt, seed: int, notes: list[tuple[float, tuple[int, ...]]]) 
 
 def test_on_a_clock_the_models_chords_are_read_from_the_melody(harmony_runtime):
     """`chord_source: model` on a clock: a bar of C E G, then a bar of A C E, a note or two a
-    beat (some a little late, as a player's are): a `chord` (source model) on each bar's first
-    beat, C:maj then A:min, its CHORD token given with the note that decided it; the model
+    beat, as a player plays them (some a little late, the second bar's first a little early): a
+    `chord` (source model) on each bar's first beat, C:maj then A:min, its CHORD token at the
+    beat (given with the note, or laid into the schedule for a note before it); the model
     writes none of its own."""
     bars = [((60,), (64,), (67,), (64,)), ((76, 69), (72,), (76,), (72,))]  # (E first: C has it)
-    notes = [(2000.0 * b + 500.0 * k + (30.0 if k % 2 else 0.0), keys)
+    early = {(1, 0): -30.0}  # ms
+    notes = [(2000.0 * b + 500.0 * k + early.get((b, k), 30.0 if k % 2 else 0.0), keys)
              for b, beats in enumerate(bars) for k, keys in enumerate(beats)]  # fmt: skip
     out, tokens, down, origin = _melody_on_clock(harmony_runtime, 5, notes)
     assert not of(out, "error")
@@ -477,4 +479,18 @@ def test_on_a_clock_a_beat_without_a_note_gets_its_chord_from_the_melody_before_
     assert k == pytest.approx(round(k)), chords[0]  # on a beat, though no note was there
     tick = round((chords[0].time - origin) / 10.0)
     assert (tick, V.chord(chord_index(5, "maj"))) in marks_at(tokens)
+    assert balanced(out)
+
+
+def test_on_a_clock_the_first_chord_is_the_melodys_own(harmony_runtime):
+    """A melody that starts on an A minor triad, after the downbeat: its first chord is A:min,
+    none is made up for a beat before the first note (an empty melody reads as C major)."""
+    notes = [(60.0, (69, 72, 76)), (500.0, (72,)), (1000.0, (76,)), (1500.0, (69,))]
+    out, tokens, down, _ = _melody_on_clock(harmony_runtime, 7, notes)
+    assert not of(out, "error")
+    chords = client_view(out, "chord")
+    assert chords and chords[-1].label == "A:min", chords
+    assert all(c.time >= down + 60.0 - 1e-6 and c.label != "C:maj" for c in chords), chords
+    given = [x for _, x in marks_at(tokens) if x >= V.chord_base]
+    assert given and given[-1] == V.chord(chord_index(9, "min"))
     assert balanced(out)
