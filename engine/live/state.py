@@ -296,7 +296,8 @@ class SessionState:
                 self.lag[1] += gap
                 # (one step more than a push: the wait takes a step of its own to draw)
                 step = int(np.ceil(self._timing.step_s_ema * self.vocab.ticks_per_second))
-                if self._may_wait(gap + step):
+                longest = self._longest_wait()
+                if longest >= gap + step:
                     # The model draws here, at its own time: an event it draws (it plays with
                     # the player's event just heard) goes out at the floor, as soon as it can
                     # be heard; a wait it draws ends at the floor or after it (drawn again if
@@ -309,10 +310,9 @@ class SessionState:
                     # still send it back to be drawn longer, where a longer one may be drawn:
                     # where no time may pass, a chord due to end, every OFF was drawn again
                     # here, behind the floor, one a step).
-                    longer = self._may_wait(gap + 1)
                     wait = self.vocab.time_tokens(gap)
                     self._push(wait, given=False)
-                    if len(wait) == 1 and longer:
+                    if len(wait) == 1 and longest > gap:
                         self.marks.backoff = (self.position - 1, gap)
             if req is not None:
                 if req.until_tick is not None and self.tick >= req.until_tick:
@@ -331,14 +331,13 @@ class SessionState:
         mw = self.marks.min_wait
         return mw is not None and mw[0] == self.position - 1
 
-    def _may_wait(self, ticks: int) -> bool:
-        """The running request may draw a single wait of at least `ticks` now (at a boundary)."""
+    def _longest_wait(self) -> int:
+        """The longest single wait (ticks) the running request may draw now (at a boundary; 0:
+        none, no time may pass)."""
         v = self.vocab
-        if ticks > v.config.max_shift_ticks:
-            return False
-        n_shift = v.long_base - v.shift_base
-        shifts = self.mask()[v.shift_base : v.long_base]
-        return bool((shifts & (self.tables.time_ticks[:n_shift] >= ticks)).any())
+        shifts = self.mask()[v.shift_base : v.long_base]  # (n_shift,) bool
+        ticks = self.tables.time_ticks[: v.long_base - v.shift_base]  # (n_shift,)
+        return int(ticks[shifts].max(initial=0))
 
     def clock_floor(self) -> int:
         """The earliest token time the running request may place its next event at: the clock's

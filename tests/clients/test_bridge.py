@@ -297,7 +297,8 @@ def deaf_server() -> Iterator[str]:
 @pytest.mark.jack
 def test_bridge_stops_in_bounded_time_when_the_server_does_not_answer(tmp_path):
     """SIGTERM with a server that never ends the session: the bridge gives it its grace time,
-    then stops anyway with exit 0, its output silent, and says why."""
+    then stops anyway (its run cancelled, the output silenced in its `finally`) with exit 0,
+    and says why."""
     from improv.clients.cli import STOP_GRACE_S
 
     with deaf_server() as url, jack_server() as env:
