@@ -494,3 +494,33 @@ def test_on_a_clock_the_first_chord_is_the_melodys_own(harmony_runtime):
     given = [x for _, x in marks_at(tokens) if x >= V.chord_base]
     assert given and given[-1] == V.chord(chord_index(9, "min"))
     assert balanced(out)
+
+
+def test_a_clock_that_stops_and_starts_again_reads_chords_on_its_new_count(harmony_runtime):
+    """The chords read for a count's beats go with it: after the clock stops and starts again
+    (its beats numbered from 0 again), a bar of A minor is read as A:min on the new count."""
+
+    async def main():
+        conn, out = await open_in_process(harmony_runtime)
+        down = conn.now_ms() + 200.0
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 8, "tempo_bpm": 240,
+                           "beat_time": down, "rest_ms": None})  # fmt: skip
+        await play_melody(conn, down, 12, step=250.0)  # 3 s: 12 beats of the first count
+        await conn.handle({"type": "params", "beat_time": None})
+        await asyncio.sleep(0.2)
+        again = conn.now_ms() + 200.0
+        await conn.handle({"type": "params", "tempo_bpm": 240, "beat_time": again})
+        for k, key in enumerate((69, 72, 76, 72, 69, 76)):
+            t = again + 250.0 * k
+            await asyncio.sleep(max(0.0, (t - conn.now_ms()) / 1000.0))
+            await conn.handle({"type": "midi", "data": [144, key, 90], "time": t})
+            await asyncio.sleep(0.15)
+            await conn.handle({"type": "midi", "data": [128, key, 0]})
+        await conn.close()
+        return out, again
+
+    out, again = asyncio.run(main())
+    assert not of(out, "error")
+    later = [c for c in client_view(out, "chord") if c.time >= again - 1e-6]
+    assert later and later[-1].label == "A:min" and later[-1].source == "model", later
+    assert balanced(out)
