@@ -38,7 +38,7 @@ from .constraints import (
 )
 from .live import Done, Event, EventCallback, LiveSession, SamplingParams, Scheduler, Token
 from .tokenizer import Note, Notes, Tokenizer
-from .tokenizer.chord_plan import plan_chords
+from .tokenizer.chord_plan import melody_weights, plan_chords
 from .tokenizer.decode import ChordChange, NoteOff, NoteOn, OpenNotes, TokenDecoder
 from .tokenizer.encode import mark_events, quantize
 from .tokenizer.harmony import CHORD, Marks, chord_label
@@ -482,11 +482,7 @@ def _melody_fits(vocab: Vocab, melody: Notes, beats: list[tuple[int, bool]]) -> 
     tps = vocab.ticks_per_second
     ticks = np.array([t for t, _ in beats], dtype=np.float64)  # (N,)
     edges = np.append(ticks, ticks[-1] + (ticks[-1] - ticks[-2]))  # (N+1,) the last beat as long
-    start, end = melody.start * tps, melody.end * tps  # (M,) ticks
-    overlap = np.clip(
-        np.minimum(end, edges[1:, None]) - np.maximum(start, edges[:-1, None]), 0, None
-    )
-    weights = np.stack([np.bincount(melody.pitch % 12, weights=o, minlength=12) for o in overlap])
+    weights = melody_weights(melody.pitch, melody.start * tps, melody.end * tps, edges)
     weights /= np.diff(edges)[:, None]  # (N, 12) in beats
     downbeat = np.array([d for _, d in beats])
     bar_pos = np.arange(len(beats)) - np.maximum.accumulate(

@@ -38,6 +38,17 @@ _LOG_P = np.where(_TONES, np.log(CHORD_TONE_P / 3), np.log((1 - CHORD_TONE_P) / 
 _SCALES = np.array([np.isin(np.arange(12), (_MAJOR + k) % 12) for k in range(12)])  # (12, 12)
 
 
+def melody_weights(
+    pitch: np.ndarray, start: np.ndarray, end: np.ndarray, edges: np.ndarray
+) -> np.ndarray:
+    """(N, 12) each pitch class's sounding time within each span edges[i]..edges[i+1] (in the
+    arguments' unit), from notes' (M,) pitches, starts and ends: a plan's evidence."""
+    overlap = np.clip(
+        np.minimum(end, edges[1:, None]) - np.maximum(start, edges[:-1, None]), 0, None
+    )
+    return overlap @ np.eye(12)[pitch.astype(np.int64) % 12]  # (N, M) @ (M, 12)
+
+
 def plan_chords(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> np.ndarray:
     """(N,) chord indices, one per beat. `weights`: (N, 12) the melody's time on each pitch
     class within each beat, in beats; `bar_pos`: (N,) the beat's index in its bar (0: the

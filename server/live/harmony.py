@@ -9,10 +9,11 @@ hand's chords, the model's own (docs/protocol.md, "Harmony and meter").
   ticks), and to the client (`beat` `lookahead_ms` before it, `chord` when scheduled).
 - **The left hand** (`chord_source: left_hand`): the keys below `bass_split` are read as a chord
   at each key struck (`match_chord`); a change is given to the model with the key's event.
-- **The player's melody** (`chord_source: model` on a clock): the chord of a beat is read from
-  the melody heard until a note the player strikes on it (`chord_plan.follow_chord`, the causal
-  twin of offline accompaniment's chord plan); a change is given to the model with that note's
-  event, as the left hand's is, and announced with source `model`.
+- **The player's melody** (`chord_source: model` on a clock): the chord of each beat is read
+  from the melody heard (`chord_plan.follow_chord`, the causal twin of offline accompaniment's
+  chord plan) ahead of the beat, and again when the player strikes a note near it; a change is
+  laid into the schedule at the beat (given with the note's event for a note after the beat)
+  and announced with source `model`.
 - **The model** (`chord_source: model`, no clock): its own CHORD and BEAT tokens become
   `chord` (at once: what comes next) and `beat` messages, retracted with a rollback; its beats
   give the session's tempo (the median of its last beats' spacing).
@@ -32,7 +33,7 @@ import numpy as np
 from improv.engine.constraints import ChordsOnBeats, ChordTones, Constraint, GivenMarks
 from improv.engine.live import LiveSession
 from improv.engine.tokenizer.chord_match import match_chord
-from improv.engine.tokenizer.chord_plan import follow_chord
+from improv.engine.tokenizer.chord_plan import follow_chord, melody_weights
 from improv.engine.tokenizer.decode import Beat, ChordChange
 from improv.engine.tokenizer.harmony import chart_bars, chord_label
 from improv.engine.tokenizer.vocab import Vocab
@@ -111,7 +112,7 @@ class Harmony:
     bars: list[list[int]] | None = None
     sent_until: float = -math.inf  # the client has the schedule up to here (session ms)
     engine_until: float | None = None  # the engine has it up to here (None: not scheduling)
-    chord: int | None = None  # the latest left-hand chord
+    chord: int | None = None  # the latest chord given: the left hand's, or read from the melody
     model_beats: list[tuple[float, int]] = field(default_factory=list)  # (ms, token position)
     tempo_bpm: float | None = None  # the model's, without a clock
     # the player's melody, for the chords read from it: [pitch, start, end] (session ms; end
@@ -395,12 +396,7 @@ class Harmony:
         numbers = np.arange(beat - FOLLOW_BEATS, beat + 1)  # (B+1,)
         edges = np.append([m.time(b) for b in numbers], max(heard, m.time(beat)))  # (B+2,)
         notes = np.array(self.melody).reshape(-1, 3)  # (M, 3)
-        end = np.minimum(notes[:, 2], heard)
-        overlap = np.clip(  # (B+1, M) ms of each note in each beat
-            np.minimum(end, edges[1:, None]) - np.maximum(notes[:, 1], edges[:-1, None]), 0, None
-        )
-        pcs = notes[:, 0].astype(np.int64) % 12
-        weights = np.stack([np.bincount(pcs, weights=o, minlength=12) for o in overlap])
+        weights = melody_weights(notes[:, 0], notes[:, 1], np.minimum(notes[:, 2], heard), edges)
         if not weights.any():
             return None
         per_bar = np.full(len(numbers), m.per_bar)

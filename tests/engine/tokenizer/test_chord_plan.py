@@ -55,3 +55,18 @@ def test_changes_fall_on_downbeats_rather_than_off_beats() -> None:
 
 def test_nothing_to_plan() -> None:
     assert len(plan_chords(np.zeros((0, 12)), np.zeros(0, int), np.zeros(0, int))) == 0
+
+
+def test_melody_weights_are_each_pitch_class_time_in_each_span() -> None:
+    from improv.engine.tokenizer.chord_plan import melody_weights
+
+    # C4 over 0-1.5, E5 over 1-2, C5 over 1.5-1.75: spans 0-1 and 1-2
+    pitch, start, end = (
+        np.array([60, 76, 72]),
+        np.array([0.0, 1.0, 1.5]),
+        np.array([1.5, 2.0, 1.75]),
+    )
+    w = melody_weights(pitch, start, end, np.array([0.0, 1.0, 2.0]))
+    assert w.shape == (2, 12)
+    assert w[0, 0] == 1.0 and w[1, 0] == 0.75 and w[1, 4] == 1.0 and w.sum() == 2.75
+    assert melody_weights(np.zeros(0), np.zeros(0), np.zeros(0), np.array([0.0, 1.0])).sum() == 0
