@@ -157,10 +157,13 @@ class Bridge:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.player.play_due()
             self.player.silence()
-            self.inp.close()
-            self.out.close()
+            # The user's file before the MIDI system's teardown: a CI run's bridge hung right
+            # after closing its JACK ports (every stack in the log: the main thread stalled
+            # in this write, a JACK callback thread inside Python's GIL), the file unwritten.
             if self.chord_markers is not None:
                 write_chord_markers(self.chord_markers, self.chords, self.tempo_bpm or 120.0)
+            self.inp.close()
+            self.out.close()
 
     async def _session(self) -> bool:
         """One connection: returns True if a session ran (resets the backoff)."""
