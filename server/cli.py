@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default 16, at most --generation-wait seconds, default 30), beyond it 503 + Retry-After",
     )
     parser.add_argument(
+        "--http-worker",
+        choices=["process", "thread"],
+        help="where HTTP generations run: a worker process of their own, at a lower CPU "
+        "priority (default: live sessions never wait behind them), or the live decode threads",
+    )
+    parser.add_argument(
         "--generation-queue", type=int, help="requests that may wait for a generation (16)"
     )
     parser.add_argument(
@@ -111,6 +117,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "token": args.token,
             "threads": args.threads,
             "http_sessions": getattr(args, "max_generations", None),
+            "http_worker": getattr(args, "http_worker", None),
             "generation_queue": getattr(args, "generation_queue", None),
             "generation_wait_s": getattr(args, "generation_wait", None),
         }.items()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -27,15 +26,13 @@ from pydantic import BaseModel
 from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from improv.engine import generation as gen
-from improv.engine.conditioning import Conditioning, ConditioningError
 from improv.engine.live import SamplingParams
-from improv.engine.tokenizer import MidiReadError, Notes
 from improv.protocol import messages as p
 
 from . import auth
 from .admission import Busy, GenerationGate, Lease, release_intake
 from .gm import GM_PROGRAMS
+from .jobs import Fields, JobError, Kind
 from .live import LiveConnection
 from .runtime import Runtime, SessionLimit
 from .settings import Settings
@@ -165,46 +162,15 @@ async def read_upload(rt: Runtime, file: UploadFile) -> bytes:
     return data
 
 
-async def read_notes(
-    rt: Runtime, data: bytes, parts: str | None = None, max_seconds: float | None = None
-) -> Notes:
-    """The file's notes, parsed off the loop (symusic, C++) so a large file can't stall the
-    sessions; the note count and length are checked on the parsed arrays, before any per-note
-    work (the bound on a request's memory: IMPROV_MAX_UPLOAD_NOTES)."""
+async def prepare(request: Request, rt: Runtime, kind: Kind, data: bytes, fields: Fields) -> int:
+    """Read, parse and plan the request off this loop (server/jobs.py: in the generation
+    worker process by default), a few requests at once (admission.IntakeLimit)."""
     try:
-        notes = await rt.offline(
-            rt.tokenizer.read_notes, data, parts, (), rt.settings.max_upload_notes, max_seconds
-        )
-    except MidiReadError as e:  # its message says what is wrong, once
-        msg = str(e)
-        raise HTTPException(
-            422, msg if "MIDI" in msg else f"not a readable MIDI file: {msg}"
-        ) from e
-    except Exception as e:  # a parser failing on garbage is still the input's fault
-        raise HTTPException(422, f"not a readable MIDI file: {type(e).__name__}: {e}") from e
-    if len(notes) == 0:
-        raise HTTPException(422, "the MIDI file has no notes")
-    return notes
-
-
-async def conditioning(
-    rt: Runtime,
-    data: bytes,
-    chords: str | None,
-    beats: str | None,
-    bpm: float | None,
-    beats_per_bar: int | None,
-    until: float,
-    chord_tones: bool | None = None,
-) -> Conditioning:
-    """The request's chords, beats and output tempo map (engine/conditioning.py), off the loop."""
-    try:
-        return await rt.offline(
-            Conditioning.parse, data, chords, beats, bpm, beats_per_bar, until,
-            chord_tones=chord_tones,
-        )  # fmt: skip
-    except ConditioningError as e:
-        raise HTTPException(422, str(e)) from e
+        return await rt.jobs.prepare(kind, data, fields)
+    except JobError as e:
+        raise HTTPException(e.status, e.detail) from e
+    finally:
+        release_intake(request.scope)
 
 
 def sampling(temperature: float, top_p: float, seed: int | None) -> SamplingParams:
@@ -284,7 +250,7 @@ async def respond(
     request: Request,
     rt: Runtime,
     gate: GenerationGate,
-    job: gen.Job,
+    jid: int,
     accept: str | None,
     stream: bool,
     filename: str,
@@ -292,80 +258,59 @@ async def respond(
     """Wait for a generation slot (503 + Retry-After past the queue), run the job unless the
     client goes away, answer MIDI, JSON or an NDJSON stream."""
     try:
-        lease = await unless_gone(request, gate.acquire())
-    except Busy as e:
-        raise _busy(e) from e
-    except ClientGone:
-        return Response(status_code=499)  # nobody reads it
+        try:
+            lease = await unless_gone(request, gate.acquire())
+        except Busy as e:
+            raise _busy(e) from e
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+    except BaseException:
+        rt.jobs.drop(jid)
+        raise
     if stream:
-        return _stream(rt, job, lease)
+        return _stream(rt, jid, lease)
     try:
-        notes = await unless_gone(request, gen.execute(rt, job))
+        answer = await unless_gone(request, rt.jobs.result(jid, wants_json(accept)))
     except ClientGone:
         logger.info("%s: the client went away; its generation was stopped", request.url.path)
         return Response(status_code=499)
     except SessionLimit as e:  # the engine's own slots (a backstop behind the gate)
         raise HTTPException(503, str(e), {"Retry-After": str(gate.retry_after())}) from e
+    except JobError as e:
+        headers = {"Retry-After": str(gate.retry_after())} if e.status == 503 else None
+        raise HTTPException(e.status, e.detail, headers) from e
     finally:
         lease.release()
-    missing = gen.missing_parts(rt.vocab, job, notes)
-    seconds, why = job.outcome()
-    headers = {"X-Improv-Generated-Seconds": f"{seconds:g}", "X-Improv-Stop-Reason": why}
-    if missing:
-        headers["X-Improv-Missing-Parts"] = ",".join(missing)
-    # The answer is built and encoded off the loop: writing a song's MIDI file took the loop
-    # ~6 ms (mido), its JSON ~3 ms, every live session's sends waiting behind it.
-    if wants_json(accept):
-        body = await rt.offline(lambda: json.dumps(notes_json(rt, notes, job)).encode())
-        return Response(body, media_type="application/json", headers=headers)
-    data = await rt.offline(_midi_bytes, rt, notes, job)
-    headers["Content-Disposition"] = f'attachment; filename="{filename}"'
-    return Response(data, media_type="audio/midi", headers=headers)
+        rt.jobs.drop(jid)
+    headers = dict(answer.headers)
+    if answer.media_type == "audio/midi":
+        headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return Response(answer.body, media_type=answer.media_type, headers=headers)
 
 
-def _midi_bytes(rt: Runtime, notes: Notes, job: gen.Job) -> bytes:
-    buf = io.BytesIO()
-    rt.tokenizer.notes_to_midi(notes, job.cond.tempo, job.chords()).save(file=buf)
-    return buf.getvalue()
-
-
-def _stream(rt: Runtime, job: gen.Job, lease: Lease) -> StreamingResponse:
+def _stream(rt: Runtime, jid: int, lease: Lease) -> StreamingResponse:
     """NDJSON events as they come; the slot is released when the stream ends, is cancelled
     (the client went away: Starlette cancels it) or never starts."""
 
     async def lines() -> AsyncIterator[bytes]:
         try:
-            async for ev in gen.stream_events(rt, job):
+            async for ev in rt.jobs.stream(jid):
                 yield (json.dumps(ev) + "\n").encode()
+        except JobError as e:  # the status line is sent: the stream says it last
+            yield (
+                json.dumps({"type": "error", "status": e.status, "detail": e.detail}) + "\n"
+            ).encode()
         finally:
             lease.release()
+            rt.jobs.drop(jid)
+
+    def never_started() -> None:
+        lease.release()
+        rt.jobs.drop(jid)
 
     return StreamingResponse(
-        lines(), media_type="application/x-ndjson", background=BackgroundTask(lease.release)
+        lines(), media_type="application/x-ndjson", background=BackgroundTask(never_started)
     )
-
-
-def notes_json(rt: Runtime, notes: Notes, job: gen.Job) -> dict[str, Any]:
-    parts = rt.vocab.config.parts
-    generated = {tuple(n) for n in job.builder.notes}
-    return {
-        "notes": [
-            {
-                "start": round(n.start, 4),
-                "end": round(n.end, 4),
-                "pitch": n.pitch,
-                "velocity": n.velocity,
-                "part": parts[n.part],
-                "program": n.program,
-                "generated": tuple(n) in generated,
-            }
-            for n in notes.to_list()
-        ],
-        "chords": gen.chords_json(job.chords()),
-        "missing_parts": gen.missing_parts(rt.vocab, job, notes),
-        "generated_seconds": job.outcome()[0],
-        "stop_reason": job.outcome()[1],
-    }
 
 
 Temperature = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy")]
@@ -453,17 +398,12 @@ async def continue_(
         )
     chosen, progs = parse_parts(parts, "parts"), parse_programs(programs)  # cheap checks first
     data = await read_upload(rt, file)
-    try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
-        notes = await read_notes(rt, data)
-        until = float(notes.end.max()) + seconds
-        cond = await conditioning(rt, data, chords, beats, bpm, beats_per_bar, until, chord_tones)
-        job = await rt.offline(
-            gen.plan_continue, rt, notes, seconds, sampling(temperature, top_p, seed),
-            chosen, progs, cond,
-        )  # fmt: skip
-    finally:
-        release_intake(request.scope)
-    return await respond(request, rt, gate, job, accept, stream, "continued.mid")
+    fields = Fields(
+        sampling(temperature, top_p, seed), chosen, progs, chords, beats, bpm, beats_per_bar,
+        chord_tones, seconds=seconds,
+    )  # fmt: skip
+    jid = await prepare(request, rt, "continue", data, fields)
+    return await respond(request, rt, gate, jid, accept, stream, "continued.mid")
 
 
 @api.post(
@@ -500,26 +440,12 @@ async def infill(
         raise HTTPException(422, f"the gap must be at most {lim} s long, got {end - start:.3f}")
     chosen = parse_parts(parts, "parts")
     data = await read_upload(rt, file)
-    try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
-        notes = await read_notes(rt, data)
-        length = float(notes.end.max())
-        if start >= length:
-            raise HTTPException(
-                422, f"start must be before the end of the music ({length:.2f} s), got {start}"
-            )
-        cond = await conditioning(
-            rt, data, chords, beats, bpm, beats_per_bar, max(length, end), chord_tones
-        )
-        try:
-            job = await rt.offline(
-                gen.plan_infill, rt, notes, start, end, sampling(temperature, top_p, seed),
-                chosen, cond,
-            )  # fmt: skip
-        except gen.GenerationError as e:
-            raise HTTPException(422, str(e)) from e
-    finally:
-        release_intake(request.scope)
-    return await respond(request, rt, gate, job, accept, stream, "infilled.mid")
+    fields = Fields(
+        sampling(temperature, top_p, seed), chosen, None, chords, beats, bpm, beats_per_bar,
+        chord_tones, start=start, end=end,
+    )  # fmt: skip
+    jid = await prepare(request, rt, "infill", data, fields)
+    return await respond(request, rt, gate, jid, accept, stream, "infilled.mid")
 
 
 @api.post(
@@ -562,25 +488,12 @@ async def accompany(
         )
     progs = parse_programs(programs)
     data = await read_upload(rt, file)
-    # the length is checked as the file is read, before any per-note work: cheap first
-    limit = rt.settings.max_accompany_seconds
-    try:  # read, parse, plan: a few requests at once (admission.IntakeLimit)
-        notes = await read_notes(rt, data, max_seconds=limit)
-        if not (notes.part == rt.vocab.lead).any():
-            notes = await read_notes(rt, data, "lead", max_seconds=limit)
-            if not (notes.part == rt.vocab.lead).any():
-                raise HTTPException(422, "no melody found: the file has only drums")
-        length = float(notes.end.max())
-        cond = await conditioning(
-            rt, data, chords, beats, bpm, beats_per_bar, length + 1.0, chord_tones
-        )
-        job = await rt.offline(
-            gen.plan_accompany, rt, notes, sampling(temperature, top_p, seed), chosen,
-            progs, 1.0, cond,
-        )  # fmt: skip
-    finally:
-        release_intake(request.scope)
-    return await respond(request, rt, gate, job, accept, stream, "accompanied.mid")
+    fields = Fields(
+        sampling(temperature, top_p, seed), chosen, progs, chords, beats, bpm, beats_per_bar,
+        chord_tones,
+    )  # fmt: skip
+    jid = await prepare(request, rt, "accompany", data, fields)
+    return await respond(request, rt, gate, jid, accept, stream, "accompanied.mid")
 
 
 # --- live -----------------------------------------------------------------------------------------

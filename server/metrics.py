@@ -49,7 +49,7 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
     out: list[tuple[str, str, str, float]] = [
         ("improv_live_sessions", "gauge", "Live WebSocket sessions open.", rt.sessions_open()),
         ("improv_live_sessions_max", "gauge", "Live sessions accepted at most.", rt.max_sessions),
-        ("improv_http_generations", "gauge", "HTTP generations running.", rt.http_running()),
+        ("improv_http_generations", "gauge", "HTTP generations running.", rt.jobs.running()),
         (
             "improv_http_generations_max",
             "gauge",
@@ -78,8 +78,9 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
         (
             "improv_batch_tokens_total",
             "counter",
-            "Tokens sampled for HTTP generations (of improv_tokens_total).",
-            st["batch_tokens"],
+            "Tokens sampled for HTTP generations (in the generation worker process, or with "
+            "IMPROV_HTTP_WORKER=thread of improv_tokens_total).",
+            rt.jobs.tokens(),
         ),
         (
             "improv_batch_deferred_total",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import heapq
 import itertools
@@ -25,6 +24,8 @@ from improv.engine.live import SamplingParams, SchedulerFull
 from improv.engine.live.pool import SchedulerPool, auto_workers
 from improv.engine.live.scheduler import Priority, lower_thread_priority
 
+from .job_process import ProcessJobs
+from .jobs import Jobs, LocalJobs
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -155,28 +156,38 @@ class Runtime:
         self.vocab = engine.vocab
         self.max_sessions = settings.max_sessions
         # Decode workers (one scheduler thread each; docs/engine-live.md, "Decode workers"):
-        # live sessions and offline HTTP generations share a worker's batched forward, live
-        # ones first. Each worker has room for its share of the live sessions and all the HTTP
-        # ones, so HTTP never takes a live slot; a session goes to the least loaded worker.
+        # with `http_worker="thread"`, live sessions and offline HTTP generations share a
+        # worker's batched forward, live ones first, and each worker has room for its share of
+        # the live sessions and all the HTTP ones, so HTTP never takes a live slot. A session
+        # goes to the least loaded worker.
+        in_process = settings.http_worker == "thread"
         workers = settings.decode_workers or auto_workers(settings.max_sessions)
         self.scheduler = SchedulerPool(
             engine,
             workers,
-            max_sessions=math.ceil(settings.max_sessions / workers) + settings.http_sessions,
+            max_sessions=math.ceil(settings.max_sessions / workers)
+            + (settings.http_sessions if in_process else 0),
             max_len=settings.context_tokens,
             batch_tokens=settings.http_step_tokens,
             note_share=settings.note_share,
             nice=settings.decode_nice,
         )
-        # An HTTP request's own work off the loop (parse the file, plan, write the MIDI back) runs
-        # in threads as low in priority as the decode workers': with the machine full, the
-        # event loop's sends come first (the default executor's threads competed with it).
-        self.offline_pool = ThreadPoolExecutor(
-            max_workers=max(2, settings.http_sessions),
-            thread_name_prefix="improv-offline",
-            initializer=lower_thread_priority if settings.decode_nice else None,
-            initargs=(settings.decode_nice,) if settings.decode_nice else (),
-        )
+        # HTTP generations (server/jobs.py): in a worker process of their own, or here, their
+        # CPU work (parse the file, plan, write the MIDI back) in threads as low in priority as
+        # the decode workers' (the default executor's threads competed with the event loop).
+        self.jobs: Jobs
+        if in_process:
+            pool = ThreadPoolExecutor(
+                max_workers=max(2, settings.http_sessions),
+                thread_name_prefix="improv-offline",
+                initializer=lower_thread_priority if settings.decode_nice else None,
+                initargs=(settings.decode_nice,) if settings.decode_nice else (),
+            )
+            self.jobs = LocalJobs(
+                self, settings, pool, lambda: self.scheduler.stats["batch_tokens"]
+            )
+        else:
+            self.jobs = ProcessJobs(settings)
         self._warm_up()
         self.scheduler.start()
         self.clock = SendClock()
@@ -230,14 +241,9 @@ class Runtime:
         return rt
 
     def close(self) -> None:
+        self.jobs.close()
         self.scheduler.stop()
         self.clock.close()
-        self.offline_pool.shutdown(wait=False, cancel_futures=True)
-
-    async def offline(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """`fn(*args, **kwargs)` in the offline pool (an HTTP request's CPU work, off the loop)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.offline_pool, functools.partial(fn, *args, **kwargs))
 
     # --- capacity -----------------------------------------------------------------------------
     def sessions_open(self) -> int:
@@ -262,9 +268,6 @@ class Runtime:
                     f"busy: {self.settings.http_sessions} generations running; retry shortly"
                 )
             self._http += 1
-
-    def http_running(self) -> int:
-        return self._http
 
     def release_http(self) -> None:
         with self._lock:

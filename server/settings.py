@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     switch_interval_ms: float = Field(0.5, gt=0, le=100)
     max_sessions: int = Field(32, ge=1, le=256)  # live WebSocket sessions at once
     http_sessions: int = Field(4, ge=1, le=64)  # offline generations at once (--max-generations)
+    # Where HTTP generations run: "process", a worker process of their own (live sessions keep
+    # this process's GIL and, niced by http_nice, the cores: BENCHMARKS.md, capacity), or
+    # "thread", the live sessions' decode workers (batched with them, live ones first).
+    http_worker: Literal["process", "thread"] = "process"
+    http_nice: int = Field(10, ge=0, le=19)  # added to the worker process's nice value
     # Generations beyond those wait, at most this many and this long, then 503 with Retry-After.
     generation_queue: int = Field(16, ge=0, le=1024)
     generation_wait_s: float = Field(30.0, ge=0, le=600)

@@ -61,18 +61,40 @@ def runtime(tiny_ckpt) -> Iterator[Runtime]:
     rt.close()
 
 
+@pytest.fixture(scope="session")
+def thread_runtime(tiny_ckpt) -> Iterator[Runtime]:
+    """HTTP generations in the server's own decode workers (`http_worker="thread"`), not in a
+    worker process: for tests that patch the engine in this process, and process == thread."""
+    rt = make_runtime(tiny_ckpt, max_sessions=4, http_sessions=2, http_worker="thread")
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def thread_server(thread_runtime) -> Iterator[LiveServer]:
+    s = start_server(thread_runtime)
+    yield s
+    s.stop()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks(request):
     """Every test leaves the shared runtime as it found it: no live session, no engine slot."""
     yield
-    if "runtime" not in request.fixturenames:
-        return
-    rt = request.getfixturevalue("runtime")
+    for name in ("runtime", "thread_runtime"):
+        if name in request.fixturenames:
+            _check_nothing_leaked(request.getfixturevalue(name))
+
+
+def _check_nothing_leaked(rt: Runtime) -> None:
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (rt.sessions_open() or rt.scheduler.n_open):
+    while time.monotonic() < deadline and (
+        rt.sessions_open() or rt.scheduler.n_open or rt.jobs.held() or rt.jobs.running()
+    ):
         time.sleep(0.02)
     assert rt.sessions_open() == 0, "a live session leaked"
     assert rt.scheduler.n_open == 0, "an engine session leaked"
+    assert rt.jobs.held() == 0 and rt.jobs.running() == 0, "an HTTP generation leaked"
     assert not rt.connections
 
 

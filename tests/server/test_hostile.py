@@ -222,11 +222,12 @@ def test_a_generation_stops_when_its_client_goes_away(server, runtime, stream):
     )
     fields = {"seed": "1", "stream": "true" if stream else "false"}
     socks = [_raw_post(server.url, "/v1/accompany", melody, fields) for _ in range(2)]
-    assert _wait(lambda: runtime.scheduler.n_open == 2, 20), "the generations did not start"
+    # (running: engine sessions open for jobs, in the worker process by default)
+    assert _wait(lambda: runtime.jobs.running() == 2, 20), "the generations did not start"
     t0 = time.monotonic()
     for s in socks:
         s.close()
-    assert _wait(lambda: runtime.scheduler.n_open == 0 and runtime._http == 0, 3.0), (
+    assert _wait(lambda: runtime.jobs.running() == 0 and runtime.jobs.held() == 0, 3.0), (
         "an abandoned generation kept its slot"
     )
     assert time.monotonic() - t0 < 3.0
@@ -310,7 +311,7 @@ def test_generations_queue_then_503_with_retry_after(tiny_ckpt, server_factory):
             [notes_track("MELODY", [(i * 120, 100, 60 + i % 12, 90) for i in range(320)])]
         )
         long_one = _raw_post(srv.url, "/v1/accompany", melody, {"seed": "1"})
-        assert _wait(lambda: rt._http == 1, 20), "the first generation did not start"
+        assert _wait(lambda: rt.jobs.running() == 1, 20), "the first generation did not start"
         song, data = simple_song(2.0), {"seconds": "0.5", "seed": "1"}
         queued: list[httpx.Response] = []
         t = threading.Thread(target=lambda: queued.append(post(srv, "/v1/continue", song, data)))
@@ -323,7 +324,7 @@ def test_generations_queue_then_503_with_retry_after(tiny_ckpt, server_factory):
         assert queued[0].status_code == 503 and "within 1.5 s" in queued[0].json()["detail"]
         assert int(queued[0].headers["Retry-After"]) >= 1
         long_one.close()  # the slot comes free: a queued request is served
-        assert _wait(lambda: rt._http == 0, 5)
+        assert _wait(lambda: rt.jobs.running() == 0, 5)
         assert post(srv, "/v1/continue", song, data).status_code == 200
     finally:
         srv.stop()

@@ -55,7 +55,8 @@ def test_metrics_count_sessions_tokens_and_events(server, runtime, make_player):
     assert proc >= cpu
 
 
-def test_http_generations_run_at_batch_priority(server, runtime):
+def test_http_generations_are_counted(server, runtime):
+    """(In the generation worker process: its tokens reach /metrics.)"""
     before = scrape(server.url)
     files = {"file": ("x.mid", simple_song(2.0), "audio/midi")}
     r = httpx.post(server.url + "/v1/continue", files=files, data={"seconds": "1", "seed": "1"})
