@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ BRIDGE_IN, BRIDGE_OUT = "improv bridge in", "improv bridge out"
 PING_EVERY_S = 2.0
 CHORD_SYSEX_HEAD = [0xF0, 0x7D, *b"impv:"]  # a chord as SysEx: head + ASCII label + F7
 BACKOFF_S = (0.5, 10.0)  # first and longest wait between reconnection attempts
+CLOSE_PORTS_S = 4.0  # the MIDI system's time to close the ports at the end
 
 
 class Bridge:
@@ -89,6 +91,7 @@ class Bridge:
         self.sessions = 0  # sessions started (reconnects + 1)
         self.drops = 0
         self.error: str | None = None  # why the bridge gave up (a refused token)
+        self.ports_stuck = False  # the MIDI system did not close the ports in time
         self.chord_sysex = chord_sysex
         self.chord_markers = Path(chord_markers) if chord_markers is not None else None
         self.chords: list[tuple[float, str]] = []  # (local ms, label): retracts applied
@@ -162,8 +165,35 @@ class Bridge:
             # in this write, a JACK callback thread inside Python's GIL), the file unwritten.
             if self.chord_markers is not None:
                 write_chord_markers(self.chord_markers, self.chords, self.tempo_bpm or 120.0)
-            self.inp.close()
-            self.out.close()
+            await self._close_ports()
+
+    async def _close_ports(self) -> None:
+        """Close both ports, giving the MIDI system CLOSE_PORTS_S. The note-offs are sent by
+        now; closing a JACK port waits for them to go out (rtmidi flushes the output, up to
+        1 s), then for the JACK server. On a starved machine that server call was seen to
+        stall (every JACK client missing its cycles): `ports_stuck` then tells the CLI to
+        end the process without the C libraries' teardown."""
+        assert self.inp is not None and self.out is not None
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def close() -> None:  # its own daemon thread: a stuck one must not hold the exit
+            try:
+                self.out.close()  # the output first: its note-offs are flushed
+                self.inp.close()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=close, name="bridge-close-ports", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), CLOSE_PORTS_S)
+        except TimeoutError:
+            self.ports_stuck = True
+            logger.warning(
+                "the MIDI system did not close the ports within %.0f s; leaving them to it",
+                CLOSE_PORTS_S,
+            )
 
     async def _session(self) -> bool:
         """One connection: returns True if a session ran (resets the backoff)."""

@@ -57,6 +57,7 @@ def run_bridge(args: argparse.Namespace) -> int:
     import faulthandler
     import os
     import signal
+    import sys
 
     from improv.midi import MidoBackend, PortError
 
@@ -118,7 +119,13 @@ def run_bridge(args: argparse.Namespace) -> int:
             faulthandler.cancel_dump_traceback_later()
         return 1 if bridge.error else 0
 
-    return asyncio.run(main())
+    rc = asyncio.run(main())
+    if bridge.ports_stuck:  # the C libraries' teardown at exit would wait on them again
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def bridge_command() -> tuple[str, Callable[[argparse.ArgumentParser], None], Callable]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -88,6 +89,34 @@ class MidoBackend:
 
     def open_output(self, name: str, virtual: bool, client: str | None) -> Any:
         return self._b.open_output(name, virtual=virtual, **self._kw(client, virtual))
+
+
+CALLBACK_DRAIN_S = 0.1  # after an input's callback is cancelled: one in flight finishes
+
+
+def close_port(port: Any) -> None:
+    """Close a port opened by a backend; an rtmidi input stops calling Python first.
+
+    rtmidi calls an input's callback from the MIDI system's thread (JACK's process thread),
+    which then needs the GIL; python-rtmidi's close holds the GIL while it waits for the JACK
+    server, and the server waits for that thread's cycle: a message arriving during the close
+    deadlocked both (a bridge that never exited after SIGTERM, a JACK graph stalled). mido's
+    own close re-registers its Python callback just before closing (mido 1.3, Input._close),
+    so an rtmidi input is closed here: callback cancelled, the GIL let go for a moment so a
+    call already under way finishes, then the port closed with nothing left to call."""
+    if getattr(port, "closed", False):
+        return
+    rt = getattr(port, "_rt", None)
+    if rt is None or not hasattr(rt, "cancel_callback"):
+        port.close()
+        return
+    try:
+        rt.cancel_callback()
+        time.sleep(CALLBACK_DRAIN_S)
+        rt.close_port()
+        rt.delete()
+    finally:
+        port.closed = True
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from typing import Any
 
 import mido
 
-from .backends import Backend, PortError, resolve
+from .backends import Backend, PortError, close_port, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class _Port:
             port, self._port = self._port, None
         if port is not None:
             with contextlib.suppress(Exception):
-                port.close()
+                close_port(port)
 
     def close(self) -> None:
         """Close (safe twice); a closed port is not reopened."""

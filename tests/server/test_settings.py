@@ -103,3 +103,14 @@ def test_max_generations_flag():
     args = build_parser().parse_args(["serve", "--max-generations", "2"])
     s = settings_from_args(args)
     assert s.http_sessions == 2 and s.generation_queue == 16 and s.generation_wait_s == 30
+
+
+def test_http_worker_flag(monkeypatch):
+    from improv.server.cli import settings_from_args
+
+    monkeypatch.delenv("IMPROV_HTTP_WORKER", raising=False)
+    assert settings_from_args(build_parser().parse_args(["serve"])).http_worker == "process"
+    args = build_parser().parse_args(["serve", "--http-worker", "thread"])
+    assert settings_from_args(args).http_worker == "thread"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--http-worker", "fork"])
