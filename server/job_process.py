@@ -236,8 +236,11 @@ class _Child:
         self.conn = conn
         torch.set_num_threads(settings.threads)
         engine = Engine.load(settings.checkpoint, device=settings.device, backend=settings.backend)
+        # Twice the generations the parent lets run at once: a finished job's engine session
+        # closes on the scheduler's thread a moment after its answer went out, when the next
+        # request may already be opening one (500s under 20 clients without the room).
         self.sessions = gen.SchedulerSessions(
-            engine, settings.http_sessions, settings.max_note_seconds
+            engine, 2 * settings.http_sessions, settings.max_note_seconds
         )
         pool = ThreadPoolExecutor(max(2, settings.http_sessions), "improv-job")
         stats = self.sessions.scheduler.stats

@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from improv.engine import generation as gen
 from improv.engine.conditioning import Conditioning, ConditioningError
-from improv.engine.live import SamplingParams
+from improv.engine.live import SamplingParams, SchedulerFull
 from improv.engine.tokenizer import MidiReadError, Notes
 
 from .settings import Settings
@@ -221,7 +221,10 @@ class LocalJobs:
         job = self._take(jid)
         self._running += 1
         try:
-            notes = await gen.execute(self.host, job)
+            try:
+                notes = await gen.execute(self.host, job)
+            except SchedulerFull as e:  # a backstop: the gate bounds the jobs running
+                raise JobError(503, f"every generation slot is in use ({e})") from e
             # encoded off the loop: a song's MIDI file took the loop ~6 ms (mido), its JSON ~3
             return await self._off(answer, self.host, job, notes, as_json)
         finally:
@@ -231,8 +234,11 @@ class LocalJobs:
         job = self._take(jid)
         self._running += 1
         try:
-            async for ev in gen.stream_events(self.host, job):
-                yield ev
+            try:
+                async for ev in gen.stream_events(self.host, job):
+                    yield ev
+            except SchedulerFull as e:  # a backstop: the gate bounds the jobs running
+                raise JobError(503, f"every generation slot is in use ({e})") from e
         finally:
             self._running -= 1
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
+JOBS_START_S = 60.0  # Runtime.load waits this long for the generation worker process
+
 
 class SessionLimit(RuntimeError):
     """No room for another session of this kind."""
@@ -238,6 +240,14 @@ class Runtime:
         )
         rt = cls(engine, settings)
         logger.info("%d decode worker(s)", len(rt.scheduler.workers))
+        # Ready means ready for file requests too (a balancer's readiness probe is /health):
+        # the generation worker process loads the model beside this one's warm-up.
+        if isinstance(rt.jobs, ProcessJobs) and not rt.jobs.ready.wait(JOBS_START_S):
+            logger.warning(
+                "the generation worker process is not ready after %.0f s; HTTP generations "
+                "wait for it",
+                JOBS_START_S,
+            )
         return rt
 
     def close(self) -> None:

@@ -95,7 +95,9 @@ def test_two_decode_workers_serve_live_and_http_together(tiny_ckpt, server_facto
             pl.note(60 + i, True)
         assert [w.n_open for w in rt.scheduler.workers] == [2, 2]
         files = {"file": ("x.mid", simple_song(2.0), "audio/midi")}
-        r = httpx.post(srv.url + "/v1/continue", files=files, data={"seconds": "1", "seed": "1"})
+        r = httpx.post(
+            srv.url + "/v1/continue", files=files, data={"seconds": "1", "seed": "1"}, timeout=60
+        )
         assert r.status_code == 200, r.text
         for pl in players:
             assert pl.until(lambda m: m["type"] == "midi", timeout=10) is not None

@@ -13,9 +13,10 @@ import time
 
 import mido
 import pytest
-from jack_midi import Recorder, jack_server, play_phrase, wait_port
+from jack_midi import Recorder, graph_stalled, jack_server, play_phrase, wait_port
 
 from improv.midi import MemoryBackend, PortError, note_balance
+from improv.midi.backends import close_port
 from improv.server.port_session import MidiConfig, PortSession
 
 
@@ -179,19 +180,28 @@ def test_serve_midi_virtual_on_jack_then_sigterm(jack, tiny_ckpt, tmp_path):
         "--param", "gap_ms=100", "--param", "response_seconds=3", "--param", "seed=5",
     ]  # fmt: skip
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(cmd, env={**jack, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log)
     rec = None
     try:
-        in_name = wait_port("input", "improv in")
-        out_name = wait_port("output", "improv out")
+        for _ in range(3):  # started again if the JACK graph stalls as it starts
+            proc = subprocess.Popen(
+                cmd, env={**jack, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log
+            )
+            in_name = wait_port("input", "improv in")
+            out_name = wait_port("output", "improv out")
+            time.sleep(0.5)  # the session starts right after the ports open
+            if not graph_stalled(jack, 0.5):
+                break
+            proc.kill()
+            proc.wait()
         rec = Recorder(out_name)
         sender = mido.Backend(jack["MIDO_BACKEND"]).open_output(in_name)
-        time.sleep(0.5)  # the session starts right after the ports open
-        play_phrase(sender)
-        # >= 1: a response starts with a note (LeadIn); a random-weight model may rest after it
-        assert rec.wait(lambda ms: note_balance(ms)[0] >= 1, 30), (
-            tmp_path / "serve.log"
-        ).read_text()
+        # >= 1: a response starts with a note (LeadIn); a random-weight model may rest after
+        # it. Played again if it gets none (a JACK cycle missed on a loaded machine).
+        for _ in range(4):
+            play_phrase(sender)
+            if rec.wait(lambda ms: note_balance(ms)[0] >= 1, 8):
+                break
+        assert note_balance(rec.snapshot())[0] >= 1, (tmp_path / "serve.log").read_text()
         proc.send_signal(signal.SIGTERM)  # mid-response (3 s long)
         # uvicorn shuts down gracefully, then re-raises the signal: exit status -SIGTERM.
         assert proc.wait(20) in (0, -signal.SIGTERM)
@@ -237,7 +247,7 @@ async def test_port_session_on_jack_named_ports(jack, runtime):
         await s.close()
         await asyncio.sleep(0.2)
         keyboard.close()
-        synth_in.close()
+        close_port(synth_in)  # its callback cancelled first (midi/backends.py says why)
     ons, offs = note_balance(got)
     assert ons == offs, (ons, offs)
 
