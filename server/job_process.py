@@ -92,6 +92,12 @@ class ProcessJobs:
                 conn.send(msg)
             except OSError:  # the child is gone: the reader reports it
                 return
+        # The end (close(), or the child gone): our side of the socket shut for writing, so
+        # the child reads EOF and exits (the reader thread still holds the socket open).
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+            sock.shutdown(socket.SHUT_WR)
+            sock.close()
 
     def _read_loop(self, conn: Connection, proc: subprocess.Popen) -> None:
         while True:
