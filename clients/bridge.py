@@ -170,9 +170,10 @@ class Bridge:
     async def _close_ports(self) -> None:
         """Close both ports, giving the MIDI system CLOSE_PORTS_S. The note-offs are sent by
         now; closing a JACK port waits for them to go out (rtmidi flushes the output, up to
-        1 s), then for the JACK server. On a starved machine that server call was seen to
-        stall (every JACK client missing its cycles): `ports_stuck` then tells the CLI to
-        end the process without the C libraries' teardown."""
+        1 s), then for the JACK server, which may stall (a stalled JACK graph was seen in
+        tests): `ports_stuck` then tells the CLI to end the process without the C libraries'
+        teardown. (The bound needs the GIL back: a close that blocks holding it is left to
+        the CLI's faulthandler deadline, which needs no GIL.)"""
         assert self.inp is not None and self.out is not None
         loop = asyncio.get_running_loop()
         done = asyncio.Event()

@@ -100,7 +100,8 @@ def close_port(port: Any) -> None:
     rtmidi calls an input's callback from the MIDI system's thread (JACK's process thread),
     which then needs the GIL; python-rtmidi's close holds the GIL while it waits for the JACK
     server, and the server waits for that thread's cycle: a message arriving during the close
-    deadlocked both (a bridge that never exited after SIGTERM, a JACK graph stalled). mido's
+    can deadlock both (the likely cause of a bridge that did not exit after SIGTERM in CI; not
+    reproduced). mido's
     own close re-registers its Python callback just before closing (mido 1.3, Input._close),
     so an rtmidi input is closed here: callback cancelled, the GIL let go for a moment so a
     call already under way finishes, then the port closed with nothing left to call."""

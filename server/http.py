@@ -399,8 +399,8 @@ async def continue_(
     chosen, progs = parse_parts(parts, "parts"), parse_programs(programs)  # cheap checks first
     data = await read_upload(rt, file)
     fields = Fields(
-        sampling(temperature, top_p, seed), chosen, progs, chords, beats, bpm, beats_per_bar,
-        chord_tones, seconds=seconds,
+        sampling(temperature, top_p, seed), chosen, progs, chords=chords, beats=beats, bpm=bpm,
+        beats_per_bar=beats_per_bar, chord_tones=chord_tones, seconds=seconds,
     )  # fmt: skip
     jid = await prepare(request, rt, "continue", data, fields)
     return await respond(request, rt, gate, jid, accept, stream, "continued.mid")
@@ -441,8 +441,8 @@ async def infill(
     chosen = parse_parts(parts, "parts")
     data = await read_upload(rt, file)
     fields = Fields(
-        sampling(temperature, top_p, seed), chosen, None, chords, beats, bpm, beats_per_bar,
-        chord_tones, start=start, end=end,
+        sampling(temperature, top_p, seed), chosen, chords=chords, beats=beats, bpm=bpm,
+        beats_per_bar=beats_per_bar, chord_tones=chord_tones, start=start, end=end,
     )  # fmt: skip
     jid = await prepare(request, rt, "infill", data, fields)
     return await respond(request, rt, gate, jid, accept, stream, "infilled.mid")
@@ -489,8 +489,8 @@ async def accompany(
     progs = parse_programs(programs)
     data = await read_upload(rt, file)
     fields = Fields(
-        sampling(temperature, top_p, seed), chosen, progs, chords, beats, bpm, beats_per_bar,
-        chord_tones,
+        sampling(temperature, top_p, seed), chosen, progs, chords=chords, beats=beats, bpm=bpm,
+        beats_per_bar=beats_per_bar, chord_tones=chord_tones,
     )  # fmt: skip
     jid = await prepare(request, rt, "accompany", data, fields)
     return await respond(request, rt, gate, jid, accept, stream, "accompanied.mid")

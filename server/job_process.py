@@ -30,16 +30,15 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any
 
 from .jobs import Answer, Fields, JobError, Kind, LocalJobs
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 STATS_S = 1.0  # the child's figures, while it generates
 GONE = "the generation worker process stopped; try again"
@@ -250,7 +249,9 @@ class _Child:
         )
         pool = ThreadPoolExecutor(max(2, settings.http_sessions), "improv-job")
         stats = self.sessions.scheduler.stats
-        self.jobs = LocalJobs(self.sessions, settings, pool, lambda: stats["tokens"])
+        self.jobs = LocalJobs(
+            self.sessions, settings, pool, lambda: stats["tokens"], self._say_running
+        )
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self._send_lock = threading.Lock()
 
@@ -296,10 +297,9 @@ class _Child:
                 await self.jobs.prepare(kind, data, fields, jid)
                 self.send(("prepared", jid))
             elif op == "result":
-                result = self.jobs.result(jid, *args)
-                self.send(("answer", jid, await self._counted(result)))
+                self.send(("answer", jid, await self.jobs.result(jid, *args)))
             elif op == "stream":
-                async for ev in self._counted_stream(jid):
+                async for ev in self.jobs.stream(jid):
                     self.send(("event", jid, ev))
                 self.send(("end", jid))
         except asyncio.CancelledError:
@@ -314,36 +314,14 @@ class _Child:
                 del self.tasks[jid]
 
     def _say_running(self) -> None:
-        self.send(("stats", 0, self.jobs.running(), self.jobs.tokens()))
+        with contextlib.suppress(OSError):  # the parent is gone: we are ending too
+            self.send(("stats", 0, self.jobs.running(), self.jobs.tokens()))
 
     async def _stats(self) -> None:
         while True:
             await asyncio.sleep(STATS_S)
             if self.jobs.running():
                 self._say_running()
-
-    async def _counted(self, work: Awaitable[T]) -> T:
-        task = asyncio.ensure_future(work)
-        await asyncio.sleep(0)  # its engine session opens
-        self._say_running()
-        try:
-            return await task
-        finally:
-            task.cancel()
-            self._say_running()
-
-    async def _counted_stream(self, jid: int) -> AsyncIterator[dict[str, Any]]:
-        events = self.jobs.stream(jid)
-        try:
-            first = True
-            async for ev in events:
-                if first:
-                    self._say_running()
-                    first = False
-                yield ev
-        finally:
-            await events.aclose()
-            self._say_running()
 
 
 def main(argv: list[str] | None = None) -> int:

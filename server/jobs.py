@@ -11,11 +11,12 @@ GIL, or a niced core, with file requests). Both speak `Jobs`, the one interface 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -192,9 +193,11 @@ class LocalJobs:
         settings: Settings,
         pool: Executor,
         tokens: Callable[[], float],
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.host = host
         self.tokens = tokens  # the host scheduler's count of the jobs' tokens
+        self.on_change = on_change  # called when `running()` changes
         self.settings = settings
         self.pool = pool
         self._jobs: dict[int, gen.Job] = {}
@@ -217,30 +220,31 @@ class LocalJobs:
             raise JobError(500, f"no prepared job {jid}")
         return job
 
-    async def result(self, jid: int, as_json: bool) -> Answer:
-        job = self._take(jid)
+    @contextlib.contextmanager
+    def _generating(self) -> Iterator[None]:
+        """A job generates inside (counted; `on_change` told); a full scheduler is a 503."""
         self._running += 1
+        self.on_change()
         try:
-            try:
-                notes = await gen.execute(self.host, job)
-            except SchedulerFull as e:  # a backstop: the gate bounds the jobs running
-                raise JobError(503, f"every generation slot is in use ({e})") from e
-            # encoded off the loop: a song's MIDI file took the loop ~6 ms (mido), its JSON ~3
-            return await self._off(answer, self.host, job, notes, as_json)
+            yield
+        except SchedulerFull as e:  # a backstop: the gate bounds the jobs running
+            raise JobError(503, f"every generation slot is in use ({e})") from e
         finally:
             self._running -= 1
+            self.on_change()
+
+    async def result(self, jid: int, as_json: bool) -> Answer:
+        job = self._take(jid)
+        with self._generating():
+            notes = await gen.execute(self.host, job)
+        # encoded off the loop: a song's MIDI file took the loop ~6 ms (mido), its JSON ~3
+        return await self._off(answer, self.host, job, notes, as_json)
 
     async def stream(self, jid: int) -> AsyncIterator[dict[str, Any]]:
         job = self._take(jid)
-        self._running += 1
-        try:
-            try:
-                async for ev in gen.stream_events(self.host, job):
-                    yield ev
-            except SchedulerFull as e:  # a backstop: the gate bounds the jobs running
-                raise JobError(503, f"every generation slot is in use ({e})") from e
-        finally:
-            self._running -= 1
+        with self._generating():
+            async for ev in gen.stream_events(self.host, job):
+                yield ev
 
     def drop(self, jid: int) -> None:
         self._jobs.pop(jid, None)

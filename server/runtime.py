@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from improv.engine.live import SamplingParams, SchedulerFull
 from improv.engine.live.pool import SchedulerPool, auto_workers
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
     from .live import LiveConnection
 
-T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 JOBS_START_S = 60.0  # Runtime.load waits this long for the generation worker process
