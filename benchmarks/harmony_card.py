@@ -168,6 +168,7 @@ def main() -> None:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "n": len(songs),
+        "chord_planner": "learned" if sessions.chord_planner else "hmm",
     }
     for name in VARIANTS:
         rows: dict[str, list[float]] = {}
@@ -309,6 +310,13 @@ def card_section(q: dict) -> str:
         if ev
         else "bits/note: not measured in this run (--eval-data)."
     )
+    plan = (
+        "the checkpoint's learned chord planner,\na GRU over the beats that gives each pitch "
+        "class's chance to be a chord tone there,\nthe triads with the most expected chord "
+        "tones: `engine/chord_planner.py`"
+        if q.get("chord_planner") == "learned"
+        else "an HMM over the\nbeats: `engine/tokenizer/chord_plan.py`"
+    )
     return f"""{n} POP909 validation songs (the first {n} of splits/valid.txt, sorted), the first
 {q["seconds"]:.0f} s of each song's melody with its annotated beats (beat_midi.txt) and, where
 given, chords (chord_midi.txt); seeds {q["seeds"]}; temperature {q["temperature"]}, top-p
@@ -318,8 +326,8 @@ as the server does it: the model continues the piece with the melody given, and 
 each eighth between the beats (docs/engine-live.md, "Accompaniment as continuation").
 "guarded" is what the server does by default: harmony and bass start only on tones of the
 sounding chord (`ChordTones`), the model's own chord changes fall on beats (`ChordsOnBeats`) and,
-without chords, follow a chord plan read from the whole melody (a triad a beat, an HMM over the
-beats: `engine/tokenizer/chord_plan.py`, `ChordsFitMelody`); "model alone" turns `ChordTones` and
+without chords, follow a chord plan read from the whole melody (a triad a beat; {plan};
+`ChordsFitMelody`); "model alone" turns `ChordTones` and
 `ChordsFitMelody` off (`chord_tones=false`, `--no-chord-tones`).
 
 | | guarded (default) | model alone | real PIANO | target |

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
+from .chord_planner import FOLLOWER, ChordPlanner
 from .config import ModelConfig
 from .context import slide_context
 from .decoder import Decoder, TorchDecoder
@@ -62,6 +63,8 @@ class Engine:
         max_batch: int = 8,
         onnx_path: str | Path | None = None,
         compile: bool = False,
+        chord_planner: ChordPlanner | None = None,
+        chord_follower: ChordPlanner | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -75,6 +78,8 @@ class Engine:
             )
         self.backend, self.meta, self.onnx_path = backend, meta or {}, onnx_path
         self.compile = compile
+        # plan chords from a melody where none are given, offline and live (None: the HMM's)
+        self.chord_planner, self.chord_follower = chord_planner, chord_follower
         self.device = next(model.parameters()).device
         self._tokenizer = None
         self._decoder: Decoder | None = None
@@ -113,7 +118,9 @@ class Engine:
 
             model = model.float().cpu()
             onnx_path = ensure_onnx(resolve_checkpoint(path), model, int8=backend == "onnx-int8")
-        return cls(model, tok_cfg, backend, meta, max_batch, onnx_path, compile)
+        folder = resolve_checkpoint(path)
+        planner, follower = ChordPlanner.load(folder), ChordPlanner.load(folder, FOLLOWER)
+        return cls(model, tok_cfg, backend, meta, max_batch, onnx_path, compile, planner, follower)
 
     @classmethod
     def from_model(

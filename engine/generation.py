@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .chord_planner import ChordPlanner
 from .conditioning import Conditioning
 from .constraints import (
     ChordsFitMelody,
@@ -77,6 +78,7 @@ class Sessions(Protocol):
     tokenizer: Tokenizer
     max_len: int  # tokens a session's context holds
     max_note_seconds: float
+    chord_planner: ChordPlanner | None  # the checkpoint's; None: the HMM plan
 
     def session(
         self,
@@ -99,6 +101,7 @@ class SchedulerSessions:
         self.tokenizer: Tokenizer = engine.tokenizer
         self.max_len = self.scheduler.max_len
         self.max_note_seconds = max_note_seconds
+        self.chord_planner: ChordPlanner | None = engine.chord_planner
 
     def __enter__(self) -> SchedulerSessions:
         self.scheduler.start()
@@ -443,7 +446,8 @@ def plan_accompany(
     meter = [(t, toks[0] == v.BAR) for t, toks in forced if toks[0] in (v.BAR, v.BEAT)]
     beats = [t for t, _ in meter] if v.harmony else []
     if v.harmony and cond.chords is None and cond.wants_chord_tones(True):
-        cons.append(_melody_fits(v, lead.shifted(-first / v.ticks_per_second), meter))
+        melody = lead.shifted(-first / v.ticks_per_second)
+        cons.append(_melody_fits(v, melody, meter, sessions.chord_planner))
     if v.harmony:  # every part asked for plays (a harmony model)
         cons.append(StartParts(parts))
     programs = {k: x for k, x in (programs or {}).items() if k in parts}  # the given keep theirs
@@ -474,9 +478,12 @@ def eighth_cuts(beat_ticks: list[int], end: int) -> list[tuple[int, tuple[int, .
     return [(t, ()) for t in cuts if t < end]
 
 
-def _melody_fits(vocab: Vocab, melody: Notes, beats: list[tuple[int, bool]]) -> ChordsFitMelody:
-    """The model's chord at each beat (tick, is a downbeat): the plan of `chord_plan.plan_chords`
-    from the melody (session time) sounding in each beat."""
+def _melody_fits(
+    vocab: Vocab, melody: Notes, beats: list[tuple[int, bool]], planner: ChordPlanner | None
+) -> ChordsFitMelody:
+    """The model's chord at each beat (tick, is a downbeat): the plan of the learned `planner`
+    (or, without one, of the HMM `chord_plan.plan_chords`) from the melody (session time)
+    sounding in each beat."""
     if not len(melody := melody.select(melody.part != vocab.drums)) or len(beats) < 2:
         return ChordsFitMelody()
     tps = vocab.ticks_per_second
@@ -490,7 +497,8 @@ def _melody_fits(vocab: Vocab, melody: Notes, beats: list[tuple[int, bool]]) -> 
     )
     bars = np.cumsum(downbeat)  # (N,) the bar each beat is in (0: before the first downbeat)
     beats_per_bar = np.bincount(bars)[bars]
-    plan = plan_chords(weights, bar_pos, np.where(beats_per_bar < 2, 4, beats_per_bar))
+    beats_per_bar = np.where(beats_per_bar < 2, 4, beats_per_bar)
+    plan = (planner.plan if planner else plan_chords)(weights, bar_pos, beats_per_bar)
     return ChordsFitMelody(tuple((int(t), (int(c),)) for t, c in zip(ticks, plan, strict=True)))
 
 

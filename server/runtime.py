@@ -155,6 +155,7 @@ class Runtime:
         self.settings = settings
         self.tokenizer = engine.tokenizer
         self.vocab = engine.vocab
+        self.chord_planner, self.chord_follower = engine.chord_planner, engine.chord_follower
         self.max_sessions = settings.max_sessions
         # Decode workers (one scheduler thread each; docs/engine-live.md, "Decode workers"):
         # with `http_worker="thread"`, live sessions and offline HTTP generations share a

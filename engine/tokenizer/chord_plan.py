@@ -54,23 +54,28 @@ def plan_chords(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndar
     class within each beat, in beats; `bar_pos`: (N,) the beat's index in its bar (0: the
     downbeat); `beats_per_bar`: (N,) the bar's length in beats (mid-bar: the middle of an even
     bar of 4 or more)."""
-    n = len(weights)
-    if n == 0:
+    if len(weights) == 0:
         return np.zeros(0, dtype=np.int64)
     evidence = _evidence(weights, weights.sum(axis=0))  # (N, S)
-    cost = _change_cost(bar_pos, beats_per_bar)  # (N,)
-    best = evidence[0].copy()  # (S,) the best path's log-score ending in each state
-    back = np.zeros((n, len(TRIADS)), dtype=np.int64)
+    return TRIADS[viterbi(evidence, change_cost(bar_pos, beats_per_bar))]
+
+
+def viterbi(score: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """(N,) the state path with the most `score` (N, S) less `cost[i]` (N,) for each change
+    into beat i."""
+    n, s = score.shape
+    best = score[0].copy()  # (S,) the best path's score ending in each state
+    back = np.zeros((n, s), dtype=np.int64)
     for i in range(1, n):
         j = int(np.argmax(best))
         change = best[j] - cost[i]
-        back[i] = np.where(change > best, j, np.arange(len(TRIADS)))
-        best = np.maximum(best, change) + evidence[i]
+        back[i] = np.where(change > best, j, np.arange(s))
+        best = np.maximum(best, change) + score[i]
     path = np.zeros(n, dtype=np.int64)
     path[-1] = int(np.argmax(best))
     for i in range(n - 1, 0, -1):
         path[i - 1] = back[i, path[i]]
-    return TRIADS[path]
+    return path
 
 
 def follow_chord(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> int:
@@ -80,7 +85,7 @@ def follow_chord(weights: np.ndarray, bar_pos: np.ndarray, beats_per_bar: np.nda
     card's 20 songs deciding at the beat, 55.1% hearing its first 80 ms, 56.5% and 59.6% on the
     other 39 (the plan: 63.3%, 66.3%)."""
     evidence = _evidence(weights, weights.sum(axis=0))  # (N, S)
-    cost = _change_cost(bar_pos, beats_per_bar)  # (N,)
+    cost = change_cost(bar_pos, beats_per_bar)  # (N,)
     best = evidence[0].copy()  # (S,) the best path's log-score ending in each state
     for i in range(1, len(weights)):
         best = np.maximum(best, best.max() - cost[i]) + evidence[i]
@@ -94,6 +99,9 @@ def _evidence(weights: np.ndarray, melody: np.ndarray) -> np.ndarray:
     return EVIDENCE_PER_BEAT * weights @ _LOG_P.T - OFF_KEY * off_key
 
 
-def _change_cost(bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> np.ndarray:
+def change_cost(
+    bar_pos: np.ndarray, beats_per_bar: np.ndarray, costs: tuple[float, ...] = CHANGE_COST
+) -> np.ndarray:
+    """(N,) the cost of a change into each beat: `costs` on a downbeat, mid-bar, another beat."""
     half = np.where((beats_per_bar >= 4) & (beats_per_bar % 2 == 0), beats_per_bar // 2, -1)
-    return np.where(bar_pos == 0, CHANGE_COST[0], np.where(bar_pos == half, *CHANGE_COST[1:]))
+    return np.where(bar_pos == 0, costs[0], np.where(bar_pos == half, *costs[1:]))

@@ -33,7 +33,9 @@ class Accompany(Mode):
         self._bass_keys: set[tuple[int, int]] = set()  # (channel, key) held as the bass part
         self._low_held: set[int] = set()  # keys held as the bass (the left hand's chord)
         self._timer: asyncio.Task[None] | None = None
-        self.harmony = Harmony(self.vocab, self.clock, self.playback, params)
+        self.harmony = Harmony(
+            self.vocab, self.clock, self.playback, params, follower=self.rt.chord_follower
+        )
 
     def _default_parts(self) -> list[str]:
         return p.ACCOMPANY_PARTS + (["drums"] if self.params.drums else [])

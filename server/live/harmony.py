@@ -10,8 +10,9 @@ hand's chords, the model's own (docs/protocol.md, "Harmony and meter").
 - **The left hand** (`chord_source: left_hand`): the keys below `bass_split` are read as a chord
   at each key struck (`match_chord`); a change is given to the model with the key's event.
 - **The player's melody** (`chord_source: model` on a clock): the chord of each beat is read
-  from the melody heard (`chord_plan.follow_chord`, the causal twin of offline accompaniment's
-  chord plan) ahead of the beat, and again when the player strikes a note near it; a change is
+  from the melody heard (the checkpoint's learned `chord_follower`, the live twin of offline
+  accompaniment's chord planner; without one, the HMM's `chord_plan.follow_chord`) ahead of the
+  beat, and again when the player strikes a note near it; a change is
   laid into the schedule at the beat (given with the note's event for a note after the beat)
   and announced with source `model`.
 - **The model** (`chord_source: model`, no clock): its own CHORD and BEAT tokens become
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from improv.engine.chord_planner import HEARD_S, ChordPlanner, LiveFollow
 from improv.engine.constraints import ChordsOnBeats, ChordTones, Constraint, GivenMarks
 from improv.engine.live import LiveSession
 from improv.engine.tokenizer.chord_match import match_chord
@@ -44,7 +46,9 @@ from .playback import Playback
 
 FOLLOW_BEATS = 32  # the melody's last beats a live chord is read from
 FOLLOW_EARLY_MS, FOLLOW_LATE_MS = 40.0, 150.0  # a note this close to a beat decides its chord
-FOLLOW_HEARD_MS = 80.0  # a beat's chord hears this much of its melody (a note just struck too)
+FOLLOW_HEARD_MS = (
+    1000 * HEARD_S
+)  # a beat's chord hears this much of its melody (a note just struck)
 FOLLOW_AHEAD_MS = 150.0  # a beat's chord is read this long before it (the engine's horizon)
 AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
 RETIME_TOLERANCE_MS = 5.0  # a re-anchored clock whose beats moved less than this changes nothing
@@ -120,6 +124,9 @@ class Harmony:
     melody: list[list[float]] = field(default_factory=list)
     followed: dict[int, int] = field(default_factory=dict)  # beat number -> chord read for it
     followed_beat: int = -(1 << 62)  # the latest beat whose chord was read ahead
+    follower: ChordPlanner | None = None  # the checkpoint's live chord follower (None: the HMM)
+    live_follow: LiveFollow | None = None  # its state, stepped a beat at a time
+    follow_from: int | None = None  # the first beat it was asked about
 
     def __post_init__(self) -> None:
         self._configure(self.params)
@@ -140,6 +147,8 @@ class Harmony:
         self.meter = meter
         self.followed = {}
         self.followed_beat = -(1 << 62)
+        self.live_follow = LiveFollow(self.follower) if self.follower else None
+        self.follow_from = None
 
     # --- settings -------------------------------------------------------------------------------
     @property
@@ -387,20 +396,42 @@ class Harmony:
             self.advance(session, now)
 
     def _follow(self, beat: int, heard: float) -> int | None:
-        """`follow_chord` for beat number `beat`, the melody heard until `heard` (ms); None if
-        none was heard."""
+        """The chord of beat number `beat`, from the melody heard until `heard` (ms): the
+        learned follower's, else `follow_chord`'s; None if none was heard."""
         m = self.meter
         assert m is not None
         lo = m.time(beat - FOLLOW_BEATS)
         self.melody = [n for n in self.melody if n[2] > lo]
         numbers = np.arange(beat - FOLLOW_BEATS, beat + 1)  # (B+1,)
-        edges = np.append([m.time(b) for b in numbers], max(heard, m.time(beat)))  # (B+2,)
         notes = np.array(self.melody).reshape(-1, 3)  # (M, 3)
-        weights = melody_weights(notes[:, 0], notes[:, 1], np.minimum(notes[:, 2], heard), edges)
-        if not weights.any():
+        pitch, start, end = notes[:, 0], notes[:, 1], np.minimum(notes[:, 2], heard)
+        if self.live_follow is None:
+            edges = np.append([m.time(b) for b in numbers], max(heard, m.time(beat)))  # (B+2,)
+            weights = melody_weights(pitch, start, end, edges)
+            if not weights.any():
+                return None
+            per_bar = np.full(len(numbers), m.per_bar)
+            return follow_chord(weights / m.beat_ms, numbers % m.per_bar, per_bar)
+        # the learned twin: the beats not yet in its state go in, then this one is read
+        lf = self.live_follow
+        if not len(notes):
             return None
-        per_bar = np.full(len(numbers), m.per_bar)
-        return follow_chord(weights / m.beat_ms, numbers % m.per_bar, per_bar)
+        if self.follow_from is None:
+            self.follow_from = beat
+        first = max(self.follow_from if lf.next_beat is None else lf.next_beat, beat - FOLLOW_BEATS)
+        numbers = np.arange(min(first, beat) - 1, beat + 1)  # (K,) from the beat before
+        starts = np.array([m.time(b) for b in numbers])  # (K,)
+        whole = melody_weights(pitch, start, end, np.append(starts, starts[-1] + m.beat_ms))
+        early = np.stack([starts, starts + FOLLOW_HEARD_MS], axis=1).ravel()  # (2K,)
+        heads = melody_weights(pitch, start, end, early)[::2]  # (K, 12) each beat's first 80 ms
+        whole, heads = whole / m.beat_ms, heads / m.beat_ms
+        for k in range(1, len(numbers) - 1):  # beats first .. beat-1
+            n = int(numbers[k])
+            lf.commit(n, whole[k - 1], heads[k], n % m.per_bar, m.per_bar)
+        return lf.decide(
+            beat, whole[-2], heads[-1], heard > m.time(beat), beat % m.per_bar, m.per_bar,
+            self.chord or 0,
+        )  # fmt: skip
 
     # --- the model's own --------------------------------------------------------------------------
     def model_marks(self, marks: list[Beat | ChordChange], position: int | None) -> None:

@@ -15,7 +15,7 @@ from live_session import open_in_process
 from improv.engine.checkpoint import save_checkpoint
 from improv.engine.config import ModelConfig
 from improv.engine.model import Transformer
-from improv.engine.tokenizer.harmony import chord_index, chord_label
+from improv.engine.tokenizer.harmony import chord_index, chord_label, parse_label
 from improv.engine.tokenizer.vocab import TokenizerConfig, Vocab
 from improv.server.live import LiveConnection
 
@@ -524,3 +524,49 @@ def test_a_clock_that_stops_and_starts_again_reads_chords_on_its_new_count(harmo
     later = [c for c in client_view(out, "chord") if c.time >= again - 1e-6]
     assert later and later[-1].label == "A:min" and later[-1].source == "model", later
     assert balanced(out)
+
+
+@pytest.fixture(scope="module")
+def follower_runtime(tmp_path_factory, server_factory):
+    """A harmony checkpoint with a learned live chord follower beside it (random weights)."""
+    from improv.engine.chord_planner import ChordPlanner, PlannerConfig
+
+    _, make_runtime = server_factory
+    path = write_harmony_checkpoint(tmp_path_factory.mktemp("follower") / "ckpt", seed=3)
+    torch.manual_seed(4)
+    ChordPlanner(PlannerConfig(hidden=16, causal=True)).save(path)
+    rt = make_runtime(path)
+    yield rt
+    rt.close()
+
+
+def test_with_a_learned_follower_the_chords_read_from_the_melody_are_its(follower_runtime):
+    """The checkpoint's `chord_follower` reads the melody's chords on a clock (stepped a beat at
+    a time: `LiveFollow`): each chord it names is announced on a beat (source model) and forced
+    there, and its state holds every beat up to the last one read."""
+    assert follower_runtime.chord_follower is not None
+
+    async def main():
+        conn, out = await open_in_process(follower_runtime)
+        down = conn.now_ms() + 200.0
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 9, "tempo_bpm": 240,
+                           "beat_time": down, "rest_ms": None})  # fmt: skip
+        await play_melody(conn, down, 16, step=250.0)
+        harmony = conn.active.harmony
+        tokens = conn.active.session.tokens()
+        origin = conn.clock.origin
+        await conn.close()
+        return out, harmony, tokens, down, origin
+
+    out, harmony, tokens, down, origin = asyncio.run(main())
+    assert not of(out, "error") and balanced(out)
+    chords = client_view(out, "chord")
+    assert chords and all(c.source == "model" for c in chords), chords
+    forced = marks_at(tokens)
+    for c in chords:
+        k = (c.time - down) / 250.0
+        assert k == pytest.approx(round(k), abs=1e-6), c  # on a beat
+        tick = round((c.time - origin) / 10.0)
+        assert (tick, V.chord(parse_label(c.label))) in forced, c
+    lf = harmony.live_follow
+    assert lf is not None and lf.chains and lf.next_beat >= harmony.followed_beat - 1
