@@ -76,3 +76,40 @@ def test_the_live_twin_learns_to_name_a_beat_chord_from_the_beats_before_it(one_
     train(follower, windows[:32], windows[32:], steps=160, batch=8, lr=1e-2)
     assert follow_share(follower, windows[32:], is_heard=True) > before + 0.3
     # (the HMM's twin on the same: about as good; POP909's figures are in the trainer's JSON)
+
+
+def test_songs_are_read_in_pop909s_layout(tmp_path) -> None:
+    """`windows` reads a song folder as POP909 lays it out (NNN/NNN.mid with a MELODY track,
+    beat_midi.txt, chord_midi.txt): 30 s windows from the melody's first note, each beat's
+    melody and the annotated chord there."""
+    from improv.engine.tokenizer import Tokenizer
+    from improv.trainer.chord_planner import windows
+
+    from midi_factory import midi_bytes, notes_track
+
+    folder = tmp_path / "pop909" / "001"
+    folder.mkdir(parents=True)
+    # 120 bpm (480 ticks a beat): a melody note a beat from beat 4 (2 s) for 64 beats,
+    # C E G over two bars of C, then A C E over two bars of A minor, again and again
+    arps = [60, 64, 67, 64] * 2 + [69, 72, 76, 72] * 2
+    melody = [(480 * (4 + i), 400, arps[i % 16], 90) for i in range(64)]
+    (folder / "001.mid").write_bytes(midi_bytes([notes_track("MELODY", melody)]))
+    (folder / "beat_midi.txt").write_text(
+        "".join(f"{0.5 * i:.3f} {int(i % 2 == 0)} {int(i % 4 == 0)}\n" for i in range(80))
+    )
+    (folder / "chord_midi.txt").write_text(
+        "0.000 2.000 N\n"
+        + "".join(f"{2.0 + 4.0 * k:.3f} {6.0 + 4.0 * k:.3f} {'C:maj' if k % 2 == 0 else 'A:min'}\n"
+                  for k in range(9))
+    )  # fmt: skip
+    ws = windows(Tokenizer(), tmp_path / "pop909", ["001"], (0.0, 10.0), first_only=False)
+    # 2-32 s, and 10 s later 12-42 s (a window starts while 8 s of melody are left; it ends at 34 s)
+    assert [len(w.weights) for w in ws] == [60, 56]
+    first = ws[0]
+    assert first.bar_pos[0] == 0 and first.beats_per_bar[0] == 4
+    assert set(np.flatnonzero(first.tones[0])) == {0, 4, 7}
+    assert set(np.flatnonzero(first.tones[8])) == {9, 0, 4}
+    assert first.weights[0].argmax() == 0 and first.weights[8].argmax() == 9
+    np.testing.assert_allclose(first.heard[0, 0], 0.08 / 0.5)  # its first 80 ms, in beats
+    assert first.scored.all()
+    assert len(windows(Tokenizer(), tmp_path / "pop909", ["001"], (0.0,), first_only=True)) == 1
