@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .tokenizer.chord_plan import TRIADS, change_cost, viterbi
+from .tokenizer.chord_plan import TRIADS, change_cost, mid_bar, viterbi
 from .tokenizer.harmony import chord_tones
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class PlannerConfig:
 def positions(bar_pos: np.ndarray, beats_per_bar: np.ndarray) -> np.ndarray:
     """(N, P) where each beat falls: downbeat, mid-bar (of an even bar of 4 or more), other;
     the bar's length 3, 4, other."""
-    half = np.where((beats_per_bar >= 4) & (beats_per_bar % 2 == 0), beats_per_bar // 2, -1)
+    half = mid_bar(beats_per_bar)
     return np.stack(
         [
             bar_pos == 0,
@@ -267,6 +267,14 @@ class LiveFollow:
         self.f, self.restart = follower, restart
         self.chains: list[_Chain] = []  # oldest first
         self.next_beat: int | None = None  # the next beat to commit
+        self.origin: int | None = None  # the first beat it was asked about
+
+    def pending(self, beat: int, back: int) -> int:
+        """The first beat to commit before deciding `beat`: the next one not in the state (at
+        most `back` beats before `beat`), or before any, the first beat asked about."""
+        if self.origin is None:
+            self.origin = beat
+        return max(self.origin if self.next_beat is None else self.next_beat, beat - back)
 
     @staticmethod
     def _input(

@@ -111,14 +111,14 @@ class Engine:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         model, _, tok_cfg, meta = load_checkpoint(path, dev)
+        folder = resolve_checkpoint(path)
         model = model.to(dtype or default_dtype(dev))
         onnx_path = None
         if backend != "torch":
             from .onnx_backend import ensure_onnx
 
             model = model.float().cpu()
-            onnx_path = ensure_onnx(resolve_checkpoint(path), model, int8=backend == "onnx-int8")
-        folder = resolve_checkpoint(path)
+            onnx_path = ensure_onnx(folder, model, int8=backend == "onnx-int8")
         planner, follower = ChordPlanner.load(folder), ChordPlanner.load(folder, FOLLOWER)
         return cls(model, tok_cfg, backend, meta, max_batch, onnx_path, compile, planner, follower)
 

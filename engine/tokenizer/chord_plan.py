@@ -99,9 +99,14 @@ def _evidence(weights: np.ndarray, melody: np.ndarray) -> np.ndarray:
     return EVIDENCE_PER_BEAT * weights @ _LOG_P.T - OFF_KEY * off_key
 
 
+def mid_bar(beats_per_bar: np.ndarray) -> np.ndarray:
+    """(N,) the index of the mid-bar beat (the middle of an even bar of 4 or more; else -1)."""
+    return np.where((beats_per_bar >= 4) & (beats_per_bar % 2 == 0), beats_per_bar // 2, -1)
+
+
 def change_cost(
     bar_pos: np.ndarray, beats_per_bar: np.ndarray, costs: tuple[float, ...] = CHANGE_COST
 ) -> np.ndarray:
     """(N,) the cost of a change into each beat: `costs` on a downbeat, mid-bar, another beat."""
-    half = np.where((beats_per_bar >= 4) & (beats_per_bar % 2 == 0), beats_per_bar // 2, -1)
+    half = mid_bar(beats_per_bar)
     return np.where(bar_pos == 0, costs[0], np.where(bar_pos == half, *costs[1:]))

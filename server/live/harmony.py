@@ -46,9 +46,8 @@ from .playback import Playback
 
 FOLLOW_BEATS = 32  # the melody's last beats a live chord is read from
 FOLLOW_EARLY_MS, FOLLOW_LATE_MS = 40.0, 150.0  # a note this close to a beat decides its chord
-FOLLOW_HEARD_MS = (
-    1000 * HEARD_S
-)  # a beat's chord hears this much of its melody (a note just struck)
+# a beat's chord hears this much of its melody (a note just struck too)
+FOLLOW_HEARD_MS = 1000 * HEARD_S
 FOLLOW_AHEAD_MS = 150.0  # a beat's chord is read this long before it (the engine's horizon)
 AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
 RETIME_TOLERANCE_MS = 5.0  # a re-anchored clock whose beats moved less than this changes nothing
@@ -126,7 +125,6 @@ class Harmony:
     followed_beat: int = -(1 << 62)  # the latest beat whose chord was read ahead
     follower: ChordPlanner | None = None  # the checkpoint's live chord follower (None: the HMM)
     live_follow: LiveFollow | None = None  # its state, stepped a beat at a time
-    follow_from: int | None = None  # the first beat it was asked about
 
     def __post_init__(self) -> None:
         self._configure(self.params)
@@ -148,7 +146,6 @@ class Harmony:
         self.followed = {}
         self.followed_beat = -(1 << 62)
         self.live_follow = LiveFollow(self.follower) if self.follower else None
-        self.follow_from = None
 
     # --- settings -------------------------------------------------------------------------------
     @property
@@ -416,9 +413,7 @@ class Harmony:
         lf = self.live_follow
         if not len(notes):
             return None
-        if self.follow_from is None:
-            self.follow_from = beat
-        first = max(self.follow_from if lf.next_beat is None else lf.next_beat, beat - FOLLOW_BEATS)
+        first = lf.pending(beat, FOLLOW_BEATS)
         numbers = np.arange(min(first, beat) - 1, beat + 1)  # (K,) from the beat before
         starts = np.array([m.time(b) for b in numbers])  # (K,)
         whole = melody_weights(pitch, start, end, np.append(starts, starts[-1] + m.beat_ms))
