@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from music_metrics import (
 )
 
 from improv.engine.conditioning import Conditioning
+from improv.engine.generation import ACCOMPANY_WAIT_TEMPERATURE
 from improv.engine.tokenizer import Notes
 from improv.engine.tokenizer.harmony import CHORD, read_beat_list, read_lab
 from improv.engine.tokenizer.tempo import TempoMap
@@ -114,13 +116,13 @@ def main() -> None:
         sampling = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, seed=args.seed + i
         )
-        for name, (with_chords, chord_tones, eighths) in VARIANTS.items():
+        for name, (with_chords, chord_tones, eighths, waits) in VARIANTS.items():
             cond = Conditioning(beats, chords if with_chords else None, tempo, chord_tones)
             jobs[name].append(
                 plan_accompany(
                     sessions,
                     lead,
-                    sampling,
+                    replace(sampling, wait_temperature=waits),
                     ["harmony"],
                     tail_seconds=0.0,
                     cond=cond,
@@ -167,6 +169,7 @@ def main() -> None:
         "seeds": f"{args.seed} + song index",
         "temperature": args.temperature,
         "top_p": args.top_p,
+        "wait_temperature": ACCOMPANY_WAIT_TEMPERATURE,
         "n": len(songs),
         "chord_planner": "learned" if sessions.chord_planner else "hmm",
     }
@@ -268,19 +271,23 @@ def main() -> None:
 
 
 # name -> (chords given, ChordTones: None = the planners' default (on in accompaniment), False,
-# the eighth-note decision points)
+# the eighth-note decision points, the waits' temperature: None = accompaniment's default)
 VARIANTS = {
-    "guarded": (True, None, True),
-    "model": (True, False, True),
-    "own_guarded": (False, None, True),
-    "own_model": (False, False, True),
-    "no_cuts": (True, None, False),
+    "guarded": (True, None, True, None),
+    "model": (True, False, True, None),
+    "own_guarded": (False, None, True, None),
+    "own_model": (False, False, True, None),
+    "no_cuts": (True, None, False, None),
+    "untempered": (True, None, True, 1.0),
+    "again": (True, None, True, None),  # "guarded" again: the run-to-run spread
 }
 
 
 def card_section(q: dict) -> str:
     n = q["n"]
-    g, m, og, om, nc = (q[k] for k in ("guarded", "model", "own_guarded", "own_model", "no_cuts"))
+    g, m, og, om, nc, ut = (
+        q[k] for k in ("guarded", "model", "own_guarded", "own_model", "no_cuts", "untempered")
+    )
 
     def pct(x: float) -> str:
         return f"{100 * x:.1f}%"
@@ -323,7 +330,8 @@ given, chords (chord_midi.txt); seeds {q["seeds"]}; temperature {q["temperature"
 {q["top_p"]} (the server's defaults); no grid snapping; the offline planners and scheduler (benchmarks/harmony_card.py, metrics
 in benchmarks/music_metrics.py). The harmony part is generated alone, against the real PIANO,
 as the server does it: the model continues the piece with the melody given, and draws again at
-each eighth between the beats (docs/engine-live.md, "Accompaniment as continuation").
+each eighth between the beats (docs/engine-live.md, "Accompaniment as continuation"), its
+waits tempered at {q["wait_temperature"]} among themselves there (`wait_temperature`).
 "guarded" is what the server does by default: harmony and bass start only on tones of the
 sounding chord (`ChordTones`), the model's own chord changes fall on beats (`ChordsOnBeats`) and,
 without chords, follow a chord plan read from the whole melody (a triad a beat; {plan};
@@ -346,6 +354,15 @@ Without the decision points at the eighths between the beats (`eighths=False`; g
 and beats given): onsets on the eighth grid {pct(nc["grid"])}, density {nc["density"]:.2f}
 ({rel(nc["density"], nc["real_density"])}), polyphony {nc["polyphony"]:.2f}
 ({rel(nc["polyphony"], nc["real_polyphony"])}), chord tones {pct(nc["chord_tones"])}.
+With the model's own waits (`wait_temperature` 1; guarded, chords and beats given): onsets on
+the eighth grid {pct(ut["grid"])}, density {ut["density"]:.2f}
+({rel(ut["density"], ut["real_density"])}), polyphony {ut["polyphony"]:.2f}
+({rel(ut["polyphony"], ut["real_polyphony"])}), chord tones {pct(ut["chord_tones"])}. Runs
+of the same command differ on the onnx-int8 backend (two runs on the torch backend gave the
+same notes): likely how many tokens one forward feeds depends on timing, and int8's logits move
+by up to 1e-4 with it (docs/engine.md), enough to turn a draw now and then. The guarded
+accompaniments generated again in this run: {pct(q["again"]["grid"])} on the grid, chord
+tones {pct(q["again"]["chord_tones"])}.
 
 (e) {bits}
 

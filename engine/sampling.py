@@ -64,6 +64,19 @@ def logits_to_probs(
     return torch.where(greedy, onehot, probs)
 
 
+def temper_span(logits: Tensor, lo: int, hi: int, temperature: float) -> Tensor:
+    """(B, V) logits with the ids [lo, hi) tempered among themselves: their log-probabilities
+    divided by `temperature` and renormalized to the mass they had (the rest unchanged: when a
+    token of the span is drawn stays as likely; which one changes). In place; rows with the
+    whole span masked are left as they are."""
+    span = logits[:, lo:hi]
+    mass = torch.logsumexp(span, dim=-1, keepdim=True)  # (B, 1)
+    t = span / temperature
+    t = t - torch.logsumexp(t, dim=-1, keepdim=True) + mass
+    logits[:, lo:hi] = torch.where(torch.isfinite(mass), t, span)
+    return logits
+
+
 NUCLEUS_FIRST_K = 64  # nucleus: the most likely tokens ranked first (a full sort if too few)
 NUCLEUS_MARGIN = 1e-6  # ... enough when their mass passes top_p by this (float rounding)
 

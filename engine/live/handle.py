@@ -7,7 +7,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from ..constraints import BeatGrid, Constraint
 from .history import History
@@ -37,6 +38,13 @@ from .types import (
 logger = logging.getLogger(__name__)
 
 
+class Commands(Protocol):
+    """The scheduler's ordered command queue, as a handle sees it."""
+
+    def put(self, sid: int, cmd: Command) -> None: ...
+    def put_many(self, sid: int, cmds: Sequence[Command]) -> None: ...
+
+
 class LiveSession:
     """One live player's session. Every method may be called from any thread."""
 
@@ -44,7 +52,7 @@ class LiveSession:
         self,
         sid: int,
         status: Status,
-        submit: Callable[[int, Command], None],
+        commands: Commands,
         check_tokens: Callable[[Iterable[int]], list[int]],
         next_request_id: Callable[[], int],
         constraints: list[Constraint],
@@ -55,7 +63,8 @@ class LiveSession:
         self.events: queue.Queue[Event] = queue.Queue()  # events, without an on_event callback
         self.fence = CancelFence()
         self._status = status
-        self._submit, self._check, self._next_rid = submit, check_tokens, next_request_id
+        self._commands, self._submit = commands, commands.put
+        self._check, self._next_rid = check_tokens, next_request_id
         self._specs = constraints  # as set through this handle (specs are immutable)
         self._history = history  # read only through its locked copies
         self._on_event = on_event
@@ -82,6 +91,7 @@ class LiveSession:
         start_tick: int | None = None,
         lead_in: bool = False,
         redraw_waits: bool = False,
+        forced: Sequence[tuple[int, Iterable[int]]] = (),
     ) -> int:
         """Sample up to max_tokens tokens / up to token time until_tick; returns the request id.
 
@@ -94,6 +104,9 @@ class LiveSession:
         `redraw_waits`: a wait the model drew *for* a given part's event is drawn again afresh,
         not longer (policy, "Waits drawn again afresh"; for infill, where every given event is
         inserted before the request runs).
+        `forced`: (tick, tokens) events inserted as `insert` does, handed over with the request
+        (the scheduler takes them together, so no step samples between the request and its
+        forced events: with a seed, the same tokens every time).
         """
         if max_tokens is None and until_tick is None:
             raise ValueError("generate needs max_tokens or until_tick (or both)")
@@ -108,7 +121,10 @@ class LiveSession:
                 rid, max_tokens, until_tick, start_tick, lead_in_asked=lead_in,
                 redraw_waits=redraw_waits,
             )  # fmt: skip
-            self._submit(self.id, Generate(req))
+            inserts = [Insert(int(t), self._check(toks)) for t, toks in forced]
+            if any(i.tick < 0 for i in inserts):
+                raise ValueError("forced ticks must be >= 0")
+            self._commands.put_many(self.id, [Generate(req), *inserts])
         return rid
 
     def cancel(self) -> None:

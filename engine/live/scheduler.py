@@ -34,7 +34,7 @@ from torch import Tensor
 from ..constraint_set import ConstraintSet
 from ..constraints import Constraint
 from ..decoder import Decoder
-from ..sampling import apply_mask, logits_to_probs, pool_chords, sample
+from ..sampling import apply_mask, logits_to_probs, pool_chords, sample, temper_span
 from ..tokenizer.vocab import Vocab
 from . import policy
 from .handle import LiveSession
@@ -79,6 +79,12 @@ class CommandQueue:
     def put(self, sid: int, cmd: Command) -> None:
         with self._wake:
             self._items.append((sid, cmd))
+            self._wake.notify()
+
+    def put_many(self, sid: int, cmds: Sequence[Command]) -> None:
+        """Commands the scheduler takes together (none of them is drained without the rest)."""
+        with self._wake:
+            self._items.extend((sid, c) for c in cmds)
             self._wake.notify()
 
     def drain(self) -> list[tuple[int, Command]]:
@@ -166,6 +172,7 @@ class Scheduler:
         self.timing = Timing()
         self._vel_ids = slice(self.vocab.vel_base, self.vocab.on_base)  # the VEL tokens
         self._chord_ids = slice(self.vocab.chord_base, self.vocab.HEADER)  # CHORD(index) tokens
+        self._shift_span = (self.vocab.shift_base, self.vocab.long_base)  # the SHIFT tokens
         self._queue = CommandQueue()
         # Slots are taken at open_session (it raises SchedulerFull at once) and given back by
         # the scheduler thread: the one table both sides change, under `_lock`.
@@ -322,7 +329,7 @@ class Scheduler:
         s = LiveSession(
             sid,
             Status(slot),
-            self._queue.put,
+            self._queue,
             self.check_tokens,
             self._next_request_id,
             list(constraints),
@@ -531,6 +538,13 @@ class Scheduler:
                 logits[i, self._vel_ids] += temp * d.vel_log_share
             if d.chord_pool is not None:
                 pool_chords(logits[i, self._chord_ids], d.chord_pool, rows[i].sampling.temperature)
+        waits: dict[float, list[int]] = {}  # rows whose waits are tempered, by how much
+        for i, s in enumerate(rows):
+            wt = s.sampling.wait_temperature
+            if wt is not None and wt != 1.0 and s.sampling.temperature > 0:
+                waits.setdefault(wt, []).append(i)
+        for wt, idx in waits.items():
+            logits[idx] = temper_span(logits[idx], *self._shift_span, wt)
         probs = torch.empty_like(logits)  # (B, V)
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(rows):  # rows sharing sampling settings share one call

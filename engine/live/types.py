@@ -28,6 +28,10 @@ class SamplingParams:
     top_p: float | None = None  # nucleus mass
     min_p: float | None = None  # drop tokens below min_p * the top probability
     seed: int | None = None  # None: a random seed, fixed for the session's life
+    # The waits' own temperature (SHIFT tokens, among themselves: `sampling.temper_span`);
+    # None: 1, but accompaniment at the eighths' decision points sets its own
+    # (`generation.ACCOMPANY_WAIT_TEMPERATURE`).
+    wait_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -38,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.wait_temperature is not None and not 0 < self.wait_temperature <= 10:
+            raise ValueError(f"wait_temperature must be in (0, 10], got {self.wait_temperature}")
 
 
 # --- events (scheduler thread -> the session's callback or queue) ---------------------------------

@@ -8,11 +8,13 @@ line, and rests (its notes off) when the player has been silent `rest_ms`. Its h
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import mido
 
 from improv.engine.constraints import Constraint
-from improv.engine.live import LiveSession, Rollback
+from improv.engine.generation import ACCOMPANY_WAIT_TEMPERATURE
+from improv.engine.live import LiveSession, Rollback, SamplingParams
 from improv.engine.tokenizer.decode import Beat, ChordChange
 from improv.engine.tokenizer.stream import DRUM_CHANNEL
 from improv.protocol import messages as p
@@ -66,6 +68,14 @@ class Accompany(Mode):
         parts = [*given, *(x for x in self._gen_parts() if x not in given)]
         head = v.header([(v.part_index[x], programs.get(x)) for x in parts])
         return [v.BOS, v.TASK_CONTINUE, *head]
+
+    def _sampling(self) -> SamplingParams:
+        """On a clock (decision points at its eighths), the waits tempered as offline
+        accompaniment's (`engine.generation.ACCOMPANY_WAIT_TEMPERATURE`)."""
+        sampling = super()._sampling()
+        if self.vocab.harmony and self.params.clocked():
+            return replace(sampling, wait_temperature=ACCOMPANY_WAIT_TEMPERATURE)
+        return sampling
 
     def _new_engine_session(self) -> None:
         self._horizon_tick = -1

@@ -11,6 +11,7 @@ import pytest
 from improv.engine.conditioning import Conditioning, ConditioningError
 from improv.engine.engine import Engine
 from improv.engine.generation import (
+    ACCOMPANY_WAIT_TEMPERATURE,
     SchedulerSessions,
     eighth_cuts,
     execute,
@@ -112,6 +113,12 @@ def test_a_harmony_model_accompanies_as_a_continuation_with_decision_points(sess
         sessions, _melody(), SamplingParams(seed=1), ["harmony"], cond=cond, eighths=False
     )
     assert all(toks for _, toks in none.request.forced)
+    # the waits are tempered where the decision points are, unless the caller chose
+    assert req.sampling.wait_temperature == ACCOMPANY_WAIT_TEMPERATURE
+    assert none.request.sampling.wait_temperature is None
+    own = SamplingParams(seed=1, wait_temperature=1.0)
+    job_own = plan_accompany(sessions, _melody(), own, ["harmony"], cond=cond)
+    assert job_own.request.sampling.wait_temperature == 1.0
     notes = asyncio.run(execute(sessions, job))
     assert (notes.part == v.part_index["harmony"]).any()
 

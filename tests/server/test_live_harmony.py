@@ -14,6 +14,7 @@ from live_session import open_in_process
 
 from improv.engine.checkpoint import save_checkpoint
 from improv.engine.config import ModelConfig
+from improv.engine.generation import ACCOMPANY_WAIT_TEMPERATURE
 from improv.engine.model import Transformer
 from improv.engine.tokenizer.harmony import chord_index, chord_label, parse_label
 from improv.engine.tokenizer.vocab import TokenizerConfig, Vocab
@@ -396,17 +397,22 @@ def test_a_clock_that_comes_or_goes_restarts_the_history_with_its_task(harmony_r
         await conn.handle({"type": "start", "mode": "accompany", "seed": 3, "rest_ms": None})
         await play_melody(conn, conn.now_ms() + 50.0, 3)
         firsts = [conn.active.session.tokens()[:2]]
+        waits = [conn.active._sampling().wait_temperature]
         await conn.handle({"type": "params", "tempo_bpm": 120, "beat_time": conn.now_ms()})
         await play_melody(conn, conn.now_ms() + 50.0, 3)
         firsts.append(conn.active.session.tokens()[:3])
+        waits.append(conn.active._sampling().wait_temperature)
         await conn.handle({"type": "params", "beat_time": None})
         await play_melody(conn, conn.now_ms() + 50.0, 3)
         firsts.append(conn.active.session.tokens()[:2])
+        waits.append(conn.active._sampling().wait_temperature)
         await conn.close()
-        return out, firsts
+        return out, firsts, waits
 
-    out, firsts = asyncio.run(main())
+    out, firsts, waits = asyncio.run(main())
     assert not of(out, "error")
+    # on the clock (its eighths are decision points) the waits are tempered as offline
+    assert waits == [None, ACCOMPANY_WAIT_TEMPERATURE, None]
     assert firsts == [
         [V.BOS, V.TASK_ACCOMPANY],
         [V.BOS, V.TASK_CONTINUE, V.HEADER],
