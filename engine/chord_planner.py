@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 PLANNER, FOLLOWER = "chord_planner", "chord_follower"  # file names: offline, live
 POSITIONS = 6  # downbeat, mid-bar, other beat; 3 beats a bar, 4, other
 HEARD_S = 0.08  # a live beat's chord hears this much of its melody (a note struck at the beat)
-AHEAD_S = 0.15  # a live beat's chord is decided this long before it (the engine's horizon)
 _ROT = torch.tensor([[(p + r) % 12 for p in range(12)] for r in range(12)])  # (R, 12)
 _TRIAD_TONES = torch.tensor(
     [[p in chord_tones(int(c)) for p in range(12)] for c in TRIADS], dtype=torch.float32
@@ -108,17 +107,13 @@ def causal_features(
     is_heard: np.ndarray,
     bar_pos: np.ndarray,
     beats_per_bar: np.ndarray,
-    ahead: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The live twin's input at each beat i: (N, 3, 12) the melody of beat i-1, what is heard
-    of beat i (`heard`, zero where `is_heard` is false: decided before the beat) and the key
-    profile until then; (N, P+1) the beat's place in the bar and `is_heard`. Beat i-1's melody
-    is all of it, or where beat i is not heard and `ahead` (N, 12) is given, `ahead[i]`: what
-    was played of it AHEAD_S before beat i (a decision ahead of the beat)."""
+    """The live twin's input at each beat i: (N, 3, 12) the whole melody of beat i-1, what is
+    heard of beat i (`heard`, zero where `is_heard` is false: decided before the beat) and the
+    key profile until then; (N, P+1) the beat's place in the bar and `is_heard`."""
     heard = heard * is_heard[:, None]
-    whole = np.concatenate([np.zeros((1, 12)), weights[:-1]])  # (N, 12)
-    before = whole if ahead is None else np.where(is_heard[:, None] > 0, whole, ahead)
-    prof = _profile(np.cumsum(whole, axis=0) - whole + before + heard)
+    before = np.concatenate([np.zeros((1, 12)), weights[:-1]])  # (N, 12)
+    prof = _profile(np.cumsum(before, axis=0) + heard)
     x = np.stack([before, heard, prof], axis=1).astype(np.float32)
     pos = np.concatenate([positions(bar_pos, beats_per_bar), is_heard[:, None]], axis=1)
     return torch.from_numpy(x), torch.from_numpy(pos.astype(np.float32))
@@ -150,43 +145,13 @@ class ChordPlanner(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` from the GRU state `h0` (None: zeros); also the state after the last beat,
         (L, B*12, H) (the live twin steps it beat by beat: `LiveFollow`)."""
-        b, n = x.shape[:2]
-        z = self._embed(x, pos)  # (B*R, N, H)
-        h, hn = self.gru(z, h0)  # (B*R, N, H or 2H)
-        logits = self.out(torch.cat([h, z], dim=-1)).squeeze(-1)  # (B*R, N)
-        return logits.reshape(b, 12, n).transpose(1, 2), hn
-
-    def decisions(
-        self, xc: torch.Tensor, pc: torch.Tensor, xd: torch.Tensor, pd: torch.Tensor
-    ) -> torch.Tensor:
-        """The live twin as `LiveFollow` runs it: (B, N, 12) logits of the decision at each beat
-        i, read from `xd`, `pd` (B, N, ...) on the GRU state after the committed beats before
-        i (`xc`, `pc`: every beat heard, its whole melody before it). `forward` on `xd` reads
-        each decision from the decisions before it instead."""
-        g, n_layers = self.gru, self.config.layers
-        zc, zd = self._embed(xc, pc), self._embed(xd, pd)  # (B*R, N, H)
-        skip, one = zd, torch.nn.GRU(zc.shape[-1], zc.shape[-1], 1, batch_first=True)
-        for k in range(n_layers):
-            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            w = [getattr(g, f"{name}_l{k}") for name in names]
-            layer = {f"{name}_l0": t for name, t in zip(names, w, strict=True)}
-            hc, _ = torch.func.functional_call(one, layer, (zc,))  # (B*R, N, H) committed
-            before = torch.nn.functional.pad(hc[:, :-1], (0, 0, 1, 0))  # state before beat i
-            hd = torch.gru_cell(zd.flatten(0, 1), before.flatten(0, 1), *w).view_as(hc)
-            if k < n_layers - 1:
-                p = g.dropout if self.training else 0.0
-                zc, zd = (torch.nn.functional.dropout(h, p) for h in (hc, hd))
-        logits = self.out(torch.cat([hd, skip], dim=-1)).squeeze(-1)  # (B*R, N)
-        b, n = xd.shape[:2]
-        return logits.reshape(b, 12, n).transpose(1, 2)
-
-    def _embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (B, N, C, 12), pos (B, N, P) -> (B*R, N, H): each beat read from each of the 12
-        pitch classes (R) in turn."""
         b, n, c = x.shape[:3]
         xr = x[:, :, :, _ROT].permute(0, 3, 1, 2, 4).reshape(b * 12, n, c * 12)  # to each pc
         pr = pos[:, None].expand(b, 12, n, self.extra).reshape(b * 12, n, self.extra)
-        return torch.nn.functional.gelu(self.inp(torch.cat([xr, pr], dim=-1)))
+        z = torch.nn.functional.gelu(self.inp(torch.cat([xr, pr], dim=-1)))  # (B*R, N, H)
+        h, hn = self.gru(z, h0)  # (B*R, N, H or 2H)
+        logits = self.out(torch.cat([h, z], dim=-1)).squeeze(-1)  # (B*R, N)
+        return logits.reshape(b, 12, n).transpose(1, 2), hn
 
     @torch.no_grad()
     def membership(

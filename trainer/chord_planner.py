@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from improv.engine.chord_planner import (
-    AHEAD_S,
     HEARD_S,
     ChordPlanner,
     PlannerConfig,
@@ -51,7 +50,6 @@ class Window:
     tones: np.ndarray  # (N, 12) the annotated chord's pitch classes
     scored: np.ndarray  # (N,) bool: a chord (not N) is annotated there
     heard: np.ndarray  # (N, 12) as `weights`, the first HEARD_S of each beat (the live twin's)
-    ahead: np.ndarray  # (N, 12) beat i-1's melody as played AHEAD_S before beat i (the same)
 
 
 def song_window(
@@ -68,11 +66,6 @@ def song_window(
     w = melody_weights(sel.pitch, sel.start, end, edges) / np.diff(edges)[:, None]
     early = np.stack([t, t + HEARD_S], axis=1).ravel()  # (2N,) [beat, beat + HEARD_S] spans
     heard = melody_weights(sel.pitch, sel.start, end, early)[::2] / np.diff(edges)[:, None]
-    ahead = np.zeros_like(w)
-    for i in range(1, len(t)):  # notes struck by then, held on to the beat as live assumes
-        by = sel.start < t[i] - AHEAD_S
-        span = edges[i - 1 : i + 1]
-        ahead[i] = melody_weights(sel.pitch[by], sel.start[by], end[by], span)[0] / np.diff(span)
     bar_pos = np.arange(len(t)) - np.maximum.accumulate(np.where(down, np.arange(len(t)), 0))
     bars = np.cumsum(down)
     per_bar = np.bincount(bars)[bars]
@@ -84,7 +77,7 @@ def song_window(
     for i, j in enumerate(idx.tolist()):
         if j >= 0 and mids[i] < chords[j].end:
             tones[i, list(chords[j].tones)] = 1.0
-    return Window(w, bar_pos, per_bar, np.diff(edges), tones, tones.any(axis=1), heard, ahead)
+    return Window(w, bar_pos, per_bar, np.diff(edges), tones, tones.any(axis=1), heard)
 
 
 def read_song(tok: Tokenizer, folder: Path) -> tuple[Notes, np.ndarray, list[Chord]]:
@@ -121,34 +114,28 @@ def windows(
 def _batch(
     items: list[Window], causal: bool = False, rng: np.random.Generator | None = None
 ) -> tuple[torch.Tensor, ...]:
-    """Padded (x, pos, target, scored) of windows. For the live twin, (committed x, pos,
-    decisions' x, pos, target, scored), as `LiveFollow` runs it: each beat's decision is made
-    on the state of the beats before it, each read whole, and the decision hears its beat's
-    first HEARD_S or not at random (`rng`; None: heard): live decides before a beat, with the
-    beat before it as played by then, and again when a note is struck at it."""
+    """Padded (x, pos, target, scored) of windows; for the live twin, each beat's first HEARD_S
+    is heard or not at random (`rng`; None: heard), as live decides before a beat and again
+    when a note is struck at it."""
     n = max(len(w.weights) for w in items)
-    cols: list[list[torch.Tensor]] = []
+    xs, ps, ys, ms = [], [], [], []
     for w in items:
         if causal:
-            k = len(w.weights)
-            is_heard = rng.random(k) < 0.5 if rng else np.ones(k)
-            args = (w.weights, w.heard)
-            row = [
-                *causal_features(*args, np.ones(k), w.bar_pos, w.beats_per_bar),
-                *causal_features(*args, is_heard, w.bar_pos, w.beats_per_bar, w.ahead),
-            ]
+            is_heard = rng.random(len(w.weights)) < 0.5 if rng else np.ones(len(w.weights))
+            x, p = causal_features(w.weights, w.heard, is_heard, w.bar_pos, w.beats_per_bar)
         else:
-            row = list(features(w.weights, w.bar_pos, w.beats_per_bar))
-        row += [torch.from_numpy(w.tones), torch.from_numpy(w.scored)]
+            x, p = features(w.weights, w.bar_pos, w.beats_per_bar)
         pad = n - len(w.weights)
-        cols.append([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in row])
-    return tuple(torch.stack(c) for c in zip(*cols, strict=True))
+        xs.append(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)))
+        ps.append(torch.nn.functional.pad(p, (0, 0, 0, pad)))
+        ys.append(torch.nn.functional.pad(torch.from_numpy(w.tones), (0, 0, 0, pad)))
+        ms.append(torch.nn.functional.pad(torch.from_numpy(w.scored), (0, pad)))
+    return torch.stack(xs), torch.stack(ps), torch.stack(ys), torch.stack(ms)
 
 
 def loss_of(planner: ChordPlanner, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    *x, y, m = batch
-    logits = planner.decisions(*x) if planner.config.causal else planner(*x)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    x, p, y, m = batch
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(planner(x, p), y, reduction="none")
     return (bce.mean(-1) * m).sum() / m.sum().clamp(min=1)
 
 
@@ -225,16 +212,13 @@ def follow_share(
             pos, per_bar = w.bar_pos[lo : i + 1], w.beats_per_bar[lo : i + 1]
             heard = w.heard[lo : i + 1].copy()
             flags = np.ones(len(heard))
-            weights = w.weights[lo : i + 1].copy()
-            if not is_heard:  # the beat before as played AHEAD_S before this one
+            if not is_heard:
                 heard[-1], flags[-1] = 0.0, 0.0
-                if i > lo:
-                    weights[-2] = w.ahead[i]
             if follower is None:
-                rows = np.concatenate([weights[:-1], heard[-1:]])
+                rows = np.concatenate([w.weights[lo:i], heard[-1:]])
                 chord = follow_chord(rows, pos, per_bar) if rows.any() else chord
             else:
-                chord = follower.follow(weights, heard, flags, pos, per_bar, chord)
+                chord = follower.follow(w.weights[lo : i + 1], heard, flags, pos, per_bar, chord)
             plan.append(chord)
         a, b = plan_share(np.array(plan), w)
         h, t = h + a, t + b

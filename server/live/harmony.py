@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from improv.engine.chord_planner import AHEAD_S, HEARD_S, ChordPlanner, LiveFollow
+from improv.engine.chord_planner import HEARD_S, ChordPlanner, LiveFollow
 from improv.engine.constraints import ChordsOnBeats, ChordTones, Constraint, GivenMarks
 from improv.engine.live import LiveSession
 from improv.engine.tokenizer.chord_match import match_chord
@@ -48,7 +48,7 @@ FOLLOW_BEATS = 32  # the melody's last beats a live chord is read from
 FOLLOW_EARLY_MS, FOLLOW_LATE_MS = 40.0, 150.0  # a note this close to a beat decides its chord
 # a beat's chord hears this much of its melody (a note just struck too)
 FOLLOW_HEARD_MS = 1000 * HEARD_S
-FOLLOW_AHEAD_MS = 1000 * AHEAD_S  # a beat's chord is read this long before it
+FOLLOW_AHEAD_MS = 150.0  # a beat's chord is read this long before it (the engine's horizon)
 AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
 RETIME_TOLERANCE_MS = 5.0  # a re-anchored clock whose beats moved less than this changes nothing
 STALE_MS = 100.0  # marks further back than this are not scheduled (the model played past them)
