@@ -97,6 +97,8 @@ class SchedulerSessions:
         self, engine: Any, max_sessions: int = 1, max_note_seconds: float = MAX_NOTE_SECONDS
     ) -> None:
         self.scheduler = Scheduler(engine, max_sessions=max_sessions)
+        if hasattr(self.scheduler.decoder, "row_invariant"):  # a seed gives the same notes
+            self.scheduler.decoder.row_invariant = True  # whatever else runs (onnx_backend)
         self.vocab: Vocab = engine.vocab
         self.tokenizer: Tokenizer = engine.tokenizer
         self.max_len = self.scheduler.max_len
@@ -473,7 +475,8 @@ def plan_accompany(
 # points at the eighths: a wait that ends just short of the next eighth is the model's estimate
 # of the eighth's length falling short; flattened a little, more of its waits reach the eighth
 # (and are cut there: it draws again). The card's 20 songs, near an eighth: 1: 77.7-80.1%
-# (6 runs), 1.3: 79.5-82.6% (4), real piano 83.5% (docs/engine-live.md has the sweep).
+# (6 runs, before runs were reproducible), 1.3: 79.5-82.6% (4), real piano 83.5%
+# (docs/engine-live.md has the sweep).
 ACCOMPANY_WAIT_TEMPERATURE = 1.3
 
 

@@ -222,6 +222,32 @@ def test_int8_is_batch_invariant_consistent_and_close_to_fp32(config_pair, tmp_p
     torch.testing.assert_close(batched, alone, atol=0, rtol=0)
 
 
+def test_row_invariant_int8_rows_do_not_depend_on_who_shares_the_step(config_pair, tmp_path):
+    """`row_invariant` (offline jobs): a row's several new tokens give the same logits alone,
+    beside rows of one token, and beside other rows of several, to the bit; without it the
+    path (one run, or first token batched) follows its batch mates."""
+    model, path = config_pair
+    dec = OnnxDecoder(quantize_int8(path, tmp_path / INT8_FILE), model.config, max_batch=4)
+    dec.row_invariant = True
+    new = [[31, 32, 33], [41], [51], [61]]
+    results = []
+    for rows in ([0], [0, 1], [0, 1, 2, 3], [0, 2]):  # row 0 with these batch mates
+        # (alone: one run; among 4 with one of several tokens: its first in the batch)
+        dec.reset()
+        dec.extend([0, 1, 2, 3], PROMPTS + [PROMPTS[0]])
+        got = dec.extend(rows, [new[r] for r in rows], all_logits=True)  # (B, T, V)
+        results.append(got[0, :3])
+        assert dec.length(0) == len(PROMPTS[0]) + 3
+    for r in results[1:]:
+        torch.testing.assert_close(r, results[0], atol=0, rtol=0)
+    # and the next step reads the same cache
+    nxt = dec.extend([0], [[70]])
+    dec.reset()
+    dec.extend([0], [PROMPTS[0]])
+    dec.extend([0], [new[0]])
+    torch.testing.assert_close(dec.extend([0], [[70]]), nxt, atol=0, rtol=0)
+
+
 def test_load_with_onnx_int8_backend(tiny_checkpoint):
     eng = Engine.load(tiny_checkpoint, backend="onnx-int8")  # exports, then quantizes, beside it
     assert eng.onnx_path == tiny_checkpoint / INT8_FILE
