@@ -22,7 +22,7 @@ attends over that row's prefix only (exact masking, no padded scores). RoPE is a
 it (non-interleaved, i.e. rotate-half, as `model.apply_rope`) from cos/sin tables of
 (max_seq, D/2). Its limits: head_dim a multiple of 16 (with rotary); several new tokens per row
 after a past only at batch 1 (the decoder runs such a batch as one batched step of every row's
-first token and one-row runs of the rest, or as one-row runs: see MULTI_SHARE).
+first token and one-row runs of the rest: `OnnxDecoder.extend`).
 
 `OnnxDecoder` keeps the cache in numpy buffers (L, max_batch, Hkv, max_seq, D) and binds the
 rows' slices as both past and present (IO binding): onnxruntime reads and extends the cache
@@ -70,12 +70,6 @@ REUSE_MAX_T = 8  # IO bindings of packed rows with at most this many new tokens 
 # bindings every few steps (py-spy: 3.8% of the scheduler thread in `_Binding.__init__`). A
 # binding holds its logits (rows x tokens x vocab floats, ~7 KB per row and token).
 REUSE_MAX_BINDINGS = 512
-# A batch where more than this share of the rows append several tokens runs row by row. Measured
-# (default model, int8, one thread, contexts 100-1,000): a batched one-token step costs each row
-# 0.65-0.9 of a one-row run, and each further token of a one-row run 0.3 of one: padding every
-# row to the longest (T batched steps) never pays, and batching the first tokens pays only while
-# few rows have more (BENCHMARKS.md, server notes).
-MULTI_SHARE = 0.35
 MS_DOMAIN = "com.microsoft"
 # Stored in the model's metadata: a model.onnx of another graph layout (e.g. the earlier traced
 # torch.onnx.export of the old functional step) is re-exported by `ensure_onnx`, refused by `OnnxDecoder`.
@@ -281,8 +275,8 @@ class OnnxDecoder(SlotLengths):
         # Each row's several new tokens fed the same way whoever shares the step (its first in
         # the batched step, the rest in a one-row run), so its logits never depend on its batch
         # mates: offline jobs (`generation.SchedulerSessions`) give a seed the same notes under
-        # any load. Off, a lone row's tokens go in one run and a batch where many rows have
-        # several runs row by row (cheaper), and int8's logits move by ~1e-4 with the path.
+        # any load. Off (live), a lone row's tokens go in one run (its answer a forward sooner),
+        # and int8's logits move by ~1e-5 with the path.
         self.row_invariant = False
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -335,19 +329,17 @@ class OnnxDecoder(SlotLengths):
         multi = [] if T == 1 else [b for b, row in enumerate(tokens) if len(row) > 1]
         if T == 1 or (not self.row_invariant and (B == 1 or not any(lengths))):
             logits = self._run(slots, lengths, toks)  # (B, T, V)
-        elif self.row_invariant or len(multi) <= B * MULTI_SHARE:
-            # Mostly one new token per row (live sessions: a sampled token each, a few with a
-            # player's event or a wait): every row's first token in one batched step, then the
-            # longer rows' other tokens one row at a time.
+        else:  # GroupQueryAttention takes several new tokens after a past only at batch 1
+            # Every row's first token in one batched step, then the longer rows' other tokens
+            # one row at a time (a live step: a sampled token each, some with a player's event
+            # or the clock floor's wait). Running such a batch row by row when over a third of
+            # the rows had several (the rule until session 16) measured no better live, and
+            # worse offline (BENCHMARKS.md, "Live capacity"; the harmony card's speed).
             logits = torch.zeros(B, T, self.vocab_size)
             logits[:, 0] = self._run(slots, lengths, [[row[0]] for row in tokens])[:, 0]
             for b in multi:
                 row = list(tokens[b])
                 logits[b, 1 : len(row)] = self._run([slots[b]], [lengths[b] + 1], [row[1:]])[0]
-        else:  # GroupQueryAttention takes several new tokens after a past only at batch 1
-            logits = torch.zeros(B, T, self.vocab_size)
-            for b, (s, n0, row) in enumerate(zip(slots, lengths, tokens, strict=True)):
-                logits[b, : len(row)] = self._run([s], [n0], [list(row)])[0]
         for s, n0, row in zip(slots, lengths, tokens, strict=True):
             self.lengths[s] = n0 + len(row)
         if all_logits:
