@@ -289,7 +289,7 @@ VARIANTS = {
     "own_model": (False, False, True, None),
     "no_cuts": (True, None, False, None),
     "untempered": (True, None, True, 1.0),
-    "again": (True, None, True, None),  # "guarded" again: the run-to-run spread
+    "again": (True, None, True, None),  # "guarded" again: a seed gives the same notes
 }
 
 

@@ -67,8 +67,8 @@ def logits_to_probs(
 def temper_span(logits: Tensor, lo: int, hi: int, temperature: float) -> Tensor:
     """(B, V) logits with the ids [lo, hi) tempered among themselves: their log-probabilities
     divided by `temperature` and renormalized to the mass they had (the rest unchanged: when a
-    token of the span is drawn stays as likely; which one changes). In place; rows with the
-    whole span masked are left as they are."""
+    token of the span is drawn stays as likely; which one changes). Written into `logits` and
+    returned; rows with the whole span masked are left as they are."""
     span = logits[:, lo:hi]
     mass = torch.logsumexp(span, dim=-1, keepdim=True)  # (B, 1)
     t = span / temperature

@@ -80,9 +80,12 @@ class LiveSession:
 
     def insert(self, tick: int, tokens: Iterable[int] = ()) -> None:
         """A given event at absolute `tick` (see docs/engine-live.md: rollback or force)."""
+        self._submit(self.id, self._insert(tick, tokens))
+
+    def _insert(self, tick: int, tokens: Iterable[int]) -> Insert:
         if tick < 0:
             raise ValueError(f"tick must be >= 0, got {tick}")
-        self._submit(self.id, Insert(int(tick), self._check(tokens)))
+        return Insert(int(tick), self._check(tokens))
 
     def generate(
         self,
@@ -114,6 +117,7 @@ class LiveSession:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if start_tick is not None and start_tick < 0:
             raise ValueError(f"start_tick must be >= 0, got {start_tick}")
+        inserts = [self._insert(t, toks) for t, toks in forced]  # checked before an id is issued
         with self.fence.lock:  # a cancel from another thread sees the id and its command both
             rid = self._next_rid()
             self.fence.issue(rid)
@@ -121,9 +125,6 @@ class LiveSession:
                 rid, max_tokens, until_tick, start_tick, lead_in_asked=lead_in,
                 redraw_waits=redraw_waits,
             )  # fmt: skip
-            inserts = [Insert(int(t), self._check(toks)) for t, toks in forced]
-            if any(i.tick < 0 for i in inserts):
-                raise ValueError("forced ticks must be >= 0")
             self._commands.put_many(self.id, [Generate(req), *inserts])
         return rid
 

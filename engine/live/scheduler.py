@@ -538,18 +538,16 @@ class Scheduler:
                 logits[i, self._vel_ids] += temp * d.vel_log_share
             if d.chord_pool is not None:
                 pool_chords(logits[i, self._chord_ids], d.chord_pool, rows[i].sampling.temperature)
-        waits: dict[float, list[int]] = {}  # rows whose waits are tempered, by how much
-        for i, s in enumerate(rows):
-            wt = s.sampling.wait_temperature
-            if wt is not None and wt != 1.0 and s.sampling.temperature > 0:
-                waits.setdefault(wt, []).append(i)
-        for wt, idx in waits.items():
-            logits[idx] = temper_span(logits[idx], *self._shift_span, wt)
-        probs = torch.empty_like(logits)  # (B, V)
         groups: dict[tuple, list[int]] = {}
+        waits: dict[float, list[int]] = {}  # rows whose waits are tempered, by how much
         for i, s in enumerate(rows):  # rows sharing sampling settings share one call
             p = s.sampling
             groups.setdefault((p.temperature, p.top_k, p.top_p, p.min_p), []).append(i)
+            if p.wait_temperature not in (None, 1.0) and p.temperature > 0:
+                waits.setdefault(p.wait_temperature, []).append(i)
+        for wt, idx in waits.items():
+            logits[idx] = temper_span(logits[idx], *self._shift_span, wt)
+        probs = torch.empty_like(logits)  # (B, V)
         for (temp, top_k, top_p, min_p), idx in groups.items():
             probs[idx] = logits_to_probs(logits[idx], temp, top_k, top_p, min_p)
         # Counter-based draws from (seed, position): one vectorized call for every row, no

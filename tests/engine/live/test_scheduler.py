@@ -196,6 +196,29 @@ def test_a_wait_past_a_forced_event_lands_on_it_instead_of_becoming_notes(engine
     assert s.tick == 1500 and ConstraintSet(V).check(s.tokens()) is None
 
 
+def test_forced_events_handed_with_the_request_are_inserts_checked_first(engine):
+    """`generate(forced=...)` is `generate` then `insert` for each, in one hand-over; a bad
+    forced event is refused before a request is issued (the next request runs as usual)."""
+    forced = [(150 * k, [V.velocity(20), V.note_on(LEAD, 60 + k)]) for k in range(1, 4)]
+    runs = []
+    for together in (False, True):
+        sched = Scheduler(engine, max_sessions=1)
+        s = sched.open_session([V.BOS, V.TASK_CONTINUE], sampling=SEEDED)
+        if together:
+            with pytest.raises(ValueError, match="tick must be >= 0"):
+                s.generate(until_tick=600, forced=[(-5, [])])
+            s.generate(until_tick=600, forced=forced)
+        else:
+            s.generate(until_tick=600)
+            for tick, toks in forced:
+                s.insert(tick, toks)
+        sched.run_until_idle()
+        events = drain(s)
+        assert [e.reason for e in events if isinstance(e, Done)] == ["until_tick"]
+        runs.append(s.tokens())
+    assert runs[0] == runs[1]
+
+
 def _accompanists(sched: Scheduler, n: int = 4, parts: list[str] | None = None) -> list:
     """n sessions playing only `parts` (default: the accompaniment), seeds 0..n-1."""
     return [
