@@ -95,8 +95,15 @@ def scheduler_figures(a: dict, b: dict, seconds: float) -> dict:
             "forward_cpu_ms": 1000
             * d["improv_forward_cpu_seconds_total"]
             / max(d["improv_forwards_total"], 1.0),
-            # the rest of the process: the event loop (receiving, sending), the send clock
-            "other_cpu_pct": 100 * (d["improv_process_cpu_seconds_total"] - cpu) / seconds,
+            # the rest of the server's processes: the event loop (receiving, sending), the
+            # send clock, the live worker process's reader
+            "other_cpu_pct": 100
+            * (
+                d["improv_process_cpu_seconds_total"]
+                + d.get("improv_live_process_cpu_seconds_total", 0.0)
+                - cpu
+            )
+            / seconds,
             # of the tokens sampled, the share a rollback removed again (a player's event
             # before the model's time: the horizon's price)
             "cut_share": d["improv_tokens_cut_total"] / max(d["improv_tokens_total"], 1.0),

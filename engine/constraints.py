@@ -160,6 +160,9 @@ class Programs(Constraint):
             raise ValueError(f"programs must be in 0..127, got {bad}")
         _set(self, programs=MappingProxyType(progs))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return Programs, (dict(self.programs),)  # (a read-only view does not pickle)
+
     def init(self, vocab: Vocab, n_rows: int) -> Own:
         mask = np.ones((vocab.n_parts, 128), dtype=bool)  # (P, 128)
         for part, progs in self.programs.items():

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from . import realtime
 from .admission import IntakeLimit
 from .auth import redact_server_logs
 from .memory import tune_malloc
@@ -30,10 +31,13 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         tune_malloc()  # large requests' memory goes back (server/memory.py)
         rt = runtime or Runtime.load(settings)
         app.state.runtime = rt
+        # This thread runs the event loop: every live message goes out from it.
+        loop_priority = realtime.promote("the event loop") if settings.realtime else None
         try:
             yield
         finally:
             await rt.close_connections("shutdown")
+            realtime.restore(loop_priority)
             if runtime is None:
                 rt.close()
 

@@ -43,6 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "priority (default: live sessions never wait behind them), or the live decode threads",
     )
     parser.add_argument(
+        "--live-worker",
+        choices=["process", "thread"],
+        help="where live sessions decode: a worker process of their own (default: the server's "
+        "event loop never waits for their Python), or decode threads in the server's process",
+    )
+    parser.add_argument(
+        "--no-realtime",
+        dest="realtime",
+        action="store_false",
+        default=None,
+        help="keep the event loop and the send clock at normal priority (default: real-time "
+        "priority where the OS allows it, so live sends go out on time on a busy machine)",
+    )
+    parser.add_argument(
         "--generation-queue", type=int, help="requests that may wait for a generation (16)"
     )
     parser.add_argument(
@@ -118,6 +132,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "threads": args.threads,
             "http_sessions": getattr(args, "max_generations", None),
             "http_worker": getattr(args, "http_worker", None),
+            "live_worker": getattr(args, "live_worker", None),
+            "realtime": getattr(args, "realtime", None),
             "generation_queue": getattr(args, "generation_queue", None),
             "generation_wait_s": getattr(args, "generation_wait", None),
         }.items()

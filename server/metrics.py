@@ -16,6 +16,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
+from .live_process import ProcessScheduler
 from .runtime import Runtime
 
 router = APIRouter()
@@ -60,7 +61,7 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
             "improv_decode_workers",
             "gauge",
             "Scheduler threads decoding.",
-            len(rt.scheduler.workers),
+            rt.scheduler.n_workers,
         ),
         (
             "improv_scheduler_queue_length",
@@ -144,8 +145,16 @@ def samples(rt: Runtime, rate: TokenRate) -> list[tuple[str, str, str, float]]:
         (
             "improv_process_cpu_seconds_total",
             "counter",
-            "CPU seconds of the whole server process (decode workers, event loop, send clock).",
+            "CPU seconds of the server's process (event loop, send clock; with "
+            "--live-worker thread, the decode workers too).",
             time.process_time(),
+        ),
+        (
+            "improv_live_process_cpu_seconds_total",
+            "counter",
+            "CPU seconds of the live worker process (its decode workers; 0 with --live-worker "
+            "thread; restarts from 0 with a new one).",
+            getattr(rt.scheduler, "cpu_s", 0.0),
         ),
         (
             "improv_live_events_sent_total",
@@ -187,6 +196,8 @@ def _num(x: float) -> str:
 async def metrics(request: Request) -> PlainTextResponse:
     rt: Runtime = request.app.state.runtime
     rate: TokenRate = _rate(request)
+    if isinstance(rt.scheduler, ProcessScheduler):
+        await rt.scheduler.refresh()  # its counters now, from the live worker process
     return PlainTextResponse(render(samples(rt, rate)), media_type=CONTENT_TYPE)
 
 

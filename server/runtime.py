@@ -12,7 +12,6 @@ import gc
 import heapq
 import itertools
 import logging
-import math
 import sys
 import threading
 import time
@@ -21,11 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from improv.engine.live import SamplingParams, SchedulerFull
-from improv.engine.live.pool import SchedulerPool, auto_workers
+from improv.engine.live.pool import SchedulerPool
 from improv.engine.live.scheduler import Priority, lower_thread_priority
 
+from . import realtime
 from .job_process import ProcessJobs
 from .jobs import Jobs, LocalJobs
+from .live_process import ProcessScheduler, pool_for
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ class SendClock:
     SPIN_S = 0.0006
     SPIN_BUDGET = 0.02  # of each second
 
-    def __init__(self) -> None:
+    def __init__(self, realtime: bool = False) -> None:
+        self._realtime = realtime  # its thread at real-time priority (server/realtime.py)
         self._spent = 0.0  # spin seconds in the current second
         self._second = 0.0
         self._heap: list[tuple[float, int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
@@ -98,6 +100,8 @@ class SendClock:
         self._thread.join(1.0)
 
     def _run(self) -> None:
+        if self._realtime:
+            realtime.promote("the send clock")
         while True:
             with self._cond:
                 while not self._stop:
@@ -162,18 +166,20 @@ class Runtime:
         # worker's batched forward, live ones first, and each worker has room for its share of
         # the live sessions and all the HTTP ones, so HTTP never takes a live slot. A session
         # goes to the least loaded worker.
+        # Decode workers (one scheduler thread each; docs/engine-live.md, "Decode workers"), in
+        # a worker process of their own (server/live_process.py: this process keeps its GIL
+        # for the event loop and the send clock) or here. With `http_worker="thread"`, live
+        # sessions and offline HTTP generations share a worker's batched forward, live ones
+        # first, and each worker has room for its share of the live sessions and all the HTTP
+        # ones, so HTTP never takes a live slot. A session goes to the least loaded worker.
         in_process = settings.http_worker == "thread"
-        workers = settings.decode_workers or auto_workers(settings.max_sessions)
-        self.scheduler = SchedulerPool(
-            engine,
-            workers,
-            max_sessions=math.ceil(settings.max_sessions / workers)
-            + (settings.http_sessions if in_process else 0),
-            max_len=settings.context_tokens,
-            batch_tokens=settings.http_step_tokens,
-            note_share=settings.note_share,
-            nice=settings.decode_nice,
-        )
+        self.scheduler: SchedulerPool | ProcessScheduler
+        if settings.live_worker == "process":
+            self.scheduler = ProcessScheduler(settings, engine.vocab)
+        else:
+            self.scheduler = pool_for(settings, engine)
+            v = self.vocab
+            self.scheduler.warm_up([v.BOS, v.TASK_CONTINUE])
         # HTTP generations (server/jobs.py): in a worker process of their own, or here, their
         # CPU work (parse the file, plan, write the MIDI back) in threads as low in priority as
         # the decode workers' (the default executor's threads competed with the event loop).
@@ -190,9 +196,8 @@ class Runtime:
             )
         else:
             self.jobs = ProcessJobs(settings)
-        self._warm_up()
         self.scheduler.start()
-        self.clock = SendClock()
+        self.clock = SendClock(realtime=settings.realtime)
         self._lock = threading.Lock()
         self._live = 0
         self._http = 0
@@ -201,19 +206,6 @@ class Runtime:
         # request queue registers its length here, e.g.
         # rt.extra_metrics["improv_http_queue_length"] = ("gauge", "...", queue.qsize)
         self.extra_metrics: dict[str, tuple[str, str, Callable[[], float]]] = {}
-
-    def _warm_up(self) -> None:
-        """A short generation before serving: the decoder's first runs (onnxruntime plans its
-        memory per input shape) took ~50-100 ms, which the first player's first answer paid."""
-        v = self.vocab
-        for sched in self.scheduler.workers:
-            s = sched.open_session([v.BOS, v.TASK_CONTINUE], sampling=SamplingParams(seed=0))
-            s.generate(max_tokens=8)
-            sched.run_until_idle()
-            s.close()
-            sched.run_until_idle()
-        self.scheduler.reset_stats()
-        self.scheduler.reset_timing()  # first runs are slow: not what the clock floor expects
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -239,7 +231,9 @@ class Runtime:
             engine.config,
         )
         rt = cls(engine, settings)
-        logger.info("%d decode worker(s)", len(rt.scheduler.workers))
+        if isinstance(rt.scheduler, ProcessScheduler):
+            rt.scheduler.wait_ready()
+        logger.info("%d decode worker(s)", rt.scheduler.n_workers)
         # Ready means ready for file requests too (a balancer's readiness probe is /health):
         # the generation worker process loads the model beside this one's warm-up.
         if isinstance(rt.jobs, ProcessJobs) and not rt.jobs.ready.wait(JOBS_START_S):
@@ -305,6 +299,13 @@ class Runtime:
                 if asyncio.get_running_loop().time() > deadline:
                     raise
                 await asyncio.sleep(0.005)
+
+    async def session_tokens(self, s: LiveSession) -> list[int]:
+        """An engine session's tokens from its window start (`LiveSession.tokens`, wherever
+        its scheduler runs)."""
+        if isinstance(self.scheduler, ProcessScheduler):
+            return await self.scheduler.tokens(s)
+        return s.tokens()
 
     # --- offline jobs (improv.engine.generation.Sessions) -------------------------------------------
     @property

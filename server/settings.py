@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     # this process's GIL and, niced by http_nice, the cores: BENCHMARKS.md, capacity), or
     # "thread", the live sessions' decode workers (batched with them, live ones first).
     http_worker: Literal["process", "thread"] = "process"
+    # Where live sessions decode: "process", a worker process of their own (this one keeps its
+    # GIL for the event loop and the send clock: server/live_process.py), or "thread", decode
+    # threads in this process.
+    live_worker: Literal["process", "thread"] = "process"
+    # The event loop and the send clock at real-time priority where the OS allows it (they
+    # wake on time on a busy machine: server/realtime.py).
+    realtime: bool = True
     http_nice: int = Field(10, ge=0, le=19)  # added to the worker process's nice value
     # Generations beyond those wait, at most this many and this long, then 503 with Retry-After.
     generation_queue: int = Field(16, ge=0, le=1024)

@@ -87,6 +87,19 @@ class SchedulerPool:
         for w in self.workers:
             w.reset_timing()
 
+    def warm_up(self, prompt: list[int], tokens: int = 8) -> None:
+        """A short generation on each worker before it serves (call before `start`): the
+        decoder's first runs (onnxruntime plans its memory per input shape) took ~50-100 ms,
+        which the first player's first answer paid. Counters and timing start again after."""
+        for w in self.workers:
+            s = w.open_session(prompt, sampling=SamplingParams(seed=0))
+            s.generate(max_tokens=tokens)
+            w.run_until_idle()
+            s.close()
+            w.run_until_idle()
+        self.reset_stats()
+        self.reset_timing()  # first runs are slow: not what the clock floor expects
+
     # --- sessions -----------------------------------------------------------------------------
     def open_session(
         self,
@@ -120,6 +133,10 @@ class SchedulerPool:
     @property
     def max_sessions(self) -> int:
         return sum(w.max_sessions for w in self.workers)
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.workers)
 
     @property
     def n_open(self) -> int:

@@ -106,6 +106,15 @@ class CommandQueue:
         return len(self._items)
 
 
+def check_tokens(vocab: Vocab, tokens: Iterable[int]) -> list[int]:
+    """`tokens` as ints, each a token id of `vocab` (ValueError, with the range, if not)."""
+    toks = [int(t) for t in tokens]
+    bad = [t for t in toks if not 0 <= t < vocab.size]
+    if bad:
+        raise ValueError(f"token ids must be in 0..{vocab.size - 1}, got {bad[0]}")
+    return toks
+
+
 def lower_thread_priority(nice: int) -> None:
     """Add `nice` to the calling thread's nice value (this thread only, Linux; elsewhere, or
     where not allowed, a warning)."""
@@ -134,6 +143,7 @@ class Scheduler:
         ids: Iterator[int] | None = None,
         note_share: bool = False,
         nice: int = 0,
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         """batch_tokens: tokens fed per step to batch-priority sessions while a live one is busy
         (each batch row's token counts one, a prefill chunk its length). note_share: a note the
@@ -141,13 +151,15 @@ class Scheduler:
         by the share of the rejected ON's draw the constraints allowed (`policy`; one rejection
         instead of up to MAX_NOTE_RETRIES). nice: added to the scheduler thread's nice value
         (lower CPU priority), so that on a machine whose cores it keeps busy, the threads that
-        send on time still get a core when they wake."""
+        send on time still get a core when they wake. after_step: called on the scheduler
+        thread after each step it runs (a host that hands a step's events on together: the
+        server's live worker process sends them in one message)."""
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
         self.batch_tokens, self.name, self.note_share = batch_tokens, name, note_share
-        self.nice = nice
+        self.nice, self.after_step = nice, after_step
         self.vocab: Vocab = engine.vocab
         # One spare slot: the shadow, where a session's slid context is prefilled while it
         # plays on. Sessions keep the slot they open on: the forward runs once per contiguous
@@ -265,6 +277,8 @@ class Scheduler:
                 for s in list(self._states.values()):
                     s.finish("error")
                 busy = False
+            if self.after_step is not None:
+                self.after_step()
             if not busy:
                 self._queue.wait(self.idle_wait_s, self._stop)
 
@@ -354,11 +368,7 @@ class Scheduler:
         return len(self._queue)
 
     def check_tokens(self, tokens: Iterable[int]) -> list[int]:
-        toks = [int(t) for t in tokens]
-        bad = [t for t in toks if not 0 <= t < self.vocab.size]
-        if bad:
-            raise ValueError(f"token ids must be in 0..{self.vocab.size - 1}, got {bad[0]}")
-        return toks
+        return check_tokens(self.vocab, tokens)
 
     def _next_request_id(self) -> int:
         with self._lock:

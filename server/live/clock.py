@@ -4,7 +4,7 @@ message carries) and the running mode's token time (ticks from the mode's start,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
 
 class SessionClock:
@@ -34,8 +34,20 @@ class SessionClock:
     def ms(self, tick: int) -> float:
         return self.origin + tick * self.tick_ms
 
-    def engine_clock(self) -> Callable[[], float]:
+    def engine_clock(self) -> EngineClock:
         """Token time now (a float tick), for the engine's clock floor. Called on the scheduler
         thread: it reads values copied now, nothing this object may change later."""
-        t0, origin, tick_ms = self.t0, self.origin, self.tick_ms
-        return lambda: ((time.perf_counter() - t0) * 1000.0 - origin) / tick_ms
+        return EngineClock(self.t0, self.origin, self.tick_ms)
+
+
+@dataclass(frozen=True)
+class EngineClock:
+    """A mode's token time as a value: it crosses to the live worker process (perf_counter is
+    the system's monotonic clock, the same in both)."""
+
+    t0: float  # session time 0 (perf_counter seconds)
+    origin: float  # session ms of tick 0
+    tick_ms: float
+
+    def __call__(self) -> float:
+        return ((time.perf_counter() - self.t0) * 1000.0 - self.origin) / self.tick_ms

@@ -201,7 +201,7 @@ class Mode:
             # Constraints are fixed per engine session: reopen it on the same history, unless
             # its task is another now (a clock that came or went turns accompaniment into
             # continuation and back; a header that names other parts keeps the history).
-            hist = s.tokens() if s.window_start == 0 else None
+            hist = await self.rt.session_tokens(s) if s.window_start == 0 else None
             task = self._start()[:2]
             await self._open_engine(hist if hist and hist[:2] == task else None)
         else:

@@ -461,3 +461,26 @@ def test_single_row_path_equals_vectorized(constraints, prompt):
         for r in range(rows):
             singles[r].observe([nxt[r]])
     assert np.array_equal(batch.tick, np.concatenate([s.tick for s in singles]))
+
+
+def test_specs_pickle_to_equal_specs():
+    """Specs cross to the server's live worker process pickled (Programs keeps a read-only
+    view of its mapping, which does not pickle by itself)."""
+    import pickle
+
+    specs = [
+        Parts(["bass", "harmony"]),
+        Programs({"bass": [32, 33], "harmony": range(0, 8)}),
+        PitchRange(30, 90, parts=["harmony"]),
+        NoteDensity(8.0, parts=["bass"]),
+        MaxDuration(8.0, ["bass"]),
+        BeatGrid(12.5, 7.0),
+        TimeLimit(480),
+    ]
+    for spec in specs:
+        back = pickle.loads(pickle.dumps(spec))
+        assert back == spec and type(back) is type(spec)
+    assert dict(pickle.loads(pickle.dumps(specs[1])).programs) == {
+        "bass": (32, 33),
+        "harmony": tuple(range(8)),
+    }

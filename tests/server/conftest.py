@@ -63,9 +63,12 @@ def runtime(tiny_ckpt) -> Iterator[Runtime]:
 
 @pytest.fixture(scope="session")
 def thread_runtime(tiny_ckpt) -> Iterator[Runtime]:
-    """HTTP generations in the server's own decode workers (`http_worker="thread"`), not in a
-    worker process: for tests that patch the engine in this process, and process == thread."""
-    rt = make_runtime(tiny_ckpt, max_sessions=4, http_sessions=2, http_worker="thread")
+    """Live sessions and HTTP generations in this process's decode workers (`live_worker` and
+    `http_worker` "thread"), not in worker processes: for tests that patch the engine in this
+    process, and process == thread."""
+    rt = make_runtime(
+        tiny_ckpt, max_sessions=4, http_sessions=2, http_worker="thread", live_worker="thread"
+    )
     yield rt
     rt.close()
 

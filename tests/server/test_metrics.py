@@ -26,7 +26,7 @@ def scrape(url: str) -> dict[str, float]:
 def test_metrics_count_sessions_tokens_and_events(server, runtime, make_player):
     before = scrape(server.url)
     assert before["improv_live_sessions"] == 0 and before["improv_live_sessions_max"] == 4
-    assert before["improv_decode_workers"] == len(runtime.scheduler.workers)
+    assert before["improv_decode_workers"] == runtime.scheduler.n_workers
     pl = make_player(server.ws)
     pl.send({"type": "start", "mode": "respond", "gap_ms": 5000, "response_seconds": 1.0})
     assert pl.until(lambda m: m["type"] == "started") is not None
@@ -84,7 +84,10 @@ def test_two_decode_workers_serve_live_and_http_together(tiny_ckpt, server_facto
     """The server with two decode workers: live sessions land on both, an HTTP generation runs
     beside them, and every session ends with its notes ended."""
     start_server, make_runtime = server_factory
-    rt = make_runtime(tiny_ckpt, max_sessions=4, http_sessions=1, decode_workers=2)
+    # (in this process, to see where each session is placed)
+    rt = make_runtime(
+        tiny_ckpt, max_sessions=4, http_sessions=1, decode_workers=2, live_worker="thread"
+    )
     srv = start_server(rt)
     try:
         assert len(rt.scheduler.workers) == 2
