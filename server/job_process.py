@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
+from . import realtime
 from .jobs import Answer, Fields, JobError, Kind, LocalJobs
 from .settings import Settings
 
@@ -86,6 +87,8 @@ class ProcessJobs:
         logger.info("generation worker process %d starting", self._proc.pid)
 
     def _send_loop(self, conn: Connection, out: queue.SimpleQueue[tuple | None]) -> None:
+        if self.settings.realtime:  # (as the reader)
+            realtime.promote("the generation worker process's sender")
         while (msg := out.get()) is not None:
             try:
                 conn.send(msg)
@@ -99,6 +102,8 @@ class ProcessJobs:
             sock.close()
 
     def _read_loop(self, conn: Connection, proc: subprocess.Popen) -> None:
+        if self.settings.realtime:  # it holds the GIL the event loop wants: not preempted then
+            realtime.promote("the generation worker process's reader")
         while True:
             try:
                 msg = conn.recv()

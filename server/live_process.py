@@ -57,6 +57,7 @@ from improv.engine.live.types import (
     Token,
 )
 
+from . import realtime
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,8 @@ class ProcessScheduler:
                 pass  # the reader sees it die
 
     def _read_loop(self, conn: Connection, proc: subprocess.Popen) -> None:
+        if self.settings.realtime:  # it holds the GIL the loop wants: not preempted then
+            realtime.promote("the live worker process's reader")
         while True:
             try:
                 msg = conn.recv()

@@ -1,5 +1,7 @@
-"""Real-time CPU priority for the two threads that keep live time: the event loop (it sends
-every message) and the send clock (it wakes the loop at each send time).
+"""Real-time CPU priority for the threads that keep live time: the event loop (it sends every
+message), the send clock (it wakes the loop at each send time), and the threads that relay the
+worker processes' messages (they hold the GIL the loop waits for, and the garbage collector
+runs on whichever thread allocates: one preempted mid-collection stopped the loop for 11 ms).
 
 On a busy 2-core machine a woken thread waits for a core behind the decode workers, the HTTP
 worker process and any client on the machine: live sends went out 2-5 ms after their time at

@@ -73,12 +73,14 @@ def test_a_session_in_the_worker_process_samples_what_it_samples_here(remote, se
 def test_nothing_of_a_cancelled_request_arrives_after_cancel_returns(remote, engine):
     v = engine.vocab
     got: list = []
-    first = threading.Event()
+    first, done = threading.Event(), threading.Event()
 
     def on_event(ev) -> None:  # the reader thread
         got.append(ev)
         if isinstance(ev, Token):
             first.set()
+        elif isinstance(ev, Done):
+            done.set()
 
     s = remote.open_session(
         [v.BOS, v.TASK_CONTINUE], sampling=SamplingParams(seed=1), on_event=on_event
@@ -87,10 +89,11 @@ def test_nothing_of_a_cancelled_request_arrives_after_cancel_returns(remote, eng
     assert first.wait(30)
     s.cancel()
     n = len(got)
-    time.sleep(0.3)  # the child samples on until it reads the cancel
+    assert done.wait(30)  # the child samples on until it reads the cancel
+    time.sleep(0.1)
     late = [ev for ev in got[n:] if isinstance(ev, Token) and ev.request == rid]
     assert late == []
-    assert any(isinstance(ev, Done) and ev.reason == "cancelled" for ev in got[n:])
+    assert [ev.reason for ev in got[n:] if isinstance(ev, Done)] == ["cancelled"]
     s.close()
 
 
