@@ -114,3 +114,27 @@ def test_http_worker_flag(monkeypatch):
     assert settings_from_args(args).http_worker == "thread"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--http-worker", "fork"])
+
+
+def test_live_worker_and_realtime_flags(monkeypatch):
+    from improv.server.cli import settings_from_args
+
+    for name in ("IMPROV_LIVE_WORKER", "IMPROV_REALTIME"):
+        monkeypatch.delenv(name, raising=False)
+    s = settings_from_args(build_parser().parse_args(["serve"]))
+    assert (s.live_worker, s.realtime) == ("process", True)
+    args = build_parser().parse_args(["serve", "--live-worker", "thread", "--no-realtime"])
+    s = settings_from_args(args)
+    assert (s.live_worker, s.realtime) == ("thread", False)
+    monkeypatch.setenv("IMPROV_REALTIME", "0")
+    assert settings_from_args(build_parser().parse_args(["serve"])).realtime is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--live-worker", "fork"])
+
+
+def test_the_default_runtime_decodes_live_sessions_in_a_worker_process(runtime, thread_runtime):
+    from improv.server.live_process import ProcessScheduler
+
+    assert isinstance(runtime.scheduler, ProcessScheduler) and runtime.scheduler.pid
+    assert runtime.scheduler.n_workers >= 1 and runtime.scheduler.max_len > 0
+    assert not isinstance(thread_runtime.scheduler, ProcessScheduler)
