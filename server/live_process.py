@@ -15,10 +15,11 @@ clock and the reader of the events: short holders of its GIL.
 The two talk with multiprocessing's Connection (pickled tuples between two processes of this
 program, nothing read from elsewhere). Parent -> child: ("open", sid, prompt, constraints,
 sampling, allow_end, priority, clock), ("cmd", sid, [Command]), ("tokens", qid, sid),
-("figures", qid), ("reset_stats",). Child -> parent: ("ready", info), ("evs", [(sid, Event)...]) (a decode worker's step),
-("status", sid, Status) (when more than its position moved), ("failed", sid, why),
-("answer", qid, value), ("stats", figures) every STATS_S. If the child dies, each open session's request ends
-("error") and a new child starts.
+("figures", qid), ("reset_stats",). Child -> parent: ("ready", info), ("evs", [(sid, Event),
+...]) (a decode worker's step), ("status", sid, Status) (when more than its position moved),
+("failed", sid, why), ("answer", qid, value), ("stats", figures) every STATS_S. If the child
+dies, a new one starts and each open session ends with its request ("error"); a live mode then
+opens a fresh one there (server/live/mode.py).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any
 from improv.engine.constraints import Constraint
 from improv.engine.live import Done, Event, EventCallback, LiveSession, SamplingParams, Status
 from improv.engine.live.pool import SchedulerPool, auto_workers
-from improv.engine.live.scheduler import Priority, check_tokens
+from improv.engine.live.scheduler import Priority, check_open, check_tokens
 from improv.engine.live.types import (
     Append,
     Cancel,
@@ -162,7 +163,7 @@ class ProcessScheduler:
         with self._send_lock:
             conn = self._conn
             if conn is None:
-                return  # the child is gone: the reader ends its sessions
+                return  # stopped
             try:
                 conn.send(msg)  # (pickled whole before a byte is written)
             except OSError:
@@ -201,19 +202,19 @@ class ProcessScheduler:
         conn.close()
         rc = proc.wait()
         with self._send_lock:
-            if self._conn is conn:
-                self._conn = None
-        if self._closed:
-            return
-        self.ready.clear()
-        logger.error("live decode process %d stopped (exit %s); starting another", proc.pid, rc)
-        for sid in list(self._handles):
+            if self._closed:
+                return
+            logger.error("live decode process %d stopped (exit %s); starting another", proc.pid, rc)
+            # The sessions it ran end; the next process starts in the same breath (under the
+            # send lock: every session opened from now on is opened there, and what these
+            # sessions' ends lead to, a mode opening a fresh one, waits in its socket).
+            with self._lock:
+                ended, waiting, self._waiting = list(self._handles), self._waiting, {}
+            self._start()
+        for sid in ended:
             self._end(sid, "error")
-        with self._lock:
-            waiting, self._waiting = self._waiting, {}
         for answer in waiting.values():
             answer(RuntimeError(GONE))
-        self._start()
 
     def _status(self, sid: int, st: Status) -> None:
         h = self._handles.get(sid)
@@ -269,11 +270,7 @@ class ProcessScheduler:
         priority: Priority = "live",
     ) -> LiveSession:
         """As `SchedulerPool.open_session`; SchedulerFull when every slot there is held."""
-        if priority not in ("live", "batch"):
-            raise ValueError(f"priority must be 'live' or 'batch', got {priority!r}")
-        toks = self.check_tokens(prompt)
-        if not toks:
-            raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
+        toks = check_open(self.vocab, prompt, priority)
         with self._lock:
             if self._open >= self.max_sessions:
                 raise SchedulerFull(f"all {self.max_sessions} session slots are in use")

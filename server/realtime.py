@@ -9,8 +9,8 @@ the 99th percentile whatever their nice values. At SCHED_FIFO 1 (the lowest real
 priority) they take a core the moment they wake, and hold it only for the little they do
 (BENCHMARKS.md, "Live capacity"). Threads and processes they start don't inherit it
 (SCHED_RESET_ON_FORK). Linux only, and only where allowed (root, CAP_SYS_NICE, or an
-RLIMIT_RTPRIO of 1 or more: `--cap-add SYS_NICE` in a container, docs/deploy.md); elsewhere
-the thread keeps its priority and the server says so once.
+RLIMIT_RTPRIO of 1 or more: `docker run --ulimit rtprio=1`, docs/deploy.md); elsewhere the
+thread keeps its priority and the server says so once.
 """
 
 from __future__ import annotations

@@ -161,11 +161,6 @@ class Runtime:
         self.vocab = engine.vocab
         self.chord_planner, self.chord_follower = engine.chord_planner, engine.chord_follower
         self.max_sessions = settings.max_sessions
-        # Decode workers (one scheduler thread each; docs/engine-live.md, "Decode workers"):
-        # with `http_worker="thread"`, live sessions and offline HTTP generations share a
-        # worker's batched forward, live ones first, and each worker has room for its share of
-        # the live sessions and all the HTTP ones, so HTTP never takes a live slot. A session
-        # goes to the least loaded worker.
         # Decode workers (one scheduler thread each; docs/engine-live.md, "Decode workers"), in
         # a worker process of their own (server/live_process.py: this process keeps its GIL
         # for the event loop and the send clock) or here. With `http_worker="thread"`, live

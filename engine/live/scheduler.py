@@ -115,6 +115,16 @@ def check_tokens(vocab: Vocab, tokens: Iterable[int]) -> list[int]:
     return toks
 
 
+def check_open(vocab: Vocab, prompt: Iterable[int], priority: str) -> list[int]:
+    """`open_session`'s arguments checked: the prompt's tokens (at least one)."""
+    if priority not in ("live", "batch"):
+        raise ValueError(f"priority must be 'live' or 'batch', got {priority!r}")
+    toks = check_tokens(vocab, prompt)
+    if not toks:
+        raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
+    return toks
+
+
 def lower_thread_priority(nice: int) -> None:
     """Add `nice` to the calling thread's nice value (this thread only, Linux; elsewhere, or
     where not allowed, a warning)."""
@@ -324,11 +334,7 @@ class Scheduler:
         clock: the token time it is now (see `LiveSession.set_clock`).
         priority: "live" runs in every step; "batch" (offline jobs) fills what live ones leave.
         """
-        if priority not in ("live", "batch"):
-            raise ValueError(f"priority must be 'live' or 'batch', got {priority!r}")
-        toks = self.check_tokens(prompt)
-        if not toks:
-            raise ValueError("the prompt needs at least one token, e.g. [BOS, TASK_CONTINUE]")
+        toks = check_open(self.vocab, prompt, priority)
         sampling = sampling or SamplingParams()
         # clip_time: a shift past the next forced event / the request's end is shortened to
         # land on it instead of being masked (masking would push the model into playing notes).

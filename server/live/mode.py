@@ -76,6 +76,7 @@ class Mode:
         self.last_player_ms = 0.0
         self.ended = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._reopening: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
     async def open(self, now: float) -> None:
@@ -318,6 +319,22 @@ class Mode:
     def _on_done(self, ev: Done) -> None:
         if ev.reason == "error":
             self.ctx.error("internal", "generation failed; the session goes on")
+            s = self.session
+            if s is not None and s.closed and not self.ended and self._reopening is None:
+                # Its engine session is gone with the live worker process: a fresh one (what
+                # the old one played ends now: `new_history`).
+                self._reopening = asyncio.get_running_loop().create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        try:
+            await self._open_engine(prompt=None)
+            if self.ended:  # released meanwhile: the new one goes too
+                self.release()
+        except Exception:
+            logger.exception("session %s: reopening the engine session failed", self.ctx.session_id)
+            self.ctx.error("internal", "generation stopped; start the session again")
+        finally:
+            self._reopening = None
 
 
 def _constraint_keys(pr: p.LiveParams) -> tuple:

@@ -164,3 +164,40 @@ def test_realtime_priority_is_the_calling_threads_alone():
     finally:
         realtime.restore(prev)
     assert os.sched_getscheduler(0) == before
+
+
+def test_a_live_session_goes_on_when_the_worker_process_dies(
+    tiny_ckpt, server_factory, make_player
+):
+    """On a real server: the live worker process is killed mid-session; the player gets an
+    error frame, the session opens a fresh engine session in the next worker process and plays
+    on, and when it stops every note-on has its note-off."""
+    start_server, make_runtime = server_factory
+    rt = make_runtime(tiny_ckpt, max_sessions=2, http_sessions=1)
+    srv = start_server(rt)
+    try:
+        pl = make_player(srv.ws)
+        pl.send({"type": "start", "mode": "accompany", "seed": 5, "lookahead_ms": 50})
+        assert pl.until(lambda m: m["type"] == "started") is not None
+        pl.note(60, True)
+        assert pl.until(lambda m: m["type"] == "midi", timeout=10) is not None
+        pid = rt.scheduler.pid
+        os.kill(pid, signal.SIGKILL)
+        err = pl.until(lambda m: m["type"] == "error", timeout=10)
+        assert err is not None and err["code"] == "internal"
+        rt.scheduler.wait_ready(60)
+        assert rt.scheduler.pid != pid
+        n = len(pl.received)
+        pl.note(60, False)
+        pl.note(64, True)
+        assert pl.until(lambda m: m["type"] == "midi", timeout=15) is not None
+        assert len(pl.received) > n
+        pl.note(64, False)
+        pl.send({"type": "stop"})
+        assert pl.until(lambda m: m["type"] == "stopped") is not None
+        pl.drain(5)
+        ons, offs = pl.counts()
+        assert ons == offs and not pl.sounding()
+    finally:
+        srv.stop()
+        rt.close()
