@@ -187,7 +187,10 @@ def generated_notes(msgs: list[dict], origin: float) -> tuple[Notes, int]:
     return Notes.from_list(rows), len(open_)
 
 
-async def run(url: str, song: Song, cond: str, seconds: float, split: int, seed: int) -> dict:
+async def run(
+    url: str, song: Song, cond: str, seconds: float, split: int, seed: int,
+    hedge: float | None = None,
+) -> dict:  # fmt: skip
     ws = await connect(url, max_size=None, ping_interval=None)
     c = Client(ws)
     await c.sync()
@@ -203,6 +206,8 @@ async def run(url: str, song: Song, cond: str, seconds: float, split: int, seed:
     down = c.now() + START_DELAY_MS
     params: dict = {"mode": "accompany", "seed": seed, "lookahead_ms": 100, "grid": "off",
                     "rest_ms": None, "beats_per_bar": song.per_bar}  # fmt: skip
+    if hedge is not None:
+        params["chord_hedge"] = hedge
     if cond != "model_noclock":
         params.update(tempo_bpm=round(song.bpm, 3), beat_time=down)
     given: list[tuple[float, int]] = []
@@ -324,6 +329,12 @@ def main() -> None:
     ap.add_argument("--conditions", default="chart,left_hand,model")
     ap.add_argument("--no-clock", action="store_true", help="add (d): model chords, no clock")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--chord-hedge",
+        type=float,
+        default=None,
+        help="the sessions' chord_hedge (default: the server's)",
+    )
     ap.add_argument("--json", type=Path, help="write every run's figures here")
     ap.add_argument("--server-log", type=Path, help="keep the server's log here (-v)")
     ap.add_argument("--no-write", action="store_true")
@@ -352,7 +363,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     r = asyncio.run(
                         run(f"ws://127.0.0.1:{port}/v1/live", song, cond, args.seconds, split,
-                            args.seed)
+                            args.seed, args.chord_hedge)
                     )  # fmt: skip
                     r["piano_grid"] = real_piano_grid(song)
                     r["piano_tones"] = real_piano_tones(song, args.seconds)

@@ -19,7 +19,9 @@ the annotated chord): figures in the checkpoint's `chord_planner.json` ("trainin
 
 Live play has no melody ahead: its twin (`causal=True`, the files `chord_follower.*`) reads
 the beats one way only and names a beat's chord from the beats before it and, where the player
-struck a note at the beat, the first `HEARD_S` of it (`follow`).
+struck a note at the beat, the first `HEARD_S` of it (`follow`). Read so, a chord is often a
+guess; `confident_tones` keeps the tones of it the twin is sure of (a live session plays only
+those: `ChordTones.hedges`).
 
 Files: `chord_planner.safetensors` + `chord_planner.json` beside a checkpoint's model (and
 `chord_follower.*`); a checkpoint without them plans with the HMM (`chord_plan`).
@@ -192,15 +194,16 @@ class ChordPlanner(torch.nn.Module):
         bar_pos: np.ndarray,
         beats_per_bar: np.ndarray,
         current: int = 0,
-    ) -> int:
-        """The live twin (`causal`): the chord (a triad's index) of the last of N beats.
-        `weights` (N, 12) each beat's melody in beats (the last row is not read: that beat is
-        still being played), `heard` (N, 12) the first HEARD_S of each beat, `is_heard` (N,)
-        whether that was heard yet; the `current` chord is kept unless another has more expected
-        chord tones by the cost of a change there."""
+    ) -> tuple[int, np.ndarray]:
+        """The live twin (`causal`): the chord (a triad's index) of the last of N beats, and
+        each pitch class's chance of being its tone (12,). `weights` (N, 12) each beat's melody
+        in beats (the last row is not read: that beat is still being played), `heard` (N, 12)
+        the first HEARD_S of each beat, `is_heard` (N,) whether that was heard yet; the
+        `current` chord is kept unless another has more expected chord tones by the cost of a
+        change there."""
         x, pos = causal_features(weights, heard, is_heard, bar_pos, beats_per_bar)
         m = torch.sigmoid(self(x[None], pos[None]))[0, -1].numpy()  # (12,)
-        return self.choose(m, int(bar_pos[-1]), int(beats_per_bar[-1]), current)
+        return self.choose(m, int(bar_pos[-1]), int(beats_per_bar[-1]), current), m
 
     def choose(self, member: np.ndarray, bar_pos: int, beats_per_bar: int, current: int) -> int:
         """The triad with the most expected chord tones under `member` (12,) at a beat, unless
@@ -311,10 +314,10 @@ class LiveFollow:
     def decide(
         self, beat: int, before: np.ndarray, first: np.ndarray, is_heard: bool, bar_pos: int,
         per_bar: int, current: int = 0,
-    ) -> int:  # fmt: skip
+    ) -> tuple[int, np.ndarray]:  # fmt: skip
         """The chord of beat `beat`, as `ChordPlanner.follow`: from the state after the beat
         before it (committed; or `beat` itself just committed, a note struck just after it),
-        else from nothing."""
+        else from nothing; and the membership it was chosen from, (12,)."""
         c = self.chains[0] if self.chains else None
         if c is not None and beat == self.next_beat:
             start, h, key = c.start, c.h, c.key
@@ -324,4 +327,15 @@ class LiveFollow:
             start, h, key = beat, None, np.zeros(12)
         x, pos, _ = self._input(start, key, beat, before, first, is_heard, bar_pos, per_bar)
         logits, _ = self.f.run(x, pos, h)
-        return self.f.choose(torch.sigmoid(logits)[0, -1].numpy(), bar_pos, per_bar, current)
+        member = torch.sigmoid(logits)[0, -1].numpy()
+        return self.f.choose(member, bar_pos, per_bar, current), member
+
+
+def confident_tones(member: np.ndarray, chord: int, threshold: float) -> int:
+    """The tones of `chord` that `member` (12,) gives at least `threshold` (the chance each
+    is a tone of the song's chord), as 12 bits (pitch class p: bit p); at least the likeliest
+    of them. What it keeps, and the share of its tones that are the song's: the follower's
+    JSON ("hedged_0.5"), `python -m improv.trainer.chord_planner --causal --evaluate`."""
+    tones = sorted(chord_tones(chord))
+    keep = [pc for pc in tones if member[pc] >= threshold] or [max(tones, key=lambda q: member[q])]
+    return sum(1 << pc for pc in keep)

@@ -6,7 +6,7 @@ which grid.
 A constraint is an immutable spec (a frozen dataclass): its settings never change, so one spec
 can configure any number of sessions and cross threads freely. A changed setting is a new spec,
 swapped in with `ConstraintSet.replace` (a live session does it when a queued command asks,
-`LiveSession.set_grid`). What a constraint needs per set lives in the `ConstraintSet`: `init`
+`LiveSession.set_constraint`). What a constraint needs per set lives in the `ConstraintSet`: `init`
 returns it (tables derived from the settings, and per-row arrays); `row_fields` names the
 per-row arrays, which snapshots copy and rollback restores.
 
@@ -17,6 +17,7 @@ closes the pairs, so a row never has nothing to sample. Time limits are ceilings
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -483,25 +484,35 @@ class ChordTones(Constraint):
     A small model hears a chord and mostly plays in it; this makes "mostly" "always" for the
     parts whose job is the harmony (a comping piano, a bass), as a player reading a chart
     would. The counter-melody and the lead keep their passing tones. Harmony vocabularies only.
+
+    `hedges` narrow a chord read live from the melody to the tones its reader is sure of (a
+    player who does not know the song plays the root and fifth, not a guessed third): each
+    `(tick, chord, pitch classes as 12 bits)` holds from its tick while that chord sounds,
+    until the next one; where it names another chord than the sounding one, the whole chord's
+    tones are allowed.
     """
 
     parts: tuple[str | int, ...] = ("harmony", "bass")
+    hedges: tuple[tuple[int, int, int], ...] = ()
     row_fields = ("chord",)
 
     def __post_init__(self) -> None:
-        _set(self, parts=tuple(self.parts))
+        by_tick = {int(t): (int(c), int(bits)) for t, c, bits in self.hedges}  # the last wins
+        _set(self, parts=tuple(self.parts), hedges=tuple((t, *by_tick[t]) for t in sorted(by_tick)))
 
     def init(self, vocab: Vocab, n_rows: int) -> Own:
-        from .tokenizer.harmony import N_CHORDS, chord_tones
-
-        tones = np.zeros((N_CHORDS, 128), dtype=bool)  # (C, 128): pitches in each chord
-        for c in range(1, N_CHORDS):
-            pcs = list(chord_tones(c))
-            tones[c] = np.isin(np.arange(128) % 12, pcs)
+        tones = chord_tone_table()
+        h = np.array(self.hedges, dtype=np.int64).reshape(-1, 3)  # (H, 3) by tick
+        pcs = (h[:, 2:3] >> np.arange(12)) & 1  # (H, 12)
+        ok = tones[h[:, 1]] & pcs[:, np.arange(128) % 12].astype(bool)  # (H, 128)
+        ok[~ok.any(axis=1)] = tones[h[~ok.any(axis=1), 1]]  # none of its tones: the whole chord
         return {
             "tones": tones,
             "parts": part_mask(vocab, self.parts),  # (P,)
             "chord": np.zeros(n_rows, dtype=np.int64),  # (B,) the sounding chord, 0: none
+            "hedge_tick": h[:, 0],  # (H,)
+            "hedge_chord": h[:, 1],  # (H,)
+            "hedge_ok": ok,  # (H, 128)
         }
 
     def restrict(self, cand: Candidates, state: GrammarState, vocab: Vocab, own: Own) -> None:
@@ -509,6 +520,10 @@ class ChordTones(Constraint):
         if not vocab.harmony or not chord.any():
             return
         ok = own["tones"][chord]  # (B, 128); row 0 of the table (no chord) is all False
+        if len(own["hedge_tick"]):
+            i = np.searchsorted(own["hedge_tick"], state.tick, side="right") - 1  # (B,)
+            hedged = (i >= 0) & (own["hedge_chord"][np.maximum(i, 0)] == chord)
+            ok[hedged] = own["hedge_ok"][i[hedged]]
         ok[chord == 0] = True
         cand.on_ok[:, own["parts"], :] &= ok[:, None, :]
 
@@ -517,6 +532,18 @@ class ChordTones(Constraint):
             return
         is_chord = (tokens >= vocab.chord_base) & (tokens < vocab.HEADER)
         own["chord"][is_chord] = tokens[is_chord] - vocab.chord_base
+
+
+@functools.cache
+def chord_tone_table() -> np.ndarray:
+    """(C, 128) bool, read-only: the pitches of each chord's tones (row 0, N: none)."""
+    from .tokenizer.harmony import N_CHORDS, chord_tones
+
+    tones = np.zeros((N_CHORDS, 128), dtype=bool)
+    for c in range(1, N_CHORDS):
+        tones[c] = np.isin(np.arange(128) % 12, list(chord_tones(c)))
+    tones.flags.writeable = False
+    return tones
 
 
 @dataclass(frozen=True)

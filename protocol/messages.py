@@ -170,6 +170,15 @@ class LiveParams(_Message):
         "chart's, the left hand's, or the model's own plan; a model with harmony tokens); false: "
         "they may leave it (as the HTTP endpoints' chord_tones=false)",
     )
+    chord_hedge: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="accompany, chords read from the melody (chord_source model on a clock): of "
+        "the chord read, harmony and bass play only the tones the reader gives at least this "
+        "chance of being right, and always the likeliest (unsure, it plays a fifth or an octave "
+        "rather than a guessed third); 0 = the whole chord. Needs chord_tones",
+    )
 
     @field_validator("programs")
     @classmethod

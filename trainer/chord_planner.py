@@ -24,10 +24,13 @@ import numpy as np
 import torch
 
 from improv.engine.chord_planner import (
+    FOLLOWER,
     HEARD_S,
+    PLANNER,
     ChordPlanner,
     PlannerConfig,
     causal_features,
+    confident_tones,
     features,
 )
 from improv.engine.tokenizer import Notes, Tokenizer
@@ -178,35 +181,49 @@ def train(
     return vl
 
 
-def plan_share(plan: np.ndarray, w: Window) -> tuple[float, float]:
-    """(hits, total) of the planned chords' tones on annotated tones, weighted by beat length."""
-    hits = total = 0.0
-    for c, tones, length, ok in zip(plan.tolist(), w.tones, w.lengths, w.scored, strict=True):
+def plan_share(
+    plan: np.ndarray, w: Window, played: list[int] | None = None
+) -> tuple[float, float, float]:
+    """(hits, total, tones played x total) of the planned chords' tones on annotated tones,
+    weighted by beat length; `played` (N,): each beat's tones played as 12 bits (a hedge),
+    else the whole chord's."""
+    hits = total = n_played = 0.0
+    for i, (c, tones, length, ok) in enumerate(
+        zip(plan.tolist(), w.tones, w.lengths, w.scored, strict=True)
+    ):
         if ok and c:  # (no chord yet: a live twin that has heard nothing)
             mine = sorted(chord_tones(int(c)))
+            if played is not None:
+                mine = [pc for pc in range(12) if played[i] >> pc & 1]
             hits += length * float(tones[mine].mean())
             total += length
-    return hits, total
+            n_played += length * len(mine)
+    return hits, total, n_played
 
 
 def share(planner: ChordPlanner | None, ws: list[Window]) -> float:
     h = t = 0.0
     for w in ws:
         plan = (planner.plan if planner else plan_chords)(w.weights, w.bar_pos, w.beats_per_bar)
-        a, b = plan_share(plan, w)
+        a, b, _ = plan_share(plan, w)
         h, t = h + a, t + b
     return round(h / t, 4) if t else float("nan")
 
 
 def follow_share(
-    follower: ChordPlanner | None, ws: list[Window], is_heard: bool, beats: int = 32
-) -> float:
+    follower: ChordPlanner | None,
+    ws: list[Window],
+    is_heard: bool,
+    beats: int = 32,
+    hedge: float = 0.0,
+) -> float | tuple[float, float]:
     """As `share`, live: each beat's chord decided from the `beats` before it and, if
     `is_heard`, its first HEARD_S (the HMM's twin `follow_chord` for None), the chord held on
-    unless the decision changes it."""
-    h = t = 0.0
+    unless the decision changes it. `hedge` > 0: only the chord's tones the follower gives at
+    least that chance are played (`confident_tones`); (share, tones played per beat)."""
+    h = t = n = 0.0
     for w in ws:
-        plan, chord = [], 0
+        plan, played, chord = [], [], 0
         for i in range(len(w.weights)):
             lo = max(0, i - beats)
             pos, per_bar = w.bar_pos[lo : i + 1], w.beats_per_bar[lo : i + 1]
@@ -218,11 +235,52 @@ def follow_share(
                 rows = np.concatenate([w.weights[lo:i], heard[-1:]])
                 chord = follow_chord(rows, pos, per_bar) if rows.any() else chord
             else:
-                chord = follower.follow(w.weights[lo : i + 1], heard, flags, pos, per_bar, chord)
+                chord, member = follower.follow(
+                    w.weights[lo : i + 1], heard, flags, pos, per_bar, chord
+                )
+                played.append(confident_tones(member, chord, hedge) if hedge and chord else 0)
             plan.append(chord)
-        a, b = plan_share(np.array(plan), w)
-        h, t = h + a, t + b
-    return round(h / t, 4) if t else float("nan")
+        a, b, k = plan_share(np.array(plan), w, played if hedge else None)
+        h, t, n = h + a, t + b, n + k
+    if not hedge:
+        return round(h / t, 4) if t else float("nan")
+    return (round(h / t, 4), round(n / t, 2)) if t else (float("nan"), float("nan"))
+
+
+HEDGE = 0.5  # the live sessions' default chord_hedge (protocol.messages.LiveParams)
+
+
+def figures(planner: ChordPlanner, card: list[Window], other: list[Window]) -> dict:
+    """The planner's (or live twin's) figures against the HMM's, for its JSON."""
+    if planner.config.causal:
+        what = (
+            "live: each beat's chord from the beats before it; ahead: decided before the "
+            f"beat, heard: with its first {HEARD_S} s; hedged_{HEDGE}: only the chord's tones "
+            f"the follower gives at least {HEDGE} (confident_tones) are played, and how many "
+            "a beat"
+        )
+        out: dict = {}
+        for name, songs in (("card_songs", card), ("other_songs", other)):
+            for heard in ("ahead", "heard"):
+                is_heard = heard == "heard"
+                hedged, tones = follow_share(planner, songs, is_heard, hedge=HEDGE)
+                out[f"{name}_{heard}"] = {
+                    "planner": follow_share(planner, songs, is_heard),
+                    "hmm": follow_share(None, songs, is_heard),
+                    f"planner_hedged_{HEDGE}": hedged,
+                    f"tones_played_hedged_{HEDGE}": tones,
+                }
+    else:
+        what = "the whole melody"
+        out = {
+            name: {"planner": share(planner, songs), "hmm": share(None, songs)}
+            for name, songs in (("card_songs", card), ("other_songs", other))
+        }
+    return {
+        "what": "share of the planned triads' tones that are annotated chord tones, "
+        f"first 30 s of melody, POP909 validation songs ({what})",
+        **out,
+    }
 
 
 def main() -> None:
@@ -232,6 +290,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--card-songs", type=int, default=20, help="the model card's songs (first n)")
     ap.add_argument("--causal", action="store_true", help="the live twin (chord_follower.*)")
+    ap.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="no training: measure the one saved in --out again (its JSON's figures)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -240,32 +303,27 @@ def main() -> None:
         s: sorted((pop909 / "splits" / f"{s}.txt").read_text().split()) for s in ("train", "valid")
     }
     tok = Tokenizer()
-    train_set = windows(tok, pop909, ids["train"], (0.0, 10.0, 20.0), first_only=False)
     valid_set = windows(tok, pop909, ids["valid"], (0.0,), first_only=True)
+    card, other = valid_set[: args.card_songs], valid_set[args.card_songs :]
+    if args.evaluate:
+        planner = ChordPlanner.load(args.out, FOLLOWER if args.causal else PLANNER)
+        if planner is None:
+            raise SystemExit(
+                f"no {'chord_follower' if args.causal else 'chord_planner'} in {args.out}"
+            )
+        planner.meta["plan_share"] = figures(planner, card, other)
+        planner.meta["evaluated"] = " ".join(
+            ["python -m improv.trainer.chord_planner", "--evaluate"]
+            + (["--causal"] if args.causal else [])
+        )
+        log.info("%s", planner.meta["plan_share"])
+        planner.save(args.out)
+        return
+    train_set = windows(tok, pop909, ids["train"], (0.0, 10.0, 20.0), first_only=False)
     log.info("%d training windows, %d validation", len(train_set), len(valid_set))
     planner = ChordPlanner(PlannerConfig(causal=args.causal))
     t0 = time.perf_counter()
     vl = train(planner, train_set, valid_set, args.steps)
-    card, other = valid_set[: args.card_songs], valid_set[args.card_songs :]
-    if args.causal:
-        what = (
-            "live: each beat's chord from the beats before it; ahead: decided before the "
-            f"beat, heard: with its first {HEARD_S} s"
-        )
-        figures = {
-            f"{name}_{heard}": {
-                "planner": follow_share(planner, songs, heard == "heard"),
-                "hmm": follow_share(None, songs, heard == "heard"),
-            }
-            for name, songs in (("card_songs", card), ("other_songs", other))
-            for heard in ("ahead", "heard")
-        }
-    else:
-        what = "the whole melody"
-        figures = {
-            name: {"planner": share(planner, songs), "hmm": share(None, songs)}
-            for name, songs in (("card_songs", card), ("other_songs", other))
-        }
     planner.meta = {
         "command": "python -m improv.trainer.chord_planner"
         + f" --steps {args.steps}{' --causal' if args.causal else ''}",
@@ -273,11 +331,7 @@ def main() -> None:
         "steps": args.steps,
         "minutes": round((time.perf_counter() - t0) / 60, 1),
         "valid_loss": round(vl, 4),
-        "plan_share": {
-            "what": "share of the planned triads' tones that are annotated chord tones, "
-            f"first 30 s of melody, POP909 validation songs ({what})",
-            **figures,
-        },
+        "plan_share": figures(planner, card, other),
     }
     log.info("%s", planner.meta["plan_share"])
     planner.save(args.out)

@@ -30,7 +30,7 @@ from .types import (
     SamplingParams,
     Schedule,
     SetClock,
-    SetGrid,
+    SetConstraint,
     SetSampling,
     Status,
 )
@@ -178,10 +178,14 @@ class LiveSession:
 
     def set_grid(self, step_ticks: float | None, origin_tick: float = 0.0) -> None:
         """Move the BeatGrid (the tempo someone else keeps changed); `None`: no grid."""
-        grid = BeatGrid(step_ticks, origin_tick)
+        self.set_constraint(BeatGrid(step_ticks, origin_tick))
+
+    def set_constraint(self, spec: Constraint) -> None:
+        """Swap in `spec` for the session's constraint of its class (added if there is none),
+        from the next draw on; its per-row state goes on (`ConstraintSet.replace`)."""
         with self._lock:
-            self._specs = [c for c in self._specs if not isinstance(c, BeatGrid)] + [grid]
-        self._submit(self.id, SetGrid(grid))
+            self._specs = [c for c in self._specs if type(c) is not type(spec)] + [spec]
+        self._submit(self.id, SetConstraint(spec))
 
     def set_sampling(self, sampling: SamplingParams) -> None:
         """New sampling settings from the next draw on (a seed of None keeps the session's)."""

@@ -45,7 +45,7 @@ from .types import (
     SamplingParams,
     Schedule,
     SetClock,
-    SetGrid,
+    SetConstraint,
     SetSampling,
     Status,
     Token,
@@ -247,8 +247,8 @@ class SessionState:
                 self._sched.clear()
                 self._unwritten = 0
                 self.closed = True
-            case SetGrid(grid):
-                self.cs.replace(grid)
+            case SetConstraint(spec):
+                self.cs.replace(spec)
             case SetSampling(sampling):
                 self.sampling = sampling
                 if sampling.seed is not None:

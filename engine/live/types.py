@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..constraints import BeatGrid
+from ..constraints import Constraint
 
 if TYPE_CHECKING:
     from .state import SessionState
@@ -162,8 +162,10 @@ class Close:
 
 
 @dataclass(frozen=True)
-class SetGrid:
-    grid: BeatGrid
+class SetConstraint:
+    """Swap in a new spec for the session's constraint of its class (added if none)."""
+
+    spec: Constraint
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,8 @@ class Schedule:
 
 
 Command = (
-    Open | Append | Insert | Generate | Cancel | Crop | RollbackTo | Reset | Close | SetGrid
-    | SetSampling | SetClock | Schedule
+    Open | Append | Insert | Generate | Cancel | Crop | RollbackTo | Reset | Close
+    | SetConstraint | SetSampling | SetClock | Schedule
 )  # fmt: skip
 
 

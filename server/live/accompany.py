@@ -89,6 +89,8 @@ class Accompany(Mode):
         keys = ("chord_source", "chords", "beats_per_bar", "tempo_bpm", "beat_time")
         if any(getattr(old, k) != getattr(new, k) for k in keys):
             self.harmony.retime(self.session, new, self.clock.now_ms())
+        else:
+            self.harmony.params = new  # (chord_hedge, chord_tones: from the next beat read)
 
     async def _run(self) -> None:
         """Keep the model sampling `horizon_ms` past now (a new request replaces the old one)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from improv.engine.chord_planner import HEARD_S, ChordPlanner, LiveFollow
+from improv.engine.chord_planner import HEARD_S, ChordPlanner, LiveFollow, confident_tones
 from improv.engine.constraints import ChordsOnBeats, ChordTones, Constraint, GivenMarks
 from improv.engine.live import LiveSession
 from improv.engine.tokenizer.chord_match import match_chord
@@ -49,6 +49,7 @@ FOLLOW_EARLY_MS, FOLLOW_LATE_MS = 40.0, 150.0  # a note this close to a beat dec
 # a beat's chord hears this much of its melody (a note just struck too)
 FOLLOW_HEARD_MS = 1000 * HEARD_S
 FOLLOW_AHEAD_MS = 150.0  # a beat's chord is read this long before it (the engine's horizon)
+HEDGE_BEATS = 4  # the latest beats whose hedges the engine keeps (the model's lookahead < a beat)
 AHEAD_MS = 2_000.0  # the schedule runs this far past now (at least a bar)
 RETIME_TOLERANCE_MS = 5.0  # a re-anchored clock whose beats moved less than this changes nothing
 STALE_MS = 100.0  # marks further back than this are not scheduled (the model played past them)
@@ -125,6 +126,8 @@ class Harmony:
     followed_beat: int = -(1 << 62)  # the latest beat whose chord was read ahead
     follower: ChordPlanner | None = None  # the checkpoint's live chord follower (None: the HMM)
     live_follow: LiveFollow | None = None  # its state, stepped a beat at a time
+    # beat number -> (chord, its tones the follower is sure of, 12 bits): `ChordTones.hedges`
+    hedges: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._configure(self.params)
@@ -145,6 +148,7 @@ class Harmony:
         self.meter = meter
         self.followed = {}
         self.followed_beat = -(1 << 62)
+        self.hedges = {}
         self.live_follow = LiveFollow(self.follower) if self.follower else None
 
     # --- settings -------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ class Harmony:
         if not given_chords:
             out.append(ChordsOnBeats(strong_only=False))
         if pr.chord_tones:
-            out.append(ChordTones())
+            out.append(ChordTones(hedges=self._hedge_ticks()))
         return out
 
     # --- the schedule ---------------------------------------------------------------------------
@@ -189,6 +193,7 @@ class Harmony:
         read from the melody is stated again)."""
         if self.following:
             self.chord = None
+        self.hedges = {}  # (their ticks were the old session's)
         if self.engine_until is not None:
             self.engine_until = now
             self.advance(session, now, restate=True)
@@ -351,8 +356,12 @@ class Harmony:
         beat = round(m.number + (t - m.anchor) / m.beat_ms)
         if not -FOLLOW_EARLY_MS <= t - m.time(beat) <= FOLLOW_LATE_MS:
             return []
-        c = self._follow(beat, max(t, m.time(beat) + FOLLOW_HEARD_MS))
-        if c is None or c == self.chord:
+        read = self._follow(beat, max(t, m.time(beat) + FOLLOW_HEARD_MS))
+        if read is None:
+            return []
+        c, member = read
+        self._hedge(session, beat, c, member)
+        if c == self.chord:
             return []
         if t < m.time(beat):
             self._change(session, beat, c, now)
@@ -375,7 +384,9 @@ class Harmony:
             return
         self.followed_beat = beat
         # (a beat already past, the first after the player's first note: that note read it)
-        if m.time(beat) >= now and (c := self._follow(beat, m.time(beat))) is not None:
+        if m.time(beat) >= now and (read := self._follow(beat, m.time(beat))) is not None:
+            c, member = read
+            self._hedge(session, beat, c, member)
             if c != self.chord:
                 self._change(session, beat, c, now)
 
@@ -392,9 +403,32 @@ class Harmony:
             self.engine_until = min(self.engine_until, m.time(beat))  # laid again from the beat
             self.advance(session, now)
 
-    def _follow(self, beat: int, heard: float) -> int | None:
-        """The chord of beat number `beat`, from the melody heard until `heard` (ms): the
-        learned follower's, else `follow_chord`'s; None if none was heard."""
+    def _hedge(
+        self, session: LiveSession | None, beat: int, chord: int, member: np.ndarray | None
+    ) -> None:
+        """From beat number `beat`, while `chord` sounds, the accompaniment plays only its tones
+        the follower gives at least `chord_hedge` (`ChordTones.hedges`; the HMM gives no
+        chances: the whole chord)."""
+        if member is None or not self.params.chord_tones or self.params.chord_hedge <= 0:
+            return
+        h = (chord, confident_tones(member, chord, self.params.chord_hedge))
+        if self.hedges.get(beat) == h:
+            return
+        self.hedges = {b: x for b, x in self.hedges.items() if beat - HEDGE_BEATS < b < beat}
+        self.hedges[beat] = h
+        if session is not None and self.engine_until is not None:
+            session.set_constraint(ChordTones(hedges=self._hedge_ticks()))
+
+    def _hedge_ticks(self) -> tuple[tuple[int, int, int], ...]:
+        m = self.meter
+        if m is None:
+            return ()
+        return tuple((self.clock.tick(m.time(b)), c, bits) for b, (c, bits) in self.hedges.items())
+
+    def _follow(self, beat: int, heard: float) -> tuple[int, np.ndarray | None] | None:
+        """The chord of beat number `beat`, from the melody heard until `heard` (ms), and the
+        chance of each pitch class being its tone (12,): the learned follower's, else
+        `follow_chord`'s (no chances: None); None if none was heard."""
         m = self.meter
         assert m is not None
         lo = m.time(beat - FOLLOW_BEATS)
@@ -408,7 +442,7 @@ class Harmony:
             if not weights.any():
                 return None
             per_bar = np.full(len(numbers), m.per_bar)
-            return follow_chord(weights / m.beat_ms, numbers % m.per_bar, per_bar)
+            return follow_chord(weights / m.beat_ms, numbers % m.per_bar, per_bar), None
         # the learned twin: the beats not yet in its state go in, then this one is read
         lf = self.live_follow
         if not len(notes):

@@ -10,6 +10,7 @@ const TOKEN = params.get("token");
 const LOOKAHEAD_MS = 120;      // the server sends events this early: jitter below it is hidden
 const DISPATCH_MS = 40;        // events within this horizon are handed to WebAudio
 const PARTS_DEFAULT = { lead: 0, counter: 0, harmony: 0, bass: 33 };
+const HEDGE = 0.5;             // "Sure tones only": the server's default chord_hedge
 const FALLBACK_PROGRAMS = { 0: "Acoustic Grand Piano", 4: "Electric Piano 1", 11: "Vibraphone", 16: "Drawbar Organ",
   24: "Acoustic Guitar (nylon)", 32: "Acoustic Bass", 33: "Electric Bass (finger)", 38: "Synth Bass 1", 40: "Violin",
   48: "String Ensemble 1", 56: "Trumpet", 65: "Alto Sax", 73: "Flute", 80: "Lead 1 (square)", 88: "Pad 1 (new age)" };
@@ -106,6 +107,7 @@ function harmonyParams() {
   const source = $("chord-source").value;
   const p = { chord_source: source, tempo_bpm: +$("bpm").value || 100, beats_per_bar: +$("per-bar").value };
   if (source === "chart") p.chords = $("chart").value.trim() || "C";
+  if (source === "model") p.chord_hedge = $("hedge").checked ? HEDGE : 0;
   return p;
 }
 
@@ -371,6 +373,7 @@ async function initMidi() {
 // --- controls --------------------------------------------------------------------------------
 function setChordSource() {
   document.body.classList.toggle("chords-chart", $("chord-source").value === "chart");
+  document.body.classList.toggle("chords-model", $("chord-source").value === "model");
 }
 $("chord-source").onchange = () => {
   setChordSource();
@@ -383,6 +386,7 @@ $("chart").addEventListener("keydown", (ev) => { ev.stopPropagation(); if (ev.ke
 $("chart").addEventListener("keyup", (ev) => ev.stopPropagation());
 $("chart").onchange = () => sendParams(harmonyParams());
 $("bpm").onchange = () => sendParams(harmonyParams());
+$("hedge").onchange = () => { sendParams(harmonyParams()); $("hedge").blur(); };
 $("per-bar").onchange = () => { sendParams(harmonyParams()); $("per-bar").blur(); };
 // Count in: a bar of clicks; the session's clock starts on the next downbeat (beat_time), where
 // a chart's first bar begins.

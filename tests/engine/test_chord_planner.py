@@ -110,22 +110,26 @@ def test_the_live_twin_stepped_beat_by_beat_reads_as_it_does_all_at_once() -> No
         live = LiveFollow(follower, restart=restart)
         for b in range(n):
             for heard in (False, True):
-                got = live.decide(b, whole[b - 1] if b else np.zeros(12), heads[b], heard, b % 4, 4)
+                got, member = live.decide(
+                    b, whole[b - 1] if b else np.zeros(12), heads[b], heard, b % 4, 4
+                )
                 start = live.chains[0].start if live.chains else b
                 flags = np.ones(b + 1 - start)
                 flags[-1] = heard
-                want = follower.follow(
+                want, want_member = follower.follow(
                     whole[start : b + 1], heads[start : b + 1], flags, pos[start : b + 1],
                     per_bar[start : b + 1],
                 )  # fmt: skip
                 assert got == want, (restart, b, heard)
+                np.testing.assert_allclose(member, want_member, atol=1e-5)
             live.commit(b, whole[b - 1] if b else np.zeros(12), heads[b], b % 4, 4)
         # the state restarted: its memory is restart..2*restart beats
         assert restart == 64 or restart <= n - live.chains[0].start < 2 * restart
     # a note struck just after a beat already in the state reads it from the beat before
-    again = live.decide(n - 1, whole[n - 2], heads[n - 1], True, (n - 1) % 4, 4)
+    again, _ = live.decide(n - 1, whole[n - 2], heads[n - 1], True, (n - 1) % 4, 4)
     start = live.chains[0].start
     flags = np.ones(n - start)
-    assert again == follower.follow(
-        whole[start:], heads[start:], flags, pos[start:], per_bar[start:]
+    assert (
+        again
+        == follower.follow(whole[start:], heads[start:], flags, pos[start:], per_bar[start:])[0]
     )

@@ -10,6 +10,7 @@ import torch
 from improv.engine.constraint_set import ConstraintSet
 from improv.engine.constraints import (
     BeatGrid,
+    ChordTones,
     MaxDuration,
     NoteDensity,
     Parts,
@@ -476,6 +477,7 @@ def test_specs_pickle_to_equal_specs():
         MaxDuration(8.0, ["bass"]),
         BeatGrid(12.5, 7.0),
         TimeLimit(480),
+        ChordTones(hedges=((96, 3, 0b10001), (48, 3, 0b1))),
     ]
     for spec in specs:
         back = pickle.loads(pickle.dumps(spec))

@@ -121,6 +121,36 @@ def test_chord_tones_keep_harmony_and_bass_in_the_sounding_chord() -> None:
     assert cs.allowed()[0, V.note_on(HARMONY, 62)]
 
 
+def test_a_hedged_chord_keeps_harmony_to_the_tones_its_reader_is_sure_of() -> None:
+    """`ChordTones.hedges` (a chord read live from the melody): from its tick, while its chord
+    sounds, only the tones it names; before it, or under another chord, the whole chord."""
+    from improv.engine.chord_planner import confident_tones
+    from improv.engine.constraints import ChordTones
+
+    am, c_maj = parse_label("A:min"), parse_label("C:maj")
+    member = np.zeros(12)
+    member[[9, 4]] = 0.9  # sure of A and E, not of C
+    bits = confident_tones(member, am, 0.5)
+    assert bits == (1 << 9) | (1 << 4)
+    assert confident_tones(np.zeros(12), am, 0.5).bit_count() == 1  # always the likeliest
+
+    def on(cs: ConstraintSet) -> set[int]:
+        m = cs.allowed()[0]
+        return {p % 12 for p in range(40, 80) if m[V.note_on(HARMONY, p)]}
+
+    cs = ConstraintSet(V, [ChordTones()])
+    cs.feed([V.BOS, V.TASK_ACCOMPANY, AM, V.velocity(20)])
+    cs.replace(ChordTones(hedges=((48, am, bits), (96, c_maj, 1 << 0))))  # a later one: C
+    assert on(cs) == {9, 0, 4}  # tick 0: not yet
+    cs.feed([V.shift(48), V.velocity(20)])
+    assert on(cs) == {9, 4}  # sure of A and E only; the sounding chord (A minor) is kept
+    cs.feed([V.shift(48), V.velocity(20)])
+    assert on(cs) == {9, 0, 4}  # the hedge from tick 96 is for C major: the whole A minor
+    cs.feed([V.chord(c_maj), V.velocity(20)])
+    assert on(cs) == {0}
+    assert ChordTones(hedges=((5, am, 1), (5, am, 2))).hedges == ((5, am, 2),)  # the last wins
+
+
 def test_the_models_own_chords_change_on_strong_beats() -> None:
     from improv.engine.constraints import ChordsOnBeats
 

@@ -131,8 +131,17 @@ def test_page_plays_along_a_chart_with_a_count_in(browser, server, tmp_path):
     )
     page.click('#mode button[data-mode="accompany"]')
     assert page.locator("#chart").is_hidden()  # the chart box belongs to the chart source
+    # the model's own chords: "Sure tones only" (chord_hedge) is on; off plays whole chords
+    assert page.locator("#hedge").is_visible() and page.locator("#hedge").is_checked()
+    page.uncheck("#hedge")
+    page.wait_for_function(
+        "window.__sent.some(m => m.type === 'params' && m.chord_source === 'model'"
+        " && m.chord_hedge === 0)"
+    )
+    page.check("#hedge")
+    page.wait_for_function("window.__sent.some(m => m.type === 'params' && m.chord_hedge === 0.5)")
     page.select_option("#chord-source", "chart")
-    assert page.locator("#chart").is_visible()
+    assert page.locator("#chart").is_visible() and page.locator("#hedge").is_hidden()
     page.fill("#chart", "| C | Am | F G |")
     page.fill("#bpm", "240")
     page.locator("#bpm").dispatch_event("change")

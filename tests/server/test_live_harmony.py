@@ -576,3 +576,38 @@ def test_with_a_learned_follower_the_chords_read_from_the_melody_are_its(followe
         assert (tick, V.chord(parse_label(c.label))) in forced, c
     lf = harmony.live_follow
     assert lf is not None and lf.chains and lf.next_beat >= harmony.followed_beat - 1
+
+
+@pytest.mark.parametrize("hedge", [0.5, 0.0])
+def test_a_chord_read_from_the_melody_is_hedged_to_the_tones_the_follower_is_sure_of(
+    follower_runtime, hedge
+):
+    """`chord_hedge`: the session's ChordTones holds, for the latest beats read, the tones of
+    each beat's chord the follower gives at least that chance (`confident_tones`), from the
+    beat's tick; 0: none (the whole chord)."""
+    from improv.engine.constraints import ChordTones
+    from improv.engine.tokenizer.harmony import chord_tones
+
+    async def main():
+        conn, out = await open_in_process(follower_runtime)
+        down = conn.now_ms() + 200.0
+        await conn.handle({"type": "start", "mode": "accompany", "seed": 9, "tempo_bpm": 240,
+                           "beat_time": down, "rest_ms": None, "chord_hedge": hedge})  # fmt: skip
+        await play_melody(conn, down, 16, step=250.0)
+        spec = conn.active.session.constraint(ChordTones)
+        origin = conn.clock.origin
+        await conn.close()
+        return out, spec, down, origin
+
+    out, spec, down, origin = asyncio.run(main())
+    assert not of(out, "error") and balanced(out)
+    assert spec is not None
+    if hedge == 0.0:
+        assert spec.hedges == ()
+        return
+    assert 1 <= len(spec.hedges) <= 4, spec.hedges
+    for tick, chord, bits in spec.hedges:
+        k = (origin + tick * 10.0 - down) / 250.0
+        assert k == pytest.approx(round(k), abs=0.05), tick  # a beat's tick
+        tones = sum(1 << pc for pc in chord_tones(chord))
+        assert bits and bits & ~tones == 0, (chord, bits)

@@ -75,6 +75,11 @@ def test_the_live_twin_learns_to_name_a_beat_chord_from_the_beats_before_it(one_
     before = follow_share(follower, windows[32:], is_heard=True)
     train(follower, windows[:32], windows[32:], steps=160, batch=8, lr=1e-2)
     assert follow_share(follower, windows[32:], is_heard=True) > before + 0.3
+    # hedged: a chance of ~0 keeps every tone (the same share, 3 tones a beat), 1 the likeliest
+    whole = follow_share(follower, windows[32:], is_heard=True)
+    assert follow_share(follower, windows[32:], True, hedge=1e-9) == (whole, 3.0)
+    sure, tones = follow_share(follower, windows[32:], True, hedge=1.0)
+    assert tones == 1.0 and sure >= whole
     # (the HMM's twin on the same: about as good; POP909's figures are in the trainer's JSON)
 
 
