@@ -119,13 +119,32 @@ def health(port: int) -> dict:
 # --- live sessions -----------------------------------------------------------------------------------
 
 
+async def alone_rate(
+    url: str, n: int, seconds: float, seed0: int = 0, horizon_ms: int = 300,
+    parts: list[str] | None = None, start: dict | None = None,
+) -> float:  # fmt: skip
+    """Events/s per session of sessions_at_once's sessions played one at a time: what each
+    plays with the server to itself (the demand), so thinning under load shows apart from the
+    model's own density."""
+    songs = melodies(n, seconds)
+    solo = [await play(url, s, seed0 + i, horizon_ms, parts, start) for i, s in enumerate(songs)]
+    return sum(r["sent"] for r in solo) / n / seconds
+
+
+def piano_rate(n: int, seconds: float) -> float:
+    """Events/s per session the real pianist played under the same melodies (POP909's PIANO
+    track, the same windows): the density a musician expects of an accompaniment."""
+    return sum(len(p) for p in melodies(n, seconds, "PIANO")) / n / seconds
+
+
 async def sessions_at_once(
-    url: str, n: int, seconds: float, seed0: int = 0, horizon_ms: int = 300
-) -> dict:
+    url: str, n: int, seconds: float, seed0: int = 0, horizon_ms: int = 300,
+    parts: list[str] | None = None, start: dict | None = None,
+) -> dict:  # fmt: skip
     """n accompany sessions at once; refused ones (the server full) counted apart."""
     songs = melodies(n, seconds)
     res = await asyncio.gather(
-        *(play(url, s, seed0 + i, horizon_ms) for i, s in enumerate(songs)),
+        *(play(url, s, seed0 + i, horizon_ms, parts, start) for i, s in enumerate(songs)),
         return_exceptions=True,
     )
     ok = [r for r in res if isinstance(r, dict)]
@@ -390,8 +409,10 @@ def render(rows: dict) -> str:
     s = rows.get("sessions", {})
     if s:
         out += head(
-            "Accompany sessions on one server (default settings)",
-            ["label", "sessions", "accepted", "events/s per session", "late (server)",
+            "Accompany sessions on one server (default settings unless the label says)",
+            ["label", "sessions", "accepted", "events/s per session",
+             "events/s per session, each alone", "real piano's events/s, same songs",
+             "late (server)",
              "late (client)", "late > 10 ms (client)", "tokens/s", "tokens per decode CPU s",
              "forwards/step", "notes rejected/min", "decode workers", "busy % (all workers)",
              "load (start, end)"],
@@ -402,6 +423,7 @@ def render(rows: dict) -> str:
                 load = "-" if "load" not in r else "{:.1f}, {:.1f}".format(*r["load"])
                 out.append(
                     f"| {label} | {r['sessions']} | {r['accepted']} | {r['per_session_s']:.1f} "
+                    f"| {fmt(r.get('alone_per_session_s'))} | {fmt(r.get('piano_per_session_s'))} "
                     f"| {r['late_pct']:.2f}% | {r['late_client_pct']:.2f}% "
                     f"| {fmt(r.get('late_10ms_pct'), '.2f')}{'%' * ('late_10ms_pct' in r)} "
                     f"| {fmt(g.get('tokens_s'), '.0f')} | {fmt(g.get('tokens_cpu_s'), '.0f')} "
@@ -488,6 +510,19 @@ def main() -> None:
     ap.add_argument(
         "--horizon-ms", type=int, default=300, help="sessions: accompany's horizon_ms (its default)"
     )
+    ap.add_argument(
+        "--parts",
+        help="sessions: the parts the model plays, comma-separated (default: the server's)",
+    )
+    ap.add_argument(
+        "--start",
+        help="sessions: more `start` fields as JSON, e.g. '{\"temperature\": 1.2}'",
+    )
+    ap.add_argument(
+        "--alone",
+        action="store_true",
+        help="sessions: play the same sessions one at a time first (events/s alone: the demand)",
+    )
     ap.add_argument("--sigterm", action="store_true", help="replicas: SIGTERM r1 mid-run")
     ap.add_argument("--serve-args", default="", help="extra `improv serve` arguments")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server(s)")
@@ -531,11 +566,30 @@ def main() -> None:
             url = f"ws://127.0.0.1:{port}/v1/live"
             if args.scenario == "sessions":
                 result = []
+                parts = args.parts.split(",") if args.parts else None
+                start = json.loads(args.start) if args.start else None
                 for n in counts:
+                    alone = (
+                        asyncio.run(
+                            alone_rate(url, n, args.seconds, 0, args.horizon_ms, parts, start)
+                        )
+                        if args.alone
+                        else None
+                    )
+                    # the scheduler's figures cover the concurrent run only
                     a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
                     r = asyncio.run(
-                        sessions_at_once(url, n, args.seconds, horizon_ms=args.horizon_ms)
+                        sessions_at_once(
+                            url,
+                            n,
+                            args.seconds,
+                            horizon_ms=args.horizon_ms,
+                            parts=parts,
+                            start=start,
+                        )  # fmt: skip
                     )
+                    r["alone_per_session_s"] = alone
+                    r["piano_per_session_s"] = piano_rate(n, args.seconds) if args.alone else None
                     r["scheduler"] = scheduler_figures(a, scrape(port), time.monotonic() - t0)
                     r["load"] = [load0, os.getloadavg()[0]]  # 1-minute load average: a shared CPU
                     print("sessions", r, flush=True)

@@ -228,8 +228,23 @@ async def bench_jitter(url: str, seconds: float) -> dict:
     }
 
 
-def melodies(n: int, seconds: float) -> list[list[tuple[float, list[int]]]]:
-    """MELODY tracks of POP909 valid songs as (time ms, bytes) from their first note."""
+def _track_events(mf, index: int) -> list[tuple[float, list[int]]]:
+    """A track's note events as (time ms, bytes), timed by the tempo map of track 0."""
+    import mido
+
+    t, tempo, events = 0.0, 500000, []
+    for msg in mido.merge_tracks([mf.tracks[0], mf.tracks[index]]):
+        t += mido.tick2second(msg.time, mf.ticks_per_beat, tempo) * 1000
+        if msg.type == "set_tempo":
+            tempo = msg.tempo
+        elif msg.type in ("note_on", "note_off"):
+            events.append((t, [b for b in msg.bytes()]))
+    return events
+
+
+def melodies(n: int, seconds: float, track: str = "MELODY") -> list[list[tuple[float, list[int]]]]:
+    """MELODY tracks of POP909 valid songs as (time ms, bytes) from their first note; `track`:
+    another track of the same songs in the same window (PIANO: what the real pianist played)."""
     import mido
 
     ids = (SHARED_DATA / "pop909" / "splits" / "valid.txt").read_text().split()
@@ -241,33 +256,31 @@ def melodies(n: int, seconds: float) -> list[list[tuple[float, list[int]]]]:
         names = [next((m.name for m in t if m.type == "track_name"), "") for t in mf.tracks]
         if "MELODY" not in names:
             continue
-        keep = names.index("MELODY")
-        t, events = 0.0, []
-        merged = mido.merge_tracks([mf.tracks[0], mf.tracks[keep]])
-        tempo = 500000
-        for msg in merged:
-            t += mido.tick2second(msg.time, mf.ticks_per_beat, tempo) * 1000
-            if msg.type == "set_tempo":
-                tempo = msg.tempo
-            elif msg.type in ("note_on", "note_off"):
-                events.append((t, [b for b in msg.bytes()]))
-        if not events:
+        melody = _track_events(mf, names.index("MELODY"))
+        if not melody:
             continue
-        t0 = events[0][0]
-        out.append([(tt - t0, b) for tt, b in events if tt - t0 <= seconds * 1000])
+        t0 = melody[0][0]
+        events = melody if track == "MELODY" else []
+        if track != "MELODY" and track in names:
+            events = _track_events(mf, names.index(track))
+        out.append([(tt - t0, b) for tt, b in events if 0 <= tt - t0 <= seconds * 1000])
     while len(out) < n:  # fewer valid songs than sessions: reuse them
         out.append(out[len(out) % max(1, len(out))])
     return out
 
 
-async def play(url: str, song: list[tuple[float, list[int]]], seed: int, horizon_ms: int) -> dict:
+async def play(
+    url: str, song: list[tuple[float, list[int]]], seed: int, horizon_ms: int,
+    parts: list[str] | None = None, extra: dict | None = None,
+) -> dict:  # fmt: skip
+    """One accompany session playing `song`; `extra`: more start fields (over the ones here)."""
     c, task = await open_client(url)
     # A density cap like a trained model's accompaniment: random weights otherwise play ~50
     # notes/s (1,280 of the 1,586 ids are note tokens), which no CPU keeps up with.
     # rest_ms None: the load stays on through a melody's long rests (comparable across runs).
     await c.send({"type": "start", "mode": "accompany", "lookahead_ms": 100, "seed": seed,
                   "max_notes_per_second": 8, "horizon_ms": horizon_ms,
-                  "rest_ms": None})  # fmt: skip
+                  "rest_ms": None, "parts": parts, **(extra or {})})  # fmt: skip
     await c.wait(lambda m: m["type"] == "started")
     start = c.now() + 200
     for t, data in song:
