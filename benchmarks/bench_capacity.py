@@ -17,7 +17,8 @@ more than 1 ms after it (client), and more than 10 ms after it (client: #23's ta
 scheduler's own figures (tokens/s, forwards per step, notes rejected, tokens per decode CPU
 second, the share of sampled tokens a rollback cut) come from the server's /metrics, before
 and after (absent on servers without it); the 1-minute load average is kept with each run. --python runs another checkout's server (its .venv), for the run side by side with the
-previous commit: rows are kept per --label in the BENCHMARKS.md section `capacity`.
+previous commit: rows are kept per --label in the BENCHMARKS.md section `capacity`. `mixed`
+runs benchmarks/rt_probe.py beside it: how late the machine wakes a real-time thread meanwhile.
 
 `workers` is in-process, no server: the "both cores" alternatives on the decode alone, N
 sessions at a live context (prompts of 600..1,400 tokens) each sampling --tokens tokens, wall
@@ -216,6 +217,18 @@ async def mixed(url: str, http_url: str, live: int, clients: int, seconds: float
     return res
 
 
+def start_probe() -> subprocess.Popen:
+    """rt_probe.py beside the run: how late the machine itself wakes a real-time thread."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "rt_probe.py")]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def stop_probe(proc: subprocess.Popen) -> dict | None:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return json.loads(out) if out.strip() else None
+
+
 # --- replicas behind HAProxy -------------------------------------------------------------------------
 
 
@@ -388,6 +401,12 @@ def fmt(x, spec: str = ".1f", none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
+def probe_cell(p: dict | None) -> str:
+    if not p:
+        return "-"
+    return f"{p['late_2ms']} of {p['wakes']} ({p['max_ms']:.1f} ms){'' if p['realtime'] else ', not real-time'}"
+
+
 def head(title: str, columns: list[str]) -> list[str]:
     """A table's title and header lines (markdown)."""
     return [f"### {title}", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
@@ -442,6 +461,7 @@ def render(rows: dict) -> str:
             "Live sessions while HTTP clients keep the generation queue full",
             ["label", "live sessions", "HTTP clients", "late (server)", "late (client)",
              "late > 10 ms (client)", "send jitter p99 (server; worst session / median session)",
+             "a real-time probe's wakes > 2 ms late (its max)",
              "generations done / refused busy", "load (start, end)"],
         )  # fmt: skip
         for label, r in m.items():
@@ -452,10 +472,16 @@ def render(rows: dict) -> str:
                 f"| {r['late_client_pct']:.2f}% "
                 f"| {fmt(r.get('late_10ms_pct'), '.2f')}{'%' * ('late_10ms_pct' in r)} "
                 f"| {fmt(r['jitter_server_p99_max'], '.2f')} / "
-                f"{fmt(r['jitter_server_p99_median'], '.2f')} ms | {h['ok']} / {h['busy']} "
+                f"{fmt(r['jitter_server_p99_median'], '.2f')} ms | {probe_cell(r.get('probe'))} "
+                f"| {h['ok']} / {h['busy']} "
                 f"| {load} |"
             )
-        out += ["", "Target: live late < 1%, send jitter p99 <= 2 ms."]
+        out += [
+            "",
+            "Target: live late < 1%, send jitter p99 <= 2 ms. The probe (benchmarks/rt_probe.py, "
+            "a process of its own at the server's real-time priority sleeping 1 ms at a time) "
+            "shows how late the machine itself wakes such a thread during the run.",
+        ]
         out += [commands(m), ""]
     w = rows.get("workers", {})
     if w:
@@ -597,9 +623,11 @@ def main() -> None:
             else:
                 a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
                 http_url = f"http://127.0.0.1:{port}"
+                probe = start_probe()
                 result = asyncio.run(
                     mixed(url, http_url, args.live, args.http_clients, args.seconds)
                 )
+                result["probe"] = stop_probe(probe)
                 result["clients"] = args.http_clients
                 result["scheduler"] = scheduler_figures(a, scrape(port), time.monotonic() - t0)
                 result["load"] = [load0, os.getloadavg()[0]]
