@@ -605,14 +605,7 @@ def main() -> None:
                     # the scheduler's figures cover the concurrent run only
                     a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
                     r = asyncio.run(
-                        sessions_at_once(
-                            url,
-                            n,
-                            args.seconds,
-                            horizon_ms=args.horizon_ms,
-                            parts=parts,
-                            start=start,
-                        )  # fmt: skip
+                        sessions_at_once(url, n, args.seconds, 0, args.horizon_ms, parts, start)
                     )
                     r["alone_per_session_s"] = alone
                     r["piano_per_session_s"] = piano_rate(n, args.seconds) if args.alone else None
@@ -624,10 +617,13 @@ def main() -> None:
                 a, t0, load0 = scrape(port), time.monotonic(), os.getloadavg()[0]
                 http_url = f"http://127.0.0.1:{port}"
                 probe = start_probe()
-                result = asyncio.run(
-                    mixed(url, http_url, args.live, args.http_clients, args.seconds)
-                )
-                result["probe"] = stop_probe(probe)
+                try:
+                    result = asyncio.run(
+                        mixed(url, http_url, args.live, args.http_clients, args.seconds)
+                    )
+                finally:  # a failed run leaves no real-time process behind
+                    probed = stop_probe(probe)
+                result["probe"] = probed
                 result["clients"] = args.http_clients
                 result["scheduler"] = scheduler_figures(a, scrape(port), time.monotonic() - t0)
                 result["load"] = [load0, os.getloadavg()[0]]

@@ -261,7 +261,7 @@ def melodies(n: int, seconds: float, track: str = "MELODY") -> list[list[tuple[f
             continue
         t0 = melody[0][0]
         events = melody if track == "MELODY" else []
-        if track != "MELODY" and track in names:
+        if not events and track in names:
             events = _track_events(mf, names.index(track))
         out.append([(tt - t0, b) for tt, b in events if 0 <= tt - t0 <= seconds * 1000])
     while len(out) < n:  # fewer valid songs than sessions: reuse them

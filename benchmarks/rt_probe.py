@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/rt_probe.py        # until SIGTERM / Ctrl-C, then one JSON line
 
-A process of its own (no GIL shared with the server) at SCHED_FIFO 1, the priority the server's
-event loop and send clock ask for, sleeps 1 ms at a time and records how much later than asked
+A process of its own (no GIL shared with the server) at the priority the server's event loop and
+send clock ask for (improv.server.realtime.promote: SCHED_FIFO 1), sleeps 1 ms at a time and records how much later than asked
 it woke. A late wake here is the OS or the hypervisor (a vCPU taken away), not the server: what
 the server's real-time threads cannot get under either. Without the right to real-time priority
 it runs at normal priority and says so (`realtime: false`).
@@ -12,21 +12,18 @@ it runs at normal priority and says so (`realtime: false`).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
+
+from improv.server import realtime
 
 SLEEP_S = 0.001
 LATE_MS = 2.0  # #23's send jitter target
 
 
 def main() -> None:
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        realtime = True
-    except (PermissionError, AttributeError, OSError):
-        realtime = False
+    promoted = realtime.promote("rt_probe") is not None
     stop = False
 
     def on_signal(*_: object) -> None:
@@ -43,7 +40,7 @@ def main() -> None:
     late.sort()
     n = len(late)
     out = {
-        "realtime": realtime,
+        "realtime": promoted,
         "wakes": n,
         "late_2ms": sum(1 for x in late if x > LATE_MS),
         "p99_ms": late[min(n - 1, int(0.99 * n))] if n else None,
