@@ -414,7 +414,8 @@ class Harmony:
         h = (chord, confident_tones(member, chord, self.params.chord_hedge))
         if self.hedges.get(beat) == h:
             return
-        self.hedges = {b: x for b, x in self.hedges.items() if beat - HEDGE_BEATS < b < beat}
+        # (a later beat's, read ahead before this one's struck note re-read it, stays)
+        self.hedges = {b: x for b, x in self.hedges.items() if b > beat - HEDGE_BEATS}
         self.hedges[beat] = h
         if session is not None and self.engine_until is not None:
             session.set_constraint(ChordTones(hedges=self._hedge_ticks()))
